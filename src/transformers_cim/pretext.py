@@ -1,0 +1,243 @@
+"""The crop-and-correlate pretext task, batched on the input's device.
+
+Given a batch of "search" views, this module samples K rotated rectangular exemplar boxes per image, warps
+all B*K exemplars with one `grid_sample` call (one grid of shape (B, K*n, n, 2), so the source image is
+never copied per exemplar), computes the true correlation maps analytically on the context pixel grid
+(point-in-rotated-rectangle, as separable broadcast sums), and applies the exemplar-only photometric
+transforms with per-sample random parameters. No per-sample Python loop runs anywhere.
+
+Box convention: coordinates are fractions of the search view's side, (0, 0) is the top-left corner,
+x grows to the right and y downwards. A box is (cx, cy, w, h, theta): centre, side lengths along its own
+axes, and rotation in radians; its axes are e1 = (cos theta, sin theta) for the width and
+e2 = (-sin theta, cos theta) for the height. A pixel belongs to the box when its centre does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+NUM_SAMPLING_TRIES = 10
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+
+
+@dataclass
+class PretextBatch:
+    """Everything the pretext task produced for one batch."""
+
+    context_pixel_values: torch.Tensor  # (B, 3, m, m), normalised like the input
+    exemplar_pixel_values: torch.Tensor  # (B, K, 3, n, n), normalised like the input
+    correlation_labels: torch.Tensor  # (B, K, m, m), 0/1 floats
+    exemplar_boxes: torch.Tensor  # (B, K, 5): cx, cy, w, h, theta
+
+
+def _uniform(shape: tuple[int, ...], low: float, high: float, generator: torch.Generator | None,
+             device: torch.device) -> torch.Tensor:
+    """Uniform samples drawn on the generator's device (so a CPU generator works for any input device)."""
+    gen_device = generator.device if generator is not None else device
+    u = torch.rand(shape, generator=generator, device=gen_device, dtype=torch.float32)
+    return (low + (high - low) * u).to(device)
+
+
+def rotated_half_extents(w: torch.Tensor, h: torch.Tensor, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Half width and half height of the axis-aligned bounding box of a rotated w x h rectangle."""
+    c, s = theta.cos().abs(), theta.sin().abs()
+    return 0.5 * (w * c + h * s), 0.5 * (w * s + h * c)
+
+
+def sample_exemplar_boxes(
+    batch_size: int,
+    num_exemplars: int,
+    scale: tuple[float, float],
+    aspect_ratio: tuple[float, float],
+    max_rotation_degrees: float,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Samples (B, K, 5) boxes (cx, cy, w, h, theta) that lie inside the view.
+
+    Area fraction ~ U(scale), h/w log-uniform in `aspect_ratio`, theta ~ U(+-max_rotation). Like a
+    random-resized-crop, each box takes the first of `NUM_SAMPLING_TRIES` candidates whose rotated bounding
+    box fits in the view; when none fits, the first candidate is shrunk (aspect and angle kept) until it does.
+    The centre is then uniform over the positions where the rotated box stays inside the view.
+    """
+    device = torch.device(device)
+    shape = (NUM_SAMPLING_TRIES, batch_size, num_exemplars)
+    area = _uniform(shape, scale[0], scale[1], generator, device)
+    log_ratio = _uniform(shape, math.log(aspect_ratio[0]), math.log(aspect_ratio[1]), generator, device)
+    max_rot = math.radians(max_rotation_degrees)
+    theta = _uniform(shape, -max_rot, max_rot, generator, device)
+    ratio = log_ratio.exp()
+    w, h = (area / ratio).sqrt(), (area * ratio).sqrt()
+    half_x, half_y = rotated_half_extents(w, h, theta)
+    fits = (half_x <= 0.5) & (half_y <= 0.5)
+    # index of the first try that fits (0 when none fits; that one is shrunk below)
+    first = torch.where(fits.any(0), fits.float().argmax(0), torch.zeros_like(fits[0], dtype=torch.long))
+    pick = lambda t: t.gather(0, first.unsqueeze(0)).squeeze(0)  # noqa: E731
+    w, h, theta, half_x, half_y = pick(w), pick(h), pick(theta), pick(half_x), pick(half_y)
+    shrink = (0.5 / torch.maximum(half_x, half_y)).clamp(max=1.0)
+    w, h, half_x, half_y = w * shrink, h * shrink, half_x * shrink, half_y * shrink
+    cx = half_x + (1.0 - 2.0 * half_x) * _uniform((batch_size, num_exemplars), 0.0, 1.0, generator, device)
+    cy = half_y + (1.0 - 2.0 * half_y) * _uniform((batch_size, num_exemplars), 0.0, 1.0, generator, device)
+    return torch.stack([cx, cy, w, h, theta], dim=-1)
+
+
+def exemplar_sampling_grid(boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """The `grid_sample` grid (B, K*n, n, 2) that reads all K boxes of each image into n x n exemplars.
+
+    Output pixel (i, j) of exemplar k reads the view at centre + R(theta) @ ((u_j * w/2), (v_i * h/2)), with
+    u, v the pixel centres in [-1, 1] (`align_corners=False` convention), written in [-1, 1] coordinates.
+    """
+    batch_size, num_exemplars = boxes.shape[:2]
+    cx, cy, w, h, theta = boxes.unbind(-1)  # each (B, K)
+    steps = (torch.arange(size, device=boxes.device, dtype=boxes.dtype) * 2 + 1) / size - 1  # (n,)
+    cos, sin = theta.cos()[..., None, None], theta.sin()[..., None, None]
+    u = steps.view(1, 1, 1, size) * w[..., None, None]  # (B, K, 1, n): half-extent in [-1, 1] units is w
+    v = steps.view(1, 1, size, 1) * h[..., None, None]  # (B, K, n, 1)
+    x = (2 * cx - 1)[..., None, None] + u * cos - v * sin  # (B, K, n, n)
+    y = (2 * cy - 1)[..., None, None] + u * sin + v * cos
+    grid = torch.stack([x, y], dim=-1)  # (B, K, n, n, 2)
+    return grid.reshape(batch_size, num_exemplars * size, size, 2)
+
+
+def warp_exemplars(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Crops the rotated boxes (B, K, 5) out of `images` (B, C, H, W) as (B, K, C, n, n) in one call."""
+    batch_size, num_exemplars = boxes.shape[:2]
+    grid = exemplar_sampling_grid(boxes.to(images.dtype), size)
+    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    out = out.view(batch_size, images.shape[1], num_exemplars, size, size)
+    return out.permute(0, 2, 1, 3, 4)
+
+
+def correlation_maps(boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """True maps (B, K, m, m): 1 where the context pixel's centre lies inside the rotated box.
+
+    Uses separable broadcast sums: the projection of pixel (i, j) on a box axis is a[j] + b[i].
+    """
+    cx, cy, w, h, theta = (t[..., None, None] for t in boxes.unbind(-1))  # each (B, K, 1, 1)
+    centres = (torch.arange(size, device=boxes.device, dtype=boxes.dtype) + 0.5) / size
+    xs, ys = centres.view(1, 1, 1, size), centres.view(1, 1, size, 1)
+    cos, sin = theta.cos(), theta.sin()
+    along_w = ((xs - cx) * cos) + ((ys - cy) * sin)  # (B, K, m, m) via broadcasting (1, m) + (m, 1)
+    along_h = ((ys - cy) * cos) - ((xs - cx) * sin)
+    inside = (along_w.abs() <= w / 2) & (along_h.abs() <= h / 2)
+    return inside.to(boxes.dtype)
+
+
+def resize_context(images: torch.Tensor, size: int) -> torch.Tensor:
+    """The context: the search view resized to size x size (antialiased when shrinking)."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Photometric transforms for the exemplars, on [0, 1] images of shape (N, 3, n, n), per-sample parameters.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _grayscale(images: torch.Tensor) -> torch.Tensor:
+    weights = images.new_tensor(LUMA_WEIGHTS).view(1, 3, 1, 1)
+    return (images * weights).sum(1, keepdim=True)
+
+
+def _rotate_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Hue rotation by `shift` turns (fraction of the colour circle) in the YIQ chroma plane."""
+    r, g, b = images.unbind(1)
+    y = 0.299 * r + 0.587 * g + 0.114 * b
+    i = 0.596 * r - 0.274 * g - 0.322 * b
+    q = 0.211 * r - 0.523 * g + 0.312 * b
+    angle = (2 * math.pi * shift).view(-1, 1, 1)
+    i, q = i * angle.cos() - q * angle.sin(), i * angle.sin() + q * angle.cos()
+    r = y + 0.956 * i + 0.621 * q
+    g = y - 0.272 * i - 0.647 * q
+    b = y - 1.106 * i + 1.703 * q
+    return torch.stack([r, g, b], dim=1)
+
+
+def color_jitter(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Brightness, contrast, saturation (multiplicative factors) then hue shift; `factors` is (N, 4)."""
+    view = lambda t: t.view(-1, 1, 1, 1)  # noqa: E731
+    out = (images * view(factors[:, 0])).clamp(0, 1)
+    mean = _grayscale(out).mean(dim=(1, 2, 3), keepdim=True)
+    out = (mean + (out - mean) * view(factors[:, 1])).clamp(0, 1)
+    gray = _grayscale(out)
+    out = (gray + (out - gray) * view(factors[:, 2])).clamp(0, 1)
+    return _rotate_hue(out, factors[:, 3]).clamp(0, 1)
+
+
+def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur with a per-sample sigma (N,), reflect padding, one grouped conv per axis."""
+    n, c, hgt, wid = images.shape
+    radius = max(1, min(int(math.ceil(3 * max_sigma)), (min(hgt, wid) - 1)))
+    offsets = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
+    kernel = torch.exp(-0.5 * (offsets.view(1, -1) / sigma.view(-1, 1)) ** 2)
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, dim=0)  # (N*C, 2r+1)
+    flat = images.reshape(1, n * c, hgt, wid)
+    flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="reflect"), kernel.view(n * c, 1, 1, -1), groups=n * c)
+    flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="reflect"), kernel.view(n * c, 1, -1, 1), groups=n * c)
+    return flat.view(n, c, hgt, wid)
+
+
+def augment_exemplars(images: torch.Tensor, config, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Applies colour jitter, grayscale, blur, solarize and horizontal flip, each with its own probability and
+    per-sample parameters, to (N, 3, n, n) images in [0, 1]. Every random number is drawn (so a seeded
+    generator gives the same stream whatever the probabilities) and each transform is blended in by mask."""
+    n, device = images.shape[0], images.device
+    draw = lambda *shape: _uniform(shape, 0.0, 1.0, generator, device)  # noqa: E731
+    mask = lambda p: (draw(n) < p).view(n, 1, 1, 1)  # noqa: E731
+    b, c, s, hue = config.exemplar_color_jitter
+    low = images.new_tensor([max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -hue])
+    high = images.new_tensor([1 + b, 1 + c, 1 + s, hue])
+    factors = low + (high - low) * draw(n, 4)
+    images = torch.where(mask(config.exemplar_color_jitter_prob), color_jitter(images, factors), images)
+    images = torch.where(mask(config.exemplar_grayscale_prob), _grayscale(images).expand_as(images), images)
+    lo, hi = config.exemplar_blur_sigma
+    sigma = lo + (hi - lo) * draw(n)
+    images = torch.where(mask(config.exemplar_blur_prob), gaussian_blur(images, sigma, hi), images)
+    images = torch.where(mask(config.exemplar_solarize_prob), torch.where(images >= 0.5, 1 - images, images), images)
+    images = torch.where(mask(config.exemplar_hflip_prob), images.flip(-1), images)
+    return images
+
+
+def sample_pretext(pixel_values: torch.Tensor, config, generator: torch.Generator | None = None,
+                   boxes: torch.Tensor | None = None) -> PretextBatch:
+    """Builds the context, K exemplars, their true maps and boxes for a batch of normalised search views.
+
+    `boxes` (B, K, 5) may be given to fix the geometry; otherwise they are sampled from `config`.
+    """
+    batch_size = pixel_values.shape[0]
+    if boxes is None:
+        boxes = sample_exemplar_boxes(
+            batch_size, config.num_exemplars, config.exemplar_scale, config.exemplar_aspect_ratio,
+            config.exemplar_max_rotation, generator=generator, device=pixel_values.device,
+        )
+    boxes = boxes.to(device=pixel_values.device, dtype=torch.float32)
+    exemplars = warp_exemplars(pixel_values, boxes, config.exemplar_size)
+    if config.exemplar_augmentation:
+        mean = pixel_values.new_tensor(config.image_mean).view(1, 3, 1, 1)
+        std = pixel_values.new_tensor(config.image_std).view(1, 3, 1, 1)
+        flat = exemplars.reshape(-1, *exemplars.shape[2:]).float()
+        flat = augment_exemplars((flat * std.float() + mean.float()).clamp(0, 1), config, generator)
+        exemplars = ((flat - mean.float()) / std.float()).to(pixel_values.dtype).view_as(exemplars)
+    return PretextBatch(
+        context_pixel_values=resize_context(pixel_values, config.context_size),
+        exemplar_pixel_values=exemplars,
+        correlation_labels=correlation_maps(boxes, config.context_size),
+        exemplar_boxes=boxes,
+    )
+
+
+__all__ = [
+    "PretextBatch",
+    "augment_exemplars",
+    "correlation_maps",
+    "exemplar_sampling_grid",
+    "resize_context",
+    "sample_exemplar_boxes",
+    "sample_pretext",
+    "warp_exemplars",
+]
