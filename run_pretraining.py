@@ -1,0 +1,389 @@
+#!/usr/bin/env python
+"""Pre-train a vision encoder with Correlational Image Modeling (CIM), the way `run_mae.py` pre-trains MAE.
+
+Quick start (offline, a few minutes on 2 CPU cores, real photos shipped with scikit-image):
+
+    python run_pretraining.py --output_dir outputs/cim-quickstart
+
+Real runs: a Hub dataset (streamed or not), an image folder, or parquet files, e.g.
+
+    python run_pretraining.py --dataset_name ILSVRC/imagenet-1k --streaming --config_name vit-base-patch16 \
+        --per_device_train_batch_size 256 --max_steps 100000 --bf16 --output_dir outputs/cim-vit-b
+
+Arguments may also come from one `.json` file: `python run_pretraining.py args.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+import datasets
+import torch
+import transformers
+from transformers import HfArgumentParser, TrainingArguments, ViTImageProcessorPil
+from transformers.trainer_utils import get_last_checkpoint
+
+from transformers_cim import CIMConfig, CIMForPreTraining
+from transformers_cim.configuration_cim import PRESET_NAMES
+from transformers_cim.data import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    RandomResizedCropFlip,
+    ResizeCenterCrop,
+    SkippingCollator,
+    build_pretraining_transform,
+    check_num_workers,
+    count_shards,
+    decode_image,
+    find_image_column,
+    load_image_dataset,
+    prepare_dataset,
+)
+from transformers_cim.modelcard import build_model_card, write_model_card
+from transformers_cim.trainer import CIMTrainer
+from transformers_cim.visualization import VisualizationCallback
+
+logger = logging.getLogger("run_pretraining")
+
+# The offline quick start: a ViT-Tiny-width encoder at reduced sizes so a run takes minutes on 2 CPU cores.
+QUICKSTART_CONFIG = dict(image_size=128, context_size=96, exemplar_size=32, num_exemplars=6,
+                         decoder_hidden_size=256, decoder_num_attention_heads=8)
+QUICKSTART_ENCODER = dict(patch_size=8, num_hidden_layers=6)
+QUICKSTART_MAX_STEPS = 300
+QUICKSTART_LEARNING_RATE = 5e-4
+PREFLIGHT_IMAGES = 16
+
+
+@dataclass
+class ModelArguments:
+    """Which model to pre-train, and the CIM settings that override its config."""
+
+    model_name_or_path: str | None = field(default=None, metadata={
+        "help": "A CIM checkpoint to continue from, or a ViT/ResNet checkpoint to initialise the encoder with."})
+    config_name: str | None = field(default=None, metadata={
+        "help": f"A preset ({', '.join(PRESET_NAMES)}) or a path to a CIM config. Default: vit-base-patch16, "
+                "or the small quick-start model when no dataset is given."})
+    config_overrides: str | None = field(default=None, metadata={
+        "help": "Comma-separated key=value CIM config overrides; `encoder.` keys go to the encoder config, e.g. "
+                "'num_exemplars=4,encoder.num_hidden_layers=6'."})
+    image_size: int | None = field(default=None, metadata={"help": "Search-view side (default 224)."})
+    context_size: int | None = field(default=None, metadata={"help": "Context side m (default 160)."})
+    exemplar_size: int | None = field(default=None, metadata={"help": "Exemplar side n (default 64)."})
+    num_exemplars: int | None = field(default=None, metadata={"help": "Exemplars per image K (default 6)."})
+    exemplar_scale: list[float] | None = field(default=None, metadata={"help": "Exemplar area fraction range.", "nargs": 2})
+    exemplar_aspect_ratio: list[float] | None = field(default=None, metadata={"help": "h/w range (log-uniform).", "nargs": 2})
+    exemplar_max_rotation: float | None = field(default=None, metadata={"help": "Max rotation in degrees (45)."})
+    exemplar_augmentation: bool | None = field(default=None, metadata={"help": "Photometric exemplar transforms."})
+    decoder_hidden_size: int | None = field(default=None, metadata={"help": "Decoder width (512)."})
+    decoder_num_attention_heads: int | None = field(default=None, metadata={"help": "Decoder heads (16)."})
+    decoder_num_layers: int | None = field(default=None, metadata={"help": "Decoder layers (1)."})
+    loss_type: str | None = field(default=None, metadata={"help": "ce, balanced_ce, mse or focal."})
+    momentum_start: float | None = field(default=None, metadata={"help": "EMA momentum at step 0 (0.99)."})
+    momentum_end: float | None = field(default=None, metadata={"help": "EMA momentum at the last step (1.0)."})
+    contrastive_loss_weight: float | None = field(default=None, metadata={"help": "Global contrastive loss weight (0)."})
+    target_encoder_mode: str | None = field(default=None, metadata={"help": "ema (paper) or shared."})
+    attn_implementation: str | None = field(default="sdpa", metadata={"help": "eager, sdpa or flash_attention_2."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded datasets/models are cached."})
+    token: str | None = field(default=None, metadata={"help": "Hub token for private data or pushing."})
+
+
+@dataclass
+class DataTrainingArguments:
+    """Where the images come from and how they are prepared."""
+
+    dataset_name: str | None = field(default=None, metadata={"help": "A Hub dataset id or a local Hub-layout dir."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration."})
+    train_dir: str | None = field(default=None, metadata={"help": "A folder of images (sub-folders allowed)."})
+    validation_dir: str | None = field(default=None, metadata={"help": "A folder of validation images."})
+    train_files: list[str] | None = field(default=None, metadata={"help": "Parquet (or other) training files."})
+    validation_files: list[str] | None = field(default=None, metadata={"help": "Validation files."})
+    image_column_name: str | None = field(default=None, metadata={"help": "Image column; auto-detected if unset."})
+    streaming: bool = field(default=False, metadata={"help": "Stream the dataset (requires --max_steps)."})
+    shuffle_buffer_size: int = field(default=10_000, metadata={"help": "Shuffle buffer of a streamed dataset."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only this many training images."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only this many validation images."})
+    view_scale: list[float] = field(default_factory=lambda: [0.5, 1.0], metadata={
+        "help": "Random-resized-crop scale range of the search view (recipe: 0.5 1.0).", "nargs": 2})
+    min_image_size: int = field(default=32, metadata={"help": "Images with a shorter side are skipped."})
+    visualize_every_steps: int = field(default=0, metadata={"help": "Also write the correlation-map figure every N steps."})
+    num_visualize_images: int = field(default=4, metadata={"help": "Images in the correlation-map figure."})
+
+
+@dataclass
+class CIMTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with the CIM recipe's defaults (AdamW betas (0.9, 0.95), wd 0.05, cosine, clip 1.0)."""
+
+    base_learning_rate: float = field(default=1.5e-4, metadata={
+        "help": "lr = base_learning_rate * total batch / 256 (ignored when --learning_rate is given)."})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (none on norms/biases)."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
+    warmup_ratio: float | None = field(default=0.05, metadata={"help": "Warm-up fraction (recipe: 40 of 300 epochs)."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping."})
+    logging_steps: float = field(default=10, metadata={"help": "Log loss, momentum and pretext IoU every N steps."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep False: the collator needs its columns."})
+    dataloader_drop_last: bool = field(default=True, metadata={"help": "Drop the last incomplete batch."})
+    save_total_limit: int | None = field(default=3, metadata={"help": "Checkpoints kept."})
+
+
+def parse_arguments(argv: list[str] | None = None):
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, CIMTrainingArguments))
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        model_args, data_args, training_args = parser.parse_json_file(os.path.abspath(argv[0]))
+        with open(argv[0]) as f:
+            explicit_lr = "learning_rate" in json.load(f)
+    else:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+        explicit_lr = any(a.split("=")[0] == "--learning_rate" for a in argv)
+    return model_args, data_args, training_args, explicit_lr
+
+
+def uses_default_data(data_args: DataTrainingArguments) -> bool:
+    return not (data_args.dataset_name or data_args.train_dir or data_args.train_files)
+
+
+def apply_overrides(config: CIMConfig, overrides: str | None) -> None:
+    """Applies 'key=value,encoder.key=value' strings, parsing values as JSON when possible."""
+    if not overrides:
+        return
+    for item in overrides.split(","):
+        if "=" not in item:
+            raise ValueError(f"--config_overrides item {item!r} is not key=value.")
+        key, raw = (s.strip() for s in item.split("=", 1))
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        target = config.encoder_config if key.startswith("encoder.") else config
+        key = key.removeprefix("encoder.")
+        if not hasattr(target, key):
+            raise ValueError(f"--config_overrides: {type(target).__name__} has no field {key!r}.")
+        setattr(target, key, value)
+
+
+CLI_CONFIG_FIELDS = ("image_size", "context_size", "exemplar_size", "num_exemplars", "exemplar_scale",
+                     "exemplar_aspect_ratio", "exemplar_max_rotation", "exemplar_augmentation", "decoder_hidden_size",
+                     "decoder_num_attention_heads", "decoder_num_layers", "loss_type", "momentum_start",
+                     "momentum_end", "contrastive_loss_weight", "target_encoder_mode")
+
+
+def build_config(model_args: ModelArguments, quickstart: bool) -> CIMConfig:
+    """The CIM config: preset / path / checkpoint, then CLI fields, then --config_overrides; validated."""
+    if model_args.config_name and os.path.exists(model_args.config_name):
+        config = CIMConfig.from_pretrained(model_args.config_name)
+    elif model_args.config_name:
+        config = CIMConfig.from_preset(model_args.config_name)
+    elif model_args.model_name_or_path and _is_cim_checkpoint(model_args.model_name_or_path):
+        config = CIMConfig.from_pretrained(model_args.model_name_or_path)
+    elif quickstart:
+        config = CIMConfig.from_preset("vit-tiny-patch16", **QUICKSTART_CONFIG)
+        for key, value in QUICKSTART_ENCODER.items():
+            setattr(config.encoder_config, key, value)
+    else:
+        config = CIMConfig.from_preset("vit-base-patch16")
+    for name in CLI_CONFIG_FIELDS:
+        value = getattr(model_args, name)
+        if value is not None:
+            setattr(config, name, value)
+    apply_overrides(config, model_args.config_overrides)
+    # rebuild so every value goes through the config's validation (clear ValueError on a bad combination)
+    return CIMConfig.from_dict(config.to_dict())
+
+
+def _is_cim_checkpoint(path: str) -> bool:
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        return False
+    with open(config_file) as f:
+        return json.load(f).get("model_type") == "cim"
+
+
+def build_model(model_args: ModelArguments, config: CIMConfig) -> CIMForPreTraining:
+    """A fresh CIM model, a CIM checkpoint, or a CIM model whose encoder starts from a ViT/ResNet checkpoint."""
+    attn = model_args.attn_implementation
+    if model_args.model_name_or_path is None:
+        config._attn_implementation = attn
+        return CIMForPreTraining(config)
+    if not os.path.exists(model_args.model_name_or_path) and "/" not in model_args.model_name_or_path:
+        raise FileNotFoundError(f"--model_name_or_path {model_args.model_name_or_path!r} is neither a local "
+                                "directory nor a Hub id.")
+    if _is_cim_checkpoint(model_args.model_name_or_path):
+        return CIMForPreTraining.from_pretrained(model_args.model_name_or_path, config=config, attn_implementation=attn)
+    encoder_cls = transformers.ResNetModel if config.encoder_type == "resnet" else transformers.ViTModel
+    encoder = encoder_cls.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
+    config.encoder_config = encoder.config
+    config = CIMConfig.from_dict(config.to_dict())
+    config._attn_implementation = attn
+    model = CIMForPreTraining(config)
+    missing, _ = model.encoder.load_state_dict(encoder.state_dict(), strict=False)
+    if missing:
+        logger.warning("Encoder weights not found in %s: %s", model_args.model_name_or_path, missing)
+    model.reset_target()
+    return model
+
+
+def load_split(data_args: DataTrainingArguments, model_args: ModelArguments, split: str):
+    return load_image_dataset(
+        dataset_name=data_args.dataset_name, dataset_config_name=data_args.dataset_config_name,
+        train_dir=data_args.train_dir, train_files=data_args.train_files, validation_dir=data_args.validation_dir,
+        validation_files=data_args.validation_files, split=split, streaming=data_args.streaming,
+        cache_dir=model_args.cache_dir, token=model_args.token,
+    )
+
+
+def preflight_images(raw_ds, image_column: str, min_size: int, count: int = PREFLIGHT_IMAGES) -> list:
+    """Decodes the first images; raises a clear error before training when none is usable."""
+    images, seen = [], 0
+    source = raw_ds.cast_column(image_column, datasets.Image(decode=False)) if isinstance(
+        (raw_ds.features or {}).get(image_column), datasets.Image) else raw_ds
+    for row in source:
+        seen += 1
+        image = decode_image(row[image_column], min_size=min_size)
+        if image is not None:
+            images.append(image)
+        if seen >= count:
+            break
+    if not images:
+        raise ValueError(f"None of the first {seen} values of column {image_column!r} is a usable image (undecodable "
+                         f"or shorter side < --min_image_size={min_size}). Check --image_column_name and the data, or "
+                         "lower --min_image_size.")
+    return images
+
+
+def preview_batch(images: list, config: CIMConfig, count: int) -> torch.Tensor:
+    """Fixed, deterministic search views for the correlation-map figure."""
+    transform = ResizeCenterCrop(config.image_size, crop_pct=1.0, mean=config.image_mean, std=config.image_std)
+    return torch.stack([transform(image) for image in images[:count]])
+
+
+def prepare_train_dataset(raw_ds, image_column: str, config: CIMConfig, data_args, training_args):
+    if data_args.streaming:
+        raw_ds = raw_ds.shuffle(seed=training_args.seed, buffer_size=data_args.shuffle_buffer_size)
+        if data_args.max_train_samples:
+            raw_ds = raw_ds.take(data_args.max_train_samples)
+    elif data_args.max_train_samples:
+        raw_ds = raw_ds.shuffle(seed=training_args.seed).select(range(min(data_args.max_train_samples, len(raw_ds))))
+    transform = RandomResizedCropFlip(size=config.image_size, scale=tuple(data_args.view_scale),
+                                      mean=config.image_mean, std=config.image_std)
+    fn = build_pretraining_transform(image_column, transform, data_args.min_image_size)
+    return prepare_dataset(raw_ds, image_column, fn)
+
+
+def set_learning_rate(training_args: CIMTrainingArguments, explicit_lr: bool, quickstart: bool) -> None:
+    if explicit_lr:
+        return
+    if quickstart:
+        training_args.learning_rate = QUICKSTART_LEARNING_RATE
+        return
+    total_batch = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+                   * training_args.world_size)
+    training_args.learning_rate = training_args.base_learning_rate * total_batch / 256
+
+
+def resolve_checkpoint(training_args: CIMTrainingArguments) -> str | None:
+    """--resume_from_checkpoint PATH, or 'last'/'true' for the newest complete checkpoint in output_dir."""
+    resume = training_args.resume_from_checkpoint
+    if resume is None:
+        return None
+    if str(resume).lower() in ("last", "latest", "true"):
+        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        if last is None:
+            raise FileNotFoundError(f"No checkpoint found in {training_args.output_dir} to resume from.")
+        return last
+    if not os.path.isdir(resume):
+        raise FileNotFoundError(f"--resume_from_checkpoint {resume} does not exist.")
+    return resume
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, training_args, explicit_lr = parse_arguments(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity_warning()
+    quickstart = uses_default_data(data_args)
+    if quickstart and training_args.max_steps <= 0 and training_args.num_train_epochs == 3.0:
+        training_args.max_steps = QUICKSTART_MAX_STEPS
+    if data_args.streaming and training_args.max_steps <= 0:
+        raise ValueError("A streamed dataset has no length: pass --max_steps.")
+
+    # data first: a wrong path or column fails here, before a model is built
+    raw_train = load_split(data_args, model_args, "train")
+    image_column = find_image_column(raw_train.features or raw_train.column_names, data_args.image_column_name)
+    preflight = preflight_images(raw_train, image_column, data_args.min_image_size)
+    config = build_config(model_args, quickstart)
+    train_ds = prepare_train_dataset(raw_train, image_column, config, data_args, training_args)
+    eval_ds = None
+    if training_args.do_eval:
+        raw_eval = load_split(data_args, model_args, "validation")
+        if data_args.max_eval_samples:
+            raw_eval = raw_eval.take(data_args.max_eval_samples) if data_args.streaming else raw_eval.select(
+                range(min(data_args.max_eval_samples, len(raw_eval))))
+        eval_transform = ResizeCenterCrop(config.image_size, mean=config.image_mean, std=config.image_std)
+        eval_ds = prepare_dataset(raw_eval, image_column,
+                                  build_pretraining_transform(image_column, eval_transform, data_args.min_image_size))
+    if data_args.streaming:
+        training_args.dataloader_num_workers = check_num_workers(training_args.dataloader_num_workers,
+                                                                 count_shards(train_ds) // max(1, training_args.world_size))
+    set_learning_rate(training_args, explicit_lr, quickstart)
+    logger.info("Training %s on %s (image column %r), lr %.3g", config.encoder_type,
+                data_args.dataset_name or data_args.train_dir or data_args.train_files or "the embedded photos",
+                image_column, training_args.learning_rate)
+
+    model = build_model(model_args, config)
+    image_processor = ViTImageProcessorPil(size={"height": config.image_size, "width": config.image_size},
+                                        image_mean=list(config.image_mean), image_std=list(config.image_std))
+    visualization = VisualizationCallback(preview_batch(preflight, config, data_args.num_visualize_images),
+                                          every_steps=data_args.visualize_every_steps)
+    trainer = CIMTrainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         data_collator=SkippingCollator(), processing_class=image_processor,
+                         callbacks=[visualization])
+    visualization.trainer = trainer
+
+    results: dict = {}
+    train_result = trainer.train(resume_from_checkpoint=resolve_checkpoint(training_args))
+    trainer.save_model()
+    results.update(train_result.metrics)
+    results["skipped_images"] = trainer.num_skipped_images
+    if trainer.num_skipped_images:
+        logger.warning("Skipped %d undecodable or too-small images.", trainer.num_skipped_images)
+    if eval_ds is not None:
+        results.update(trainer.evaluate())
+    trainer.log_metrics("train", results)
+    trainer.save_metrics("all", results)
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        write_card(trainer, config, data_args, results)
+    if training_args.push_to_hub:
+        trainer.push_to_hub(commit_message="CIM pre-training: checkpoint, correlation-map figure and model card")
+    return results
+
+
+def final_pretext_metrics(trainer: CIMTrainer, results: dict) -> dict:
+    metrics: dict = {}
+    for entry in trainer.state.log_history:
+        for key in ("loss", "pretext_iou", "momentum", "eval_loss", "eval_pretext_iou"):
+            if key in entry:
+                metrics[key] = entry[key]
+    metrics["skipped_images"] = results.get("skipped_images", 0)
+    return metrics
+
+
+def write_card(trainer: CIMTrainer, config: CIMConfig, data_args: DataTrainingArguments, results: dict) -> None:
+    figure = "correlation_maps.png" if os.path.exists(os.path.join(trainer.args.output_dir, "correlation_maps.png")) else None
+    source = data_args.dataset_name or data_args.train_dir or ", ".join(data_args.train_files or []) \
+        or "scikit-image sample photos (embedded default)"
+    images = trainer.state.global_step * trainer.args.per_device_train_batch_size * \
+        trainer.args.gradient_accumulation_steps * trainer.args.world_size
+    card = build_model_card(config, dataset_name=source, max_steps=trainer.state.global_step, train_images=images,
+                            final_metrics=final_pretext_metrics(trainer, results), figure=figure,
+                            repo_id=trainer.args.hub_model_id)
+    write_model_card(trainer.args.output_dir, card)
+    trainer.model_card_written = True
+
+
+if __name__ == "__main__":
+    main()

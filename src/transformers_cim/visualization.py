@@ -1,0 +1,122 @@
+"""Figure-5-style pictures of the pretext task: context with the exemplar's outline, the exemplar, the true
+map and the predicted map, one row per (image, exemplar), written as a PNG (and to TensorBoard on request)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from transformers import TrainerCallback
+
+OUTLINE_COLOUR = (255, 64, 32)
+COLUMN_TITLES = ("context + exemplar box", "exemplar", "true map", "predicted map")
+
+
+def denormalize(pixel_values: torch.Tensor, mean: list[float], std: list[float]) -> np.ndarray:
+    """(3, H, W) normalised tensor -> (H, W, 3) uint8 array."""
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    image = (pixel_values.detach().float().cpu() * std_t + mean_t).clamp(0, 1)
+    return (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def box_corners(box: torch.Tensor, size: int) -> list[tuple[float, float]]:
+    """Pixel corners of a (cx, cy, w, h, theta) box on a size x size image."""
+    cx, cy, w, h, theta = (float(v) for v in box)
+    cos, sin = math.cos(theta), math.sin(theta)
+    corners = []
+    for du, dv in ((-1, -1), (1, -1), (1, 1), (-1, 1)):
+        x = cx + du * w / 2 * cos - dv * h / 2 * sin
+        y = cy + du * w / 2 * sin + dv * h / 2 * cos
+        corners.append((x * size, y * size))
+    return corners
+
+
+def _map_image(values: torch.Tensor, size: int) -> Image.Image:
+    array = (values.detach().float().cpu().clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(array, mode="L").convert("RGB").resize((size, size), Image.NEAREST)
+
+
+def render_correlation_grid(outputs, mean: list[float], std: list[float], max_rows: int = 8, tile: int = 160) -> Image.Image:
+    """A grid image from a `CIMForPreTrainingOutput` (needs exemplar_boxes for the outline)."""
+    contexts, exemplars = outputs.context_pixel_values, outputs.exemplar_pixel_values
+    labels, probs, boxes = outputs.correlation_labels, outputs.logits.float().sigmoid(), outputs.exemplar_boxes
+    batch, num_exemplars = exemplars.shape[:2]
+    pairs = [(b, k) for b in range(batch) for k in range(num_exemplars)]
+    pairs = sorted(pairs, key=lambda p: (p[1], p[0]))[:max_rows]  # first exemplar of each image first
+    header = 18
+    grid = Image.new("RGB", (4 * tile, header + len(pairs) * tile), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for col, title in enumerate(COLUMN_TITLES):
+        draw.text((col * tile + 4, 3), title, fill=(0, 0, 0))
+    for row, (b, k) in enumerate(pairs):
+        top = header + row * tile
+        context = Image.fromarray(denormalize(contexts[b], mean, std)).resize((tile, tile), Image.BILINEAR)
+        if boxes is not None:
+            ImageDraw.Draw(context).polygon(box_corners(boxes[b, k], tile), outline=OUTLINE_COLOUR, width=2)
+        exemplar = Image.fromarray(denormalize(exemplars[b, k], mean, std)).resize((tile, tile), Image.BILINEAR)
+        tiles = [context, exemplar, _map_image(labels[b, k], tile), _map_image(probs[b, k], tile)]
+        for col, image in enumerate(tiles):
+            grid.paste(image, (col * tile, top))
+    return grid
+
+
+@torch.no_grad()
+def visualize_model(model, pixel_values: torch.Tensor, path: str, seed: int = 0, max_rows: int = 8) -> Image.Image:
+    """Runs the model on fixed views with a seeded generator and writes the grid PNG to `path`."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    outputs = model(pixel_values.to(device), generator=generator, return_loss=False)
+    if was_training:
+        model.train()
+    grid = render_correlation_grid(outputs, model.config.image_mean, model.config.image_std, max_rows=max_rows)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    grid.save(path)
+    return grid
+
+
+def _tensorboard_writer(callbacks) -> object | None:
+    for callback in callbacks:
+        writer = getattr(callback, "tb_writer", None)
+        if writer is not None:
+            return writer
+    return None
+
+
+class VisualizationCallback(TrainerCallback):
+    """Writes `correlation_maps.png` at the end of training (and `correlation_maps_step{N}.png` every
+    `every_steps` when > 0) into the output dir; also to TensorBoard when it is among `report_to`."""
+
+    def __init__(self, pixel_values: torch.Tensor, every_steps: int = 0, filename: str = "correlation_maps.png"):
+        self.pixel_values = pixel_values
+        self.every_steps = every_steps
+        self.filename = filename
+        self.trainer = None  # set by the script so the TensorBoard writer can be found
+
+    def _write(self, args, state, model, name: str) -> None:
+        if not state.is_world_process_zero:
+            return
+        from .trainer import unwrap_cim
+
+        grid = visualize_model(unwrap_cim(model), self.pixel_values, os.path.join(args.output_dir, name))
+        if self.trainer is not None:
+            writer = _tensorboard_writer(self.trainer.callback_handler.callbacks)
+            if writer is not None:
+                writer.add_image("pretext/correlation_maps", np.asarray(grid), state.global_step, dataformats="HWC")
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.every_steps > 0 and state.global_step % self.every_steps == 0:
+            self._write(args, state, model, f"correlation_maps_step{state.global_step}.png")
+        return control
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._write(args, state, model, self.filename)
+        return control
+
+
+__all__ = ["VisualizationCallback", "box_corners", "render_correlation_grid", "visualize_model"]
