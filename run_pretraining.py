@@ -300,10 +300,21 @@ def resolve_checkpoint(training_args: CIMTrainingArguments) -> str | None:
     return resume
 
 
+def refuse_fsdp(training_args: CIMTrainingArguments) -> None:
+    """FSDP is refused with a clear error: see the README's "Multi-GPU and multi-node" section."""
+    if training_args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
+        raise ValueError(
+            "CIM pre-training does not support FSDP yet: the EMA update (target <- m*target + (1-m)*online) must "
+            "run on matching shards of the online and target encoders, and that has not been built or tested "
+            "under FSDP. Use DDP (plain `accelerate launch` or `torchrun`), which replicates both encoders."
+        )
+
+
 def main(argv: list[str] | None = None) -> dict:
     model_args, data_args, training_args, explicit_lr = parse_arguments(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
+    refuse_fsdp(training_args)
     quickstart = uses_default_data(data_args)
     if quickstart and training_args.max_steps <= 0 and training_args.num_train_epochs == 3.0:
         training_args.max_steps = QUICKSTART_MAX_STEPS

@@ -415,6 +415,7 @@ class CIMForPreTraining(CIMPreTrainedModel):
         """As `PreTrainedModel.from_pretrained`; a checkpoint without target weights (e.g. a plain encoder)
         gets target = online instead of a random target."""
         want_info = kwargs.pop("output_loading_info", False)
+        kwargs.setdefault("use_safetensors", True)  # never unpickle weights from an untrusted checkpoint
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         model._apply_freezing(model.encoder)
         if any(key.startswith("target_") for key in info.get("missing_keys", [])):
