@@ -300,6 +300,17 @@ def resolve_checkpoint(training_args: CIMTrainingArguments) -> str | None:
     return resume
 
 
+def use_shards_per_rank(training_args: CIMTrainingArguments, num_shards: int) -> None:
+    """With several processes and at least one shard each, every rank streams its own shards (accelerate
+    shards the `datasets.IterableDataset`) instead of rank 0 reading everything and dispatching batches."""
+    if training_args.world_size > 1 and num_shards >= training_args.world_size:
+        training_args.accelerator_config.dispatch_batches = False
+    elif training_args.world_size > 1:
+        logger.warning("The stream has %d shard(s) for %d processes: rank 0 reads and dispatches every batch. "
+                       "Re-shard the data into more files to let every rank read its own.", num_shards,
+                       training_args.world_size)
+
+
 def refuse_fsdp(training_args: CIMTrainingArguments) -> None:
     """FSDP is refused with a clear error: see the README's "Multi-GPU and multi-node" section."""
     if training_args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
@@ -337,6 +348,7 @@ def main(argv: list[str] | None = None) -> dict:
         eval_ds = prepare_dataset(raw_eval, image_column,
                                   build_pretraining_transform(image_column, eval_transform, data_args.min_image_size))
     if data_args.streaming:
+        use_shards_per_rank(training_args, count_shards(train_ds))
         training_args.dataloader_num_workers = check_num_workers(training_args.dataloader_num_workers,
                                                                  count_shards(train_ds) // max(1, training_args.world_size))
     set_learning_rate(training_args, explicit_lr, quickstart)
