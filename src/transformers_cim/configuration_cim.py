@@ -73,7 +73,9 @@ class CIMConfig(PreTrainedConfig):
 
     model_type = "cim"
     sub_configs_defaults: ClassVar[dict[str, SubConfigSpec]] = {
-        "encoder_config": SubConfigSpec(config_class=AutoConfig, model_type="vit"),
+        # default encoder: the ViT-B/16 preset (LayerNorm eps 1e-6 like the authors' ViT, not ViTConfig's 1e-12)
+        "encoder_config": SubConfigSpec(config_class=AutoConfig, model_type="vit",
+                                        init_kwargs={"layer_norm_eps": 1e-6, "qkv_bias": True}),
     }
 
     encoder_config: dict | PreTrainedConfig | None = None
