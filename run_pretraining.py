@@ -301,13 +301,14 @@ def resolve_checkpoint(training_args: CIMTrainingArguments) -> str | None:
 
 
 def use_shards_per_rank(training_args: CIMTrainingArguments, num_shards: int) -> None:
-    """With several processes and at least one shard each, every rank streams its own shards (accelerate
-    shards the `datasets.IterableDataset`) instead of rank 0 reading everything and dispatching batches."""
-    if training_args.world_size > 1 and num_shards >= training_args.world_size:
-        training_args.accelerator_config.dispatch_batches = False
-    elif training_args.world_size > 1:
-        logger.warning("The stream has %d shard(s) for %d processes: rank 0 reads and dispatches every batch. "
-                       "Re-shard the data into more files to let every rank read its own.", num_shards,
+    """Every process fetches its own batches from a stream: with at least one shard per process accelerate gives
+    each rank its own shards; with fewer, each rank reads the stream and keeps every world_size-th batch.
+    (accelerate's default for iterable datasets, rank 0 reading and dispatching, cannot carry the variable-size
+    batches left when undecodable images are dropped.)"""
+    training_args.accelerator_config.dispatch_batches = False
+    if training_args.world_size > 1 and num_shards < training_args.world_size:
+        logger.warning("The stream has %d shard(s) for %d processes: every rank reads the whole stream and keeps "
+                       "its share. Re-shard the data into more files so each rank reads only its own.", num_shards,
                        training_args.world_size)
 
 
@@ -356,6 +357,7 @@ def main(argv: list[str] | None = None) -> dict:
                 data_args.dataset_name or data_args.train_dir or data_args.train_files or "the embedded photos",
                 image_column, training_args.learning_rate)
 
+    transformers.set_seed(training_args.seed)  # a fresh model's initial weights follow --seed (Trainer seeds later)
     model = build_model(model_args, config)
     image_processor = ViTImageProcessorPil(size={"height": config.image_size, "width": config.image_size},
                                         image_mean=list(config.image_mean), image_std=list(config.image_std))
