@@ -122,7 +122,8 @@ class CIMTrainingArguments(TrainingArguments):
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (none on norms/biases)."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
-    warmup_ratio: float | None = field(default=0.05, metadata={"help": "Warm-up fraction (recipe: 40 of 300 epochs)."})
+    warmup_steps: float = field(default=0.05, metadata={
+        "help": "Linear warm-up: steps, or a fraction of the run when < 1 (recipe: 40 of 300 epochs)."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping."})
     logging_steps: float = field(default=10, metadata={"help": "Log loss, momentum and pretext IoU every N steps."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep False: the collator needs its columns."})

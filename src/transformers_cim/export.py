@@ -1,0 +1,170 @@
+"""Export the online encoder of a CIM pre-training checkpoint as a plain transformers checkpoint.
+
+The result is a stock ``ViTModel`` (or ``ResNetModel``) checkpoint: ``model_type`` ``vit`` / ``resnet``, no custom
+code, no ``auto_map``, plus a stock image processor config. It loads anywhere a ViT / ResNet loads::
+
+    AutoModel.from_pretrained(out_dir)
+    AutoModelForImageClassification.from_pretrained(out_dir, num_labels=10)   # fresh head
+    pipeline("image-feature-extraction", model=out_dir)
+
+Command line: ``cim-export-encoder CIM_DIR OUT_DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from transformers import ResNetModel, ViTModel
+from transformers.image_processing_utils import BaseImageProcessor
+
+from .finetune import (
+    check_checkpoint_path,
+    checkpoint_kind,
+    encoder_config_from_checkpoint,
+    image_stats_from_checkpoint,
+    quiet_loading,
+)
+
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+def make_image_processor(
+    encoder_type: str,
+    image_size: int,
+    image_mean: Sequence[float] | None = None,
+    image_std: Sequence[float] | None = None,
+    crop_pct: float = 0.875,
+) -> BaseImageProcessor:
+    """A stock image processor that ``AutoImageProcessor`` loads offline without torchvision.
+
+    ViT: ``ViTImageProcessor`` (resize to ``image_size`` x ``image_size``). ResNet: ``ConvNextImageProcessor``
+    (resize the short side to ``image_size / crop_pct``, centre crop ``image_size``), as stock ResNet checkpoints do.
+    The PIL back-ends are used when available: they save under the stock class names.
+    """
+    mean = list(image_mean) if image_mean is not None else list(IMAGENET_MEAN)
+    std = list(image_std) if image_std is not None else list(IMAGENET_STD)
+    if encoder_type == "resnet":
+        try:
+            from transformers import ConvNextImageProcessorPil as processor_cls
+        except ImportError:  # older transformers
+            from transformers import ConvNextImageProcessor as processor_cls
+        return processor_cls(
+            size={"shortest_edge": int(image_size)}, crop_pct=crop_pct, image_mean=mean, image_std=std, resample=3
+        )
+    try:
+        from transformers import ViTImageProcessorPil as processor_cls
+    except ImportError:
+        from transformers import ViTImageProcessor as processor_cls
+    return processor_cls(size={"height": int(image_size), "width": int(image_size)}, image_mean=mean, image_std=std, resample=3)
+
+
+def _model_card(source: str, encoder_type: str, config) -> str:
+    if encoder_type == "vit":
+        arch = (
+            f"ViT (hidden {config.hidden_size}, {config.num_hidden_layers} layers, {config.num_attention_heads} heads, "
+            f"patch {config.patch_size}, image {config.image_size})"
+        )
+        feature = "the CLS token of `last_hidden_state`"
+    else:
+        arch = f"ResNet (depths {list(config.depths)}, hidden sizes {list(config.hidden_sizes)})"
+        feature = "`pooler_output`"
+    return (
+        "---\nlibrary_name: transformers\npipeline_tag: image-feature-extraction\n"
+        "tags:\n- cim\n- self-supervised\n- image-feature-extraction\n---\n\n"
+        f"# CIM encoder\n\nThe online encoder of a CIM (Correlational Image Modeling) pre-training checkpoint "
+        f"(`{os.path.basename(os.path.normpath(source))}`), exported as a plain {arch}. "
+        f"No custom code is needed to load it; the usual image feature is {feature}.\n\n"
+        "```python\nfrom transformers import pipeline\n"
+        "extractor = pipeline(\"image-feature-extraction\", model=\"PATH\")\n```\n"
+    )
+
+
+def export_encoder(cim_checkpoint_dir: str | os.PathLike, output_dir: str | os.PathLike) -> str:
+    """Write the online encoder of ``cim_checkpoint_dir`` to ``output_dir`` as a stock checkpoint; return the path.
+
+    The weights are the ``vit.`` (ViT family, as a ``ViTModel`` without pooler) or ``resnet.`` (``ResNetModel``)
+    entries of the CIM checkpoint; the target encoder and decoder are dropped. The image processor keeps the
+    checkpoint's mean / std when it has one, else ImageNet's. A stock ViT / ResNet checkpoint is accepted too
+    (its encoder is re-saved).
+    """
+    source = check_checkpoint_path(cim_checkpoint_dir)
+    output_dir = os.fspath(output_dir)
+    if os.path.abspath(source) == os.path.abspath(output_dir):
+        raise ValueError("output_dir must differ from the CIM checkpoint directory.")
+    _, encoder_type = checkpoint_kind(source)
+    config = encoder_config_from_checkpoint(source)
+    config.architectures = None
+    if hasattr(config, "auto_map"):
+        config.auto_map = None
+    with quiet_loading():  # the target encoder and decoder weights are left out on purpose
+        if encoder_type == "vit":
+            model, info = ViTModel.from_pretrained(
+                source, config=config, add_pooling_layer=False, output_loading_info=True
+            )
+        else:
+            model, info = ResNetModel.from_pretrained(source, config=config, output_loading_info=True)
+    if info["missing_keys"] or info["mismatched_keys"]:
+        problems = sorted(info["missing_keys"]) + [str(k) for k in info["mismatched_keys"]]
+        raise ValueError(
+            f"{source!r} does not hold a complete {type(model).__name__} under the prefix "
+            f"{model.base_model_prefix!r}: missing or mismatched {problems[:5]}"
+        )
+
+    os.makedirs(output_dir, exist_ok=True)
+    model.config.architectures = [type(model).__name__]
+    model.save_pretrained(output_dir)
+    # make sure nothing custom leaks into the exported config
+    config_file = os.path.join(output_dir, "config.json")
+    with open(config_file, encoding="utf-8") as f:
+        saved = json.load(f)
+    if saved.pop("auto_map", None) is not None:
+        with open(config_file, "w", encoding="utf-8") as f:
+            json.dump(saved, f, indent=2, sort_keys=True)
+
+    stats = image_stats_from_checkpoint(source)
+    mean, std = stats if stats is not None else (IMAGENET_MEAN, IMAGENET_STD)
+    with open(os.path.join(source, "config.json"), encoding="utf-8") as f:
+        source_config = json.load(f)
+    if encoder_type == "vit":
+        image_size = config.image_size
+    else:  # a ResNet has no input size of its own: use the CIM search-view size when there is one
+        image_size = source_config.get("image_size", 224) if source_config.get("model_type") == "cim" else 224
+    if isinstance(image_size, (list, tuple)):
+        image_size = image_size[0]
+    make_image_processor(encoder_type, int(image_size), mean, std).save_pretrained(output_dir)
+    with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as f:
+        f.write(_model_card(source, encoder_type, config))
+    return output_dir
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="cim-export-encoder",
+        description=(
+            "Export the online encoder of a CIM pre-training checkpoint as a plain ViTModel / ResNetModel checkpoint "
+            "(stock config, no custom code) with an image processor, loadable by AutoModel and pipeline()."
+        ),
+    )
+    parser.add_argument("cim_checkpoint", help="CIM pre-training checkpoint directory (config.json model_type 'cim').")
+    parser.add_argument("output_dir", help="Directory to write the exported encoder to.")
+    args = parser.parse_args(argv)
+    try:
+        path = export_encoder(args.cim_checkpoint, args.output_dir)
+    except (OSError, ValueError) as err:
+        print(f"cim-export-encoder: error: {err}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["export_encoder", "main", "make_image_processor"]

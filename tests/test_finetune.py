@@ -1,0 +1,449 @@
+"""Tests for transformers_cim.finetune and run_image_classification.py (tiny models, self-made data)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import (
+    ResNetConfig,
+    ResNetForImageClassification,
+    TrainingArguments,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTModel,
+    pipeline,
+)
+
+from transformers_cim import CIMConfig, CIMForPreTraining
+from transformers_cim.finetune import (
+    ClassificationTrainer,
+    LinearProbeForImageClassification,
+    load_encoder_for_classification,
+    mixup_cutmix,
+    param_groups_layer_decay,
+    smooth_one_hot,
+    soft_target_cross_entropy,
+)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import run_image_classification  # noqa: E402
+
+
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 200, 40),
+    "blue": (30, 40, 220),
+    "yellow": (230, 220, 30),
+    "magenta": (200, 30, 200),
+}
+
+
+def tiny_vit_config(**kwargs) -> ViTConfig:
+    values = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=8,
+                  image_size=32)
+    values.update(kwargs)
+    return ViTConfig(**values)
+
+
+def tiny_resnet_config(**kwargs) -> ResNetConfig:
+    values = dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")
+    values.update(kwargs)
+    return ResNetConfig(**values)
+
+
+def save_tiny_cim(path: str, seed: int = 0) -> CIMForPreTraining:
+    torch.manual_seed(seed)
+    config = CIMConfig(encoder_config=tiny_vit_config(), image_size=32, context_size=32, exemplar_size=16,
+                       num_exemplars=2, decoder_hidden_size=32, decoder_num_attention_heads=2)
+    model = CIMForPreTraining(config).eval()
+    model.save_pretrained(path)
+    return model
+
+
+def make_color_folder(root: str, per_class: int, size: int = 40, seed: int = 0, classes=None) -> str:
+    """One sub-folder per class of noisy solid-colour PNGs: trivially separable by colour."""
+    rng = np.random.default_rng(seed)
+    for name in classes or COLORS:
+        os.makedirs(os.path.join(root, name), exist_ok=True)
+        for i in range(per_class):
+            pixels = np.array(COLORS[name])[None, None, :] + rng.normal(0, 20, (size, size, 3))
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(os.path.join(root, name, f"{i}.png"))
+    return root
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Layer-wise lr decay
+# ------------------------------------------------------------------------------------------------------------
+def _lr_and_wd_by_name(model, groups):
+    by_id = {}
+    for group in groups:
+        for p in group["params"]:
+            assert id(p) not in by_id, "a parameter is in two groups"
+            by_id[id(p)] = (group["lr"], group["weight_decay"])
+    return {name: by_id[id(p)] for name, p in model.named_parameters() if id(p) in by_id}
+
+
+def test_layer_decay_groups_vit_have_exact_lrs():
+    model = ViTForImageClassification(tiny_vit_config(num_labels=3))
+    groups = param_groups_layer_decay(model, weight_decay=0.05, layer_decay=0.5, base_lr=1.0)
+    table = _lr_and_wd_by_name(model, groups)
+    assert set(table) == {n for n, _ in model.named_parameters()}
+    # L = 2 blocks: embeddings 0.5**3, block 0 0.5**2, block 1 0.5, final norm + head 1.0
+    expected_lr = {
+        "vit.embeddings.cls_token": 0.125,
+        "vit.embeddings.position_embeddings": 0.125,
+        "vit.embeddings.patch_embeddings.projection.weight": 0.125,
+        "vit.layers.0.attention.q_proj.weight": 0.25,
+        "vit.layers.0.mlp.fc2.bias": 0.25,
+        "vit.layers.1.layernorm_before.weight": 0.5,
+        "vit.layers.1.mlp.fc1.weight": 0.5,
+        "vit.layernorm.weight": 1.0,
+        "classifier.weight": 1.0,
+        "classifier.bias": 1.0,
+    }
+    for name, lr in expected_lr.items():
+        assert table[name][0] == pytest.approx(lr, rel=0, abs=1e-12), name
+    no_decay = {n for n, (_, wd) in table.items() if wd == 0.0}
+    decay = {n for n, (_, wd) in table.items() if wd == 0.05}
+    assert no_decay | decay == set(table)
+    assert {"vit.embeddings.cls_token", "vit.embeddings.position_embeddings", "vit.layernorm.weight",
+            "vit.layernorm.bias", "classifier.bias", "vit.layers.0.attention.q_proj.bias"} <= no_decay
+    assert decay == {n for n, p in model.named_parameters() if p.ndim > 1 and "cls_token" not in n
+                     and "position_embeddings" not in n}
+    # every group's lr is base_lr * its lr_scale
+    assert all(g["lr"] == pytest.approx(g["lr_scale"]) for g in groups)
+
+
+def test_layer_decay_off_and_frozen_parameters_left_out():
+    model = ViTForImageClassification(tiny_vit_config(num_labels=3))
+    model.vit.embeddings.patch_embeddings.requires_grad_(False)
+    groups = param_groups_layer_decay(model, weight_decay=0.1, layer_decay=1.0, base_lr=3e-4)
+    assert {g["lr"] for g in groups} == {3e-4}
+    in_groups = {id(p) for g in groups for p in g["params"]}
+    assert id(model.vit.embeddings.patch_embeddings.projection.weight) not in in_groups
+    assert len(in_groups) == sum(1 for p in model.parameters() if p.requires_grad)
+
+
+def test_layer_decay_groups_resnet_per_stage():
+    model = ResNetForImageClassification(tiny_resnet_config(num_labels=4))
+    table = _lr_and_wd_by_name(model, param_groups_layer_decay(model, 0.05, 0.5, 2.0))
+    for name, (lr, _) in table.items():
+        if name.startswith("resnet.embedder."):
+            assert lr == pytest.approx(2.0 * 0.5**3), name
+        elif name.startswith("resnet.encoder.stages.0."):
+            assert lr == pytest.approx(2.0 * 0.5**2), name
+        elif name.startswith("resnet.encoder.stages.1."):
+            assert lr == pytest.approx(2.0 * 0.5), name
+        else:
+            assert name.startswith("classifier."), name
+            assert lr == pytest.approx(2.0), name
+
+
+def test_trainer_optimizer_uses_layer_decay_groups(tmp_path):
+    model = ViTForImageClassification(tiny_vit_config(num_labels=3))
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-3, weight_decay=0.05, report_to="none",
+                             use_cpu=True)
+    trainer = ClassificationTrainer(model=model, args=args, layer_decay=0.5)
+    optimizer = trainer.create_optimizer()
+    assert isinstance(optimizer, torch.optim.AdamW)
+    lrs = sorted({round(g["lr"], 12) for g in optimizer.param_groups})
+    assert lrs == [1.25e-4, 2.5e-4, 5e-4, 1e-3]
+    expected = {id(p): lr for g in param_groups_layer_decay(model, 0.05, 0.5, 1e-3) for p in g["params"]
+                for lr in [g["lr"]]}
+    for group in optimizer.param_groups:
+        assert all(expected[id(p)] == group["lr"] for p in group["params"])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Mixup / CutMix / soft targets
+# ------------------------------------------------------------------------------------------------------------
+def test_mixup_is_the_expected_convex_combination():
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([0, 1, 2, 1])
+    mixed, targets = mixup_cutmix(x, labels, 3, mixup_alpha=0.8, label_smoothing=0.1,
+                                  generator=torch.Generator().manual_seed(0))
+    # lam is drawn from Beta(0.8, 0.8) through a numpy Generator seeded by the torch generator's first draw
+    seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(0)).item())
+    lam = float(np.random.default_rng(seed).beta(0.8, 0.8))
+    assert 0.0 < lam < 1.0
+    torch.testing.assert_close(mixed, lam * x + (1 - lam) * x.flip(0))
+    smooth = torch.full((4, 3), 0.1 / 3)
+    smooth[torch.arange(4), labels] = 0.9 + 0.1 / 3
+    torch.testing.assert_close(targets, lam * smooth + (1 - lam) * smooth.flip(0))
+    torch.testing.assert_close(targets.sum(1), torch.ones(4))
+    # same seed, same batch; another seed, another lam
+    again = mixup_cutmix(x, labels, 3, 0.8, 0.0, 0.1, torch.Generator().manual_seed(0))
+    other = mixup_cutmix(x, labels, 3, 0.8, 0.0, 0.1, torch.Generator().manual_seed(7))
+    torch.testing.assert_close(again[0], mixed)
+    assert not torch.allclose(other[0], mixed)
+
+
+def test_cutmix_pastes_a_box_and_weights_targets_by_area():
+    x = torch.arange(2 * 1 * 16 * 16, dtype=torch.float32).view(2, 1, 16, 16)
+    labels = torch.tensor([0, 1])
+    for seed in range(5):
+        mixed, targets = mixup_cutmix(x, labels, 2, cutmix_alpha=1.0, generator=torch.Generator().manual_seed(seed))
+        from_partner = mixed[0] == x[1]
+        kept = (mixed[0] == x[0]).float().mean().item()
+        assert torch.all(from_partner | (mixed[0] == x[0]))
+        ys, xs = torch.nonzero(from_partner[0], as_tuple=True)
+        if len(ys):  # the pasted region is one rectangle
+            assert from_partner[0, ys.min():ys.max() + 1, xs.min():xs.max() + 1].all()
+        torch.testing.assert_close(targets[0], torch.tensor([kept, 1 - kept]))
+        torch.testing.assert_close(targets[1], torch.tensor([1 - kept, kept]))
+
+
+def test_no_mixing_gives_label_smoothed_one_hots_and_matching_loss():
+    x = torch.randn(3, 3, 8, 8)
+    labels = torch.tensor([2, 0, 1])
+    mixed, targets = mixup_cutmix(x, labels, 3, label_smoothing=0.2)
+    assert mixed is x
+    torch.testing.assert_close(targets, smooth_one_hot(labels, 3, 0.2))
+    logits = torch.randn(3, 3)
+    torch.testing.assert_close(soft_target_cross_entropy(logits, targets),
+                               F.cross_entropy(logits, labels, label_smoothing=0.2))
+
+
+def test_trainer_mixes_only_in_training(tmp_path):
+    torch.manual_seed(0)
+    model = ViTForImageClassification(tiny_vit_config(num_labels=3))
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    trainer = ClassificationTrainer(model=model, args=args, mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1,
+                                    mix_seed=0)
+    inputs = {"pixel_values": torch.randn(4, 3, 32, 32), "labels": torch.tensor([0, 1, 2, 0]),
+              "num_skipped": torch.tensor(2)}
+    model.eval()
+    with torch.no_grad():
+        eval_loss = trainer.compute_loss(model, dict(inputs))
+        plain = F.cross_entropy(model(pixel_values=inputs["pixel_values"]).logits, inputs["labels"])
+    torch.testing.assert_close(eval_loss, plain)
+    model.train()
+    train_loss = trainer.compute_loss(model, dict(inputs))
+    assert torch.isfinite(train_loss) and train_loss.requires_grad
+    assert not torch.allclose(train_loss.detach(), plain)
+    assert trainer.num_skipped_images == 4
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Linear probe
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["vit", "resnet"])
+def test_linear_probe_freezes_encoder_and_folds_into_stock_model(family):
+    torch.manual_seed(0)
+    if family == "vit":
+        base = ViTForImageClassification(tiny_vit_config(num_labels=4))
+    else:
+        base = ResNetForImageClassification(tiny_resnet_config(num_labels=4))
+    probe = LinearProbeForImageClassification(base)
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    assert {n for n, p in probe.named_parameters() if p.requires_grad} == {"head.linear.weight", "head.linear.bias"}
+    groups = param_groups_layer_decay(probe, 0.0, 0.75, 1e-3)
+    assert sum(len(g["params"]) for g in groups) == 2
+
+    optimizer = torch.optim.AdamW(groups)
+    probe.train()
+    assert not probe.model.training and probe.head.training
+    x, y = torch.randn(8, 3, 32, 32), torch.tensor([0, 1, 2, 3] * 2)
+    for _ in range(3):
+        out = probe(pixel_values=x, labels=y)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for n, p in base.named_parameters():
+        torch.testing.assert_close(p, before[n]), n  # encoder untouched (BatchNorm stats too, for ResNet)
+    assert probe.head.norm.num_batches_tracked.item() == 3
+
+    probe.eval()
+    with torch.no_grad():
+        probe_logits = probe(pixel_values=x).logits
+        stock = probe.to_classification_model().eval()
+        assert type(stock) is type(base)
+        torch.testing.assert_close(stock(pixel_values=x).logits, probe_logits, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Loading checkpoints
+# ------------------------------------------------------------------------------------------------------------
+def test_load_cim_checkpoint_as_classifier(tmp_path):
+    cim = save_tiny_cim(str(tmp_path / "cim"))
+    id2label = {0: "a", 1: "b", 2: "c"}
+    model = load_encoder_for_classification(str(tmp_path / "cim"), 3, id2label=id2label)
+    assert isinstance(model, ViTForImageClassification)
+    assert model.config.id2label == id2label and model.config.label2id == {"a": 0, "b": 1, "c": 2}
+    source = cim.vit.state_dict()
+    for name, value in model.vit.state_dict().items():
+        torch.testing.assert_close(value, source[name]), name
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval().vit(x).last_hidden_state, cim.vit(x).last_hidden_state)
+
+
+def test_load_stock_checkpoints_and_resize(tmp_path):
+    torch.manual_seed(0)
+    encoder = ViTModel(tiny_vit_config(), add_pooling_layer=False).eval()
+    encoder.save_pretrained(tmp_path / "encoder")
+    model = load_encoder_for_classification(tmp_path / "encoder", 2, image_size=48).eval()
+    assert model.config.image_size == 48
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():  # identical to interpolating the position embeddings on the fly
+        expected = encoder(x, interpolate_pos_encoding=True).last_hidden_state
+        torch.testing.assert_close(model.vit(x).last_hidden_state, expected)
+    # a stock classifier with another label count gets a new head
+    model.save_pretrained(tmp_path / "clf")
+    again = load_encoder_for_classification(tmp_path / "clf", 5)
+    assert again.classifier.out_features == 5 and again.config.image_size == 48
+    # ResNet
+    ResNetForImageClassification(tiny_resnet_config(num_labels=3)).save_pretrained(tmp_path / "resnet")
+    assert isinstance(load_encoder_for_classification(tmp_path / "resnet", 7), ResNetForImageClassification)
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_encoder_for_classification(tmp_path / "missing", 3)
+    with pytest.raises(ValueError, match="model_name_or_path"):
+        load_encoder_for_classification(None, 3)
+    ViTModel(tiny_vit_config()).save_pretrained(tmp_path / "enc")
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        load_encoder_for_classification(tmp_path / "enc", 1)
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_encoder_for_classification(tmp_path / "empty", 3)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The script
+# ------------------------------------------------------------------------------------------------------------
+def _script_args(tmp_path, model_dir, **overrides):
+    args = {
+        "model_name_or_path": str(model_dir),
+        "train_dir": str(tmp_path / "data" / "train"),
+        "validation_dir": str(tmp_path / "data" / "validation"),
+        "image_size": 32,
+        "output_dir": str(tmp_path / "out"),
+        "num_train_epochs": 3,
+        "per_device_train_batch_size": 10,
+        "per_device_eval_batch_size": 16,
+        "learning_rate": 3e-3,
+        "mixup": 0.0,
+        "cutmix": 0.0,
+        "layer_decay": 0.9,
+        "save_strategy": "no",
+        "logging_steps": 5,
+        "seed": 0,
+        "use_cpu": True,
+        "dataloader_num_workers": 0,
+        "report_to": "none",
+    }
+    args.update(overrides)
+    return args
+
+
+@pytest.fixture
+def color_data(tmp_path):
+    make_color_folder(str(tmp_path / "data" / "train"), per_class=10, seed=0)
+    make_color_folder(str(tmp_path / "data" / "validation"), per_class=4, seed=1)
+    return tmp_path / "data"
+
+
+def test_script_fine_tunes_cim_checkpoint_end_to_end(tmp_path, color_data):
+    save_tiny_cim(str(tmp_path / "cim"))
+    args_file = tmp_path / "args.json"
+    args_file.write_text(json.dumps(_script_args(tmp_path, tmp_path / "cim")))
+    results = run_image_classification.main([str(args_file)])
+
+    out = tmp_path / "out"
+    with open(out / "all_results.json") as f:
+        all_results = json.load(f)
+    assert all_results["eval_accuracy"] == pytest.approx(results["eval_accuracy"])
+    assert all_results["eval_accuracy"] > 0.5  # 5 classes: chance is 0.2
+    assert "eval_top5_accuracy" in all_results and all_results["eval_top5_accuracy"] == 1.0
+    # evaluated after every epoch
+    with open(out / "trainer_state.json") as f:
+        history = json.load(f)["log_history"]
+    assert sorted(e["epoch"] for e in history if "eval_accuracy" in e) == [1.0, 2.0, 3.0]
+
+    with open(out / "config.json") as f:
+        config = json.load(f)
+    assert config["model_type"] == "vit" and config["architectures"] == ["ViTForImageClassification"]
+    assert "auto_map" not in config
+    assert sorted(config["id2label"].values()) == sorted(COLORS)
+    card = (out / "README.md").read_text()
+    assert "image-classification" in card and "model-index" in card and "type: accuracy" in card
+    assert "top_5_accuracy" in card
+
+    classifier = pipeline("image-classification", model=str(out))
+    image = Image.open(color_data / "validation" / "blue" / "0.png")
+    predictions = classifier(image, top_k=5)
+    assert {p["label"] for p in predictions} == set(COLORS)
+
+
+def test_script_linear_probe_saves_stock_classifier(tmp_path, color_data):
+    torch.manual_seed(0)
+    ViTModel(tiny_vit_config(), add_pooling_layer=False).save_pretrained(tmp_path / "encoder")
+    args = _script_args(tmp_path, tmp_path / "encoder", linear_probe=True, learning_rate=0.05, num_train_epochs=3,
+                        eval_strategy="no", mixup=None, cutmix=None, layer_decay=None)
+    argv = []
+    for key, value in args.items():
+        if value is None:
+            continue
+        if value is True:
+            argv.append(f"--{key}")
+        else:
+            argv += [f"--{key}", str(value)]
+    results = run_image_classification.main(argv)
+    assert results["eval_accuracy"] > 0.4
+    model = ViTForImageClassification.from_pretrained(str(tmp_path / "out")).eval()
+    # the encoder is unchanged by linear probing
+    encoder = ViTModel.from_pretrained(str(tmp_path / "encoder"), add_pooling_layer=False)
+    torch.testing.assert_close(model.vit.layers[1].mlp.fc1.weight, encoder.layers[1].mlp.fc1.weight)
+    extractor = pipeline("image-classification", model=str(tmp_path / "out"))
+    assert len(extractor(Image.open(color_data / "validation" / "red" / "0.png"))) == 5
+
+
+def test_script_uses_train_val_split_and_image_files_with_mixup(tmp_path):
+    make_color_folder(str(tmp_path / "data" / "train"), per_class=8, seed=0, classes=["red", "green", "blue"])
+    torch.manual_seed(0)
+    ViTForImageClassification(tiny_vit_config(num_labels=10)).save_pretrained(tmp_path / "clf")
+    args = _script_args(tmp_path, tmp_path / "clf", validation_dir=None, train_val_split=0.25, num_train_epochs=1,
+                        mixup=0.8, cutmix=1.0, label_smoothing=0.1, layer_decay=0.75, image_size=48)
+    results = run_image_classification.main([str(a) for kv in args.items() if kv[1] is not None
+                                             for a in (f"--{kv[0]}", kv[1])])
+    assert 0.0 <= results["eval_accuracy"] <= 1.0
+    assert "eval_top5_accuracy" not in results  # 3 classes: top-1 only
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["image_size"] == 48 and len(config["id2label"]) == 3
+
+
+def test_script_errors(tmp_path):
+    import datasets
+
+    images = [Image.new("RGB", (32, 32), COLORS["red"]) for _ in range(3)]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["red"])})
+    datasets.Dataset.from_dict({"image": images, "label": [0, 0, 0]}, features=features).to_parquet(
+        str(tmp_path / "one.parquet"))
+    os.makedirs(tmp_path / "flat")
+    for i, image in enumerate(images):
+        image.save(tmp_path / "flat" / f"{i}.png")
+    ViTModel(tiny_vit_config()).save_pretrained(tmp_path / "enc")
+    common = ["--model_name_or_path", str(tmp_path / "enc"), "--output_dir", str(tmp_path / "o"), "--use_cpu"]
+    with pytest.raises(ValueError, match="model_name_or_path"):
+        run_image_classification.main(["--output_dir", str(tmp_path / "o"), "--train_dir", str(tmp_path / "flat")])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run_image_classification.main(["--model_name_or_path", str(tmp_path / "nope"),
+                                       "--output_dir", str(tmp_path / "o")])
+    with pytest.raises(ValueError, match="single class"):
+        run_image_classification.main(common + ["--train_files", str(tmp_path / "one.parquet")])
+    with pytest.raises(ValueError, match="not found"):
+        run_image_classification.main(common + ["--train_files", str(tmp_path / "one.parquet"),
+                                                "--label_column_name", "species"])
+    with pytest.raises(ValueError, match="No label column"):
+        run_image_classification.main(common + ["--train_dir", str(tmp_path / "flat")])
