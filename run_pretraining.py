@@ -373,9 +373,9 @@ def main(argv: list[str] | None = None) -> dict:
     train_result = trainer.train(resume_from_checkpoint=resolve_checkpoint(training_args))
     trainer.save_model()
     results.update(train_result.metrics)
-    results["skipped_images"] = trainer.num_skipped_images
-    if trainer.num_skipped_images:
-        logger.warning("Skipped %d undecodable or too-small images.", trainer.num_skipped_images)
+    results["skipped_images"] = trainer.total_skipped_images()  # summed over processes
+    if results["skipped_images"]:
+        logger.warning("Skipped %d undecodable or too-small images.", results["skipped_images"])
     if eval_ds is not None:
         results.update(trainer.evaluate())
     trainer.log_metrics("train", results)

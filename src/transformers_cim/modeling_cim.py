@@ -174,7 +174,9 @@ class CIMCorrelationDecoder(nn.Module):
         for layer in self.layers:
             queries = layer(queries, exemplar)
         queries = self.norm(queries)[:, int(self.has_cls):]
-        feature_map = queries.transpose(1, 2).reshape(batch * num_exemplars, -1, grid, grid)
+        # contiguous: on CPU the 1x1 conv of the channels-last view rounds differently depending on the weight's
+        # memory alignment, so a reloaded (mmap'd) checkpoint would not reproduce the logits bit for bit
+        feature_map = queries.transpose(1, 2).reshape(batch * num_exemplars, -1, grid, grid).contiguous()
         logits = self.predictor(feature_map)
         size = self.config.context_size
         logits = F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
@@ -385,9 +387,15 @@ class CIMForPreTraining(CIMPreTrainedModel):
         return pairs
 
     @torch.no_grad()
-    def reset_target(self) -> None:
-        """Sets target = online (a fresh model, or one whose checkpoint had no target), frozen, in eval mode."""
+    def reset_target(self, only: set[str] | None = None) -> None:
+        """Sets target = online (a fresh model, or one whose checkpoint had no target), frozen, in eval mode.
+        `only`: attribute names (e.g. {"target_projector"}) to reset; the other targets are just frozen."""
+        names = {id(module): name for name, module in self.named_children()}
         for target, online in self._target_pairs():
+            if only is not None and names[id(target)] not in only:
+                target.requires_grad_(False)
+                target.eval()
+                continue
             if next(online.parameters()).device.type != "meta":
                 target.load_state_dict(online.state_dict())
             target.requires_grad_(False)
@@ -418,8 +426,10 @@ class CIMForPreTraining(CIMPreTrainedModel):
         kwargs.setdefault("use_safetensors", True)  # never unpickle weights from an untrusted checkpoint
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         model._apply_freezing(model.encoder)
-        if any(key.startswith("target_") for key in info.get("missing_keys", [])):
-            model.reset_target()
+        # reset only the targets the checkpoint lacks (e.g. a new target_projector), keep a saved EMA encoder
+        missing = {key.split(".", 1)[0] for key in info.get("missing_keys", [])}
+        if any(name.startswith("target_") for name in missing):
+            model.reset_target(only=missing)
         for target, _ in model._target_pairs():
             target.requires_grad_(False)
             target.eval()

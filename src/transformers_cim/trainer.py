@@ -9,11 +9,16 @@
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
 import math
+import os
 
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
 
 from .modeling_cim import CIMForPreTraining
 
@@ -87,12 +92,35 @@ class CIMTrainer(Trainer):
     """`Trainer` for `CIMForPreTraining`: momentum updates, skipped-image counting, pretext metrics."""
 
     def __init__(self, *args, **kwargs):
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if training_args is not None and training_args.accelerator_config.dispatch_batches is None:
+            # accelerate's default for an IterableDataset (the main process reads and broadcasts each batch) fails on
+            # the variable-size batches SkippingCollator makes when it drops undecodable images: fetch per process
+            training_args.accelerator_config.dispatch_batches = False
         super().__init__(*args, **kwargs)
         if not any(isinstance(cb, MomentumCallback) for cb in self.callback_handler.callbacks):
             self.add_callback(MomentumCallback())
         self.num_skipped_images = 0
         self._train_metrics = _MetricAccumulator()
         self._eval_metrics = _MetricAccumulator()
+        self._pretext_step, self._pretext_micro_step = -1, 0
+
+    def pretext_generator(self, device: torch.device) -> torch.Generator:
+        """The generator of one training micro-batch's exemplar sampling: a pure function of (seed, global_step,
+        micro-batch, process), so a resumed run samples exactly what the uninterrupted run did (the global RNG is
+        also drawn by the data pipeline's augmentations, and the data loader prefetches across a checkpoint)."""
+        if self.state.global_step != self._pretext_step:
+            self._pretext_step, self._pretext_micro_step = self.state.global_step, 0
+        key = f"{self.args.seed}/{self._pretext_step}/{self._pretext_micro_step}/{self.args.process_index}"
+        self._pretext_micro_step += 1
+        seed = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") & (2**63 - 1)
+        return torch.Generator(device=device).manual_seed(seed)
+
+    def total_skipped_images(self) -> int:
+        """Images skipped by all processes together (`num_skipped_images` counts this process only). Collective:
+        under distributed training every process must call it."""
+        count = torch.tensor(self.num_skipped_images, dtype=torch.long, device=self.args.device)
+        return int(self.accelerator.reduce(count, reduction="sum").item())
 
     @property
     def momentum_callback(self) -> MomentumCallback:
@@ -114,6 +142,8 @@ class CIMTrainer(Trainer):
         if inputs["pixel_values"].shape[0] == 0:  # every image of this batch was undecodable
             zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
             return (zero, None) if return_outputs else zero
+        if model.training and "generator" not in inputs:
+            inputs["generator"] = self.pretext_generator(inputs["pixel_values"].device)
         outputs = model(**inputs, return_loss=True)
         loss = outputs.loss
         if model.training and not torch.isfinite(loss.detach()).item():
@@ -128,6 +158,53 @@ class CIMTrainer(Trainer):
             metrics.add("correlation_loss", outputs.correlation_loss)
             metrics.add("contrastive_loss", outputs.contrastive_loss)
         return (loss, outputs) if return_outputs else loss
+
+    def _skipped_images_file(self, checkpoint: str) -> str:
+        return os.path.join(checkpoint, f"cim_skipped_images_{self.args.process_index}.json")
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        # this process's skipped-image count travels with the checkpoint (like its RNG state), so that a resumed
+        # run reports the images skipped over the whole run
+        with open(self._skipped_images_file(output_dir), "w") as f:
+            json.dump({"num_skipped_images": self.num_skipped_images}, f)
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        checkpoint = resume_from_checkpoint
+        if isinstance(checkpoint, bool):
+            checkpoint = (get_last_checkpoint(self.args.output_dir)
+                          if checkpoint and os.path.isdir(self.args.output_dir) else None)
+        self.num_skipped_images = 0
+        if checkpoint and os.path.isfile(self._skipped_images_file(checkpoint)):
+            with open(self._skipped_images_file(checkpoint)) as f:
+                self.num_skipped_images = int(json.load(f)["num_skipped_images"])
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _loads_through_from_pretrained(self, checkpoint: str | None) -> bool:
+        return bool(checkpoint) and os.path.isfile(os.path.join(checkpoint, "config.json")) and not (
+            self.is_deepspeed_enabled or self.is_fsdp_enabled or getattr(self, "is_fsdp_xla_enabled", False))
+
+    def _load_cim_weights(self, checkpoint: str, model: nn.Module | None = None) -> None:
+        """Loads a checkpoint's weights into the model through `from_pretrained`, strictly.
+
+        `Trainer` resumes with `model.load_state_dict(safetensors file, strict=False)`, but `save_pretrained` writes the
+        stock ViT layers (and, by pattern, the decoder's) in transformers' legacy key format, which only
+        `from_pretrained` converts back: those keys would be skipped with a warning and training would silently go
+        on from freshly initialised layers."""
+        cim = unwrap_cim(model if model is not None else self.model)
+        loaded = type(cim).from_pretrained(checkpoint, config=copy.deepcopy(cim.config))
+        cim.load_state_dict(loaded.state_dict(), strict=True)
+        del loaded
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        if not self._loads_through_from_pretrained(resume_from_checkpoint):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._load_cim_weights(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        if not self._loads_through_from_pretrained(self.state.best_model_checkpoint):
+            return super()._load_best_model()
+        self._load_cim_weights(self.state.best_model_checkpoint)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         with torch.no_grad():

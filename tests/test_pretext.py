@@ -1,0 +1,361 @@
+"""The crop-and-correlate pretext task: box sampling, exemplar warping, true maps, photometric transforms.
+
+Box convention (pretext.py): fractions of the view's side, x right, y down; (cx, cy, w, h, theta) with the
+width along e1 = (cos theta, sin theta) and the height along e2 = (-sin theta, cos theta).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from transformers_cim.pretext import (
+    augment_exemplars,
+    correlation_maps,
+    gaussian_blur,
+    sample_exemplar_boxes,
+    sample_pretext,
+    warp_exemplars,
+)
+
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def box(cx, cy, w, h, theta=0.0) -> torch.Tensor:
+    """One box as a (1, 1, 5) tensor."""
+    return torch.tensor([[[cx, cy, w, h, theta]]], dtype=torch.float32)
+
+
+def corners(boxes: torch.Tensor) -> torch.Tensor:
+    """(..., 4, 2) corners in order around the rectangle, float64, straight from the convention."""
+    cx, cy, w, h, theta = boxes.double().unbind(-1)
+    e1 = torch.stack([theta.cos(), theta.sin()], -1)
+    e2 = torch.stack([-theta.sin(), theta.cos()], -1)
+    c = torch.stack([cx, cy], -1)
+    a, b = (w / 2)[..., None], (h / 2)[..., None]
+    return torch.stack([c - a * e1 - b * e2, c + a * e1 - b * e2, c + a * e1 + b * e2, c - a * e1 + b * e2], -2)
+
+
+def brute_force_map(boxes: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Point-in-convex-polygon by edge cross products for every pixel centre; also each centre's distance to
+    the polygon's boundary (to excuse float ties). boxes (N, 5) -> (N, size, size) maps and distances."""
+    poly = corners(boxes)  # (N, 4, 2)
+    centres = (torch.arange(size, dtype=torch.float64) + 0.5) / size
+    py, px = torch.meshgrid(centres, centres, indexing="ij")
+    p = torch.stack([px, py], -1).reshape(1, 1, -1, 2)  # (1, 1, P, 2)
+    start, end = poly[:, :, None, :], poly.roll(-1, dims=1)[:, :, None, :]  # (N, 4, 1, 2)
+    edge, rel = end - start, p - start
+    cross = edge[..., 0] * rel[..., 1] - edge[..., 1] * rel[..., 0]  # (N, 4, P)
+    inside = (cross >= 0).all(1) | (cross <= 0).all(1)
+    distance = (cross.abs() / edge.norm(dim=-1)).amin(1)
+    return inside.reshape(-1, size, size).double(), distance.reshape(-1, size, size)
+
+
+def plain_config(tiny_vit_config, **overrides):
+    return tiny_vit_config(exemplar_augmentation=False, **overrides)
+
+
+# ------------------------------------------------------------------------------------------------ geometry
+
+
+def test_axis_aligned_box_map_and_exemplar_are_exact():
+    image = torch.rand(2, 3, 32, 32, generator=gen(0))
+    b = box(12 / 32, 12 / 32, 8 / 32, 8 / 32).expand(2, 1, 5)  # pixels 8..15 in both directions
+    expected = torch.zeros(32, 32)
+    expected[8:16, 8:16] = 1
+    maps = correlation_maps(b, 32)
+    assert maps.shape == (2, 1, 32, 32) and maps.dtype == torch.float32
+    assert torch.equal(maps[0, 0], expected) and torch.equal(maps[1, 0], expected)
+    # on a coarser context grid: the same box covers cells 4..7 of 16
+    coarse = torch.zeros(16, 16)
+    coarse[4:8, 4:8] = 1
+    assert torch.equal(correlation_maps(b, 16)[0, 0], coarse)
+
+    exemplars = warp_exemplars(image, b, 8)
+    assert exemplars.shape == (2, 1, 3, 8, 8)
+    torch.testing.assert_close(exemplars[:, 0], image[..., 8:16, 8:16], rtol=0, atol=1e-6)
+
+
+def test_axis_aligned_rectangle_distinguishes_x_from_y():
+    image = torch.rand(1, 3, 32, 32, generator=gen(1))
+    b = box(12 / 32, 12 / 32, 16 / 32, 8 / 32)  # columns 4..19 (width 16), rows 8..15 (height 8)
+    expected = torch.zeros(32, 32)
+    expected[8:16, 4:20] = 1
+    assert torch.equal(correlation_maps(b, 32)[0, 0], expected)
+    # an 8x8 exemplar of a 16-wide box reads between column pairs: the mean of each pair
+    exemplar = warp_exemplars(image, b, 8)[0, 0]
+    crop = image[0, :, 8:16, 4:20]
+    torch.testing.assert_close(exemplar, 0.5 * (crop[..., 0::2] + crop[..., 1::2]), rtol=0, atol=1e-6)
+
+
+def test_rotation_by_90_degrees_gives_the_rotated_crop():
+    image = torch.rand(1, 3, 32, 32, generator=gen(2))  # asymmetric
+    # the whole view rotated by +90 degrees: exemplar[i, j] = image[j, S-1-i], i.e. rot90(k=1)
+    whole = warp_exemplars(image, box(0.5, 0.5, 1.0, 1.0, math.pi / 2), 32)[0, 0]
+    torch.testing.assert_close(whole, torch.rot90(image[0], 1, dims=(-2, -1)), rtol=0, atol=1e-5)
+    # a square box of pixels rows 8..15, columns 4..11
+    square = box(8 / 32, 12 / 32, 8 / 32, 8 / 32, math.pi / 2)
+    torch.testing.assert_close(warp_exemplars(image, square, 8)[0, 0],
+                               torch.rot90(image[0, :, 8:16, 4:12], 1, dims=(-2, -1)), rtol=0, atol=1e-5)
+    expected = torch.zeros(32, 32)
+    expected[8:16, 4:12] = 1
+    assert torch.equal(correlation_maps(square, 32)[0, 0], expected)
+
+
+def test_rotated_rectangle_direction_matches_the_map():
+    """A 16 x 8 box turned by +90 degrees: its width runs down (+y), its height runs left (-x). The map marks
+    rows 8..23, columns 12..19, and the exemplar reads exactly those pixels: exemplar[i, j] is the mean of
+    image rows 8+2j, 9+2j at column 19-i."""
+    image = torch.rand(1, 3, 32, 32, generator=gen(3))
+    b = box(0.5, 0.5, 16 / 32, 8 / 32, math.pi / 2)
+    expected = torch.zeros(32, 32)
+    expected[8:24, 12:20] = 1
+    assert torch.equal(correlation_maps(b, 32)[0, 0], expected)
+    exemplar = warp_exemplars(image, b, 8)[0, 0]
+    i = torch.arange(8).view(8, 1)
+    j = torch.arange(8).view(1, 8)
+    want = 0.5 * (image[0][:, 8 + 2 * j, 19 - i] + image[0][:, 9 + 2 * j, 19 - i])
+    torch.testing.assert_close(exemplar, want, rtol=0, atol=1e-5)
+    # the opposite rotation reads the mirrored place: a sign error in either function would show here
+    minus = box(0.5, 0.5, 16 / 32, 8 / 32, -math.pi / 2)
+    assert torch.equal(correlation_maps(minus, 32)[0, 0], expected)
+    assert not torch.allclose(warp_exemplars(image, minus, 8)[0, 0], exemplar, atol=1e-3)
+
+
+def test_rotated_map_equals_brute_force_point_in_polygon():
+    g = gen(4)
+    n = 64
+    w = 0.05 + 0.5 * torch.rand(n, generator=g)
+    h = 0.05 + 0.5 * torch.rand(n, generator=g)
+    theta = (torch.rand(n, generator=g) * 2 - 1) * math.pi  # any angle, beyond +-45
+    cx = 0.2 + 0.6 * torch.rand(n, generator=g)
+    cy = 0.2 + 0.6 * torch.rand(n, generator=g)
+    boxes = torch.stack([cx, cy, w, h, theta], -1)
+    size = 48
+    maps = correlation_maps(boxes.view(4, 16, 5), size).view(n, size, size).double()
+    truth, distance = brute_force_map(boxes, size)
+    mismatch = maps != truth
+    # only a pixel centre lying on an edge (up to float rounding) may be decided either way
+    assert (distance[mismatch] < 1e-5).all()
+    assert mismatch.sum() <= 2
+    assert truth.sum() > 1000  # not vacuous
+
+
+def test_exemplar_reads_only_pixels_the_map_marks():
+    """For any rotation: warp the map itself (as an image) with its own box: all ones. Warp its complement:
+    all zeros. So the exemplar pixel at box-local (u, v) comes from where the map marks."""
+    g = gen(5)
+    n, size, ex = 32, 128, 8
+    w = 0.25 + 0.25 * torch.rand(n, generator=g)  # sides >> sqrt(2) pixels * 2n / size: no edge blending
+    h = 0.25 + 0.25 * torch.rand(n, generator=g)
+    theta = (torch.rand(n, generator=g) * 2 - 1) * math.pi
+    cx = 0.4 + 0.2 * torch.rand(n, generator=g)
+    cy = 0.4 + 0.2 * torch.rand(n, generator=g)
+    boxes = torch.stack([cx, cy, w, h, theta], -1).view(n, 1, 5)
+    maps = correlation_maps(boxes, size)  # (n, 1, S, S)
+    inside = warp_exemplars(maps, boxes, ex)
+    outside = warp_exemplars(1 - maps, boxes, ex)
+    torch.testing.assert_close(inside, torch.ones_like(inside), rtol=0, atol=1e-5)
+    torch.testing.assert_close(outside, torch.zeros_like(outside), rtol=0, atol=1e-5)
+
+
+def test_one_grid_samples_all_exemplars_of_each_image():
+    image = torch.rand(3, 3, 32, 32, generator=gen(6))
+    boxes = sample_exemplar_boxes(3, 4, (0.1, 0.5), (0.5, 2.0), 30.0, generator=gen(7))
+    together = warp_exemplars(image, boxes, 8)
+    for k in range(4):  # one box at a time gives the same pixels
+        torch.testing.assert_close(together[:, k], warp_exemplars(image, boxes[:, k : k + 1], 8)[:, 0], rtol=0, atol=1e-6)
+    # image b's exemplars come from image b only
+    swapped = warp_exemplars(image.flip(0), boxes.flip(0), 8)
+    torch.testing.assert_close(swapped, together.flip(0), rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+
+RECIPE = dict(scale=(0.05, 0.48), aspect_ratio=(1 / 3, 3.0), max_rotation_degrees=45.0)
+
+
+def test_sampled_boxes_respect_the_configured_ranges():
+    boxes = sample_exemplar_boxes(256, 6, generator=gen(8), **RECIPE)
+    assert boxes.shape == (256, 6, 5) and boxes.dtype == torch.float32
+    cx, cy, w, h, theta = boxes.unbind(-1)
+    # all four rotated corners lie inside the view
+    c = corners(boxes)
+    assert c.min() >= -1e-6 and c.max() <= 1 + 1e-6
+    # aspect h/w in [1/3, 3] (shrinking keeps it) and spread over both sides of 1
+    ratio = h / w
+    assert ratio.min() >= 1 / 3 - 1e-5 and ratio.max() <= 3 + 1e-5
+    # log-uniform: P(h/w < 1/2) = P(h/w > 2) = ln(1.5) / ln(9) = 18% before the fit-selection (measured ~15%)
+    assert (ratio < 0.5).float().mean() > 0.08 and (ratio > 2).float().mean() > 0.08
+    # angle in +-45 degrees, spread over the whole range
+    assert theta.abs().max() <= math.radians(45) + 1e-6
+    assert theta.min() < math.radians(-40) and theta.max() > math.radians(40)
+    assert abs(theta.mean().item()) < 0.05
+    # area: never above the range; below it only when a box had to be shrunk to fit, which is rare
+    area = w * h
+    assert area.max() <= 0.48 + 1e-5
+    in_range = (area >= 0.05 - 1e-6).float().mean().item()
+    assert in_range > 0.9
+    # roughly uniform over the range: the mean of U(0.05, 0.48) is 0.265; shrinking pulls it down a bit
+    assert 0.2 < area.mean().item() < 0.27
+
+
+def test_boxes_without_rotation_fill_the_whole_scale_range():
+    boxes = sample_exemplar_boxes(64, 8, (0.2, 1.0), (1.0, 1.0), 0.0, generator=gen(9))
+    cx, cy, w, h, theta = boxes.unbind(-1)
+    assert torch.equal(theta, torch.zeros_like(theta))
+    torch.testing.assert_close(w, h)
+    area = w * h
+    assert area.min() >= 0.2 - 1e-6 and area.max() <= 1.0 + 1e-6  # squares up to the whole view always fit
+    assert (cx - w / 2).min() >= -1e-6 and (cx + w / 2).max() <= 1 + 1e-6
+    assert (cy - h / 2).min() >= -1e-6 and (cy + h / 2).max() <= 1 + 1e-6
+
+
+def test_boxes_too_large_to_fit_are_shrunk_into_the_view():
+    # 90-100% of the area at up to 45 degrees and aspect up to 3 rarely fits: most boxes need shrinking
+    boxes = sample_exemplar_boxes(64, 4, (0.9, 1.0), (1 / 3, 3.0), 45.0, generator=gen(18))
+    cx, cy, w, h, theta = boxes.unbind(-1)
+    c = corners(boxes)
+    assert c.min() >= -1e-6 and c.max() <= 1 + 1e-6
+    area = w * h
+    assert (area < 0.9).float().mean() > 0.5  # shrunk
+    ratio = h / w
+    assert ratio.min() >= 1 / 3 - 1e-5 and ratio.max() <= 3 + 1e-5  # aspect kept
+    assert theta.abs().max() <= math.radians(45) + 1e-6 and theta.abs().max() > math.radians(30)  # angle kept
+    # a shrunk box touches the view on two opposite sides: its rotated extent is the full view along one axis
+    extent = torch.maximum(c[..., 0].amax(-1) - c[..., 0].amin(-1), c[..., 1].amax(-1) - c[..., 1].amin(-1))
+    torch.testing.assert_close(extent[area < 0.9], torch.ones_like(extent[area < 0.9]), rtol=0, atol=1e-5)
+
+
+def test_map_mean_is_the_box_area():
+    boxes = sample_exemplar_boxes(32, 6, generator=gen(10), **RECIPE)
+    size = 160
+    maps = correlation_maps(boxes, size)
+    area = boxes[..., 2] * boxes[..., 3]
+    error = (maps.mean(dim=(-2, -1)) - area).abs()
+    # a pixel is misjudged only within ~half a diagonal of the boundary: perimeter * sqrt(2)/2 / size
+    bound = 2 * (boxes[..., 2] + boxes[..., 3]) * (math.sqrt(2) / 2) / size
+    assert (error <= 0.5 * bound).all()  # measured: at most 0.12 of it
+    assert error.mean() < 0.05 * bound.mean()  # errors cancel on average (measured 0.0075)
+
+
+def test_same_seed_same_pretext_different_seed_different(tiny_vit_config, search_views):
+    config = tiny_vit_config()  # augmentation on: it must be reproducible too
+    x = search_views(batch=3)
+    a, b, c = (sample_pretext(x, config, generator=gen(s)) for s in (11, 11, 12))
+    for field in ("context_pixel_values", "exemplar_pixel_values", "correlation_labels", "exemplar_boxes"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+    assert not torch.allclose(a.exemplar_boxes, c.exemplar_boxes)
+    assert not torch.allclose(a.exemplar_pixel_values, c.exemplar_pixel_values)
+    assert not torch.equal(a.correlation_labels, c.correlation_labels)
+    assert torch.equal(a.context_pixel_values, c.context_pixel_values)  # the context is never random
+
+
+def test_sample_pretext_shapes_and_consistency(tiny_vit_config, search_views):
+    config = plain_config(tiny_vit_config)
+    x = search_views(batch=2)
+    out = sample_pretext(x, config, generator=gen(13))
+    assert out.context_pixel_values.shape == (2, 3, 48, 48)
+    assert out.exemplar_pixel_values.shape == (2, 3, 3, 16, 16)
+    assert out.correlation_labels.shape == (2, 3, 48, 48)
+    assert out.exemplar_boxes.shape == (2, 3, 5)
+    assert set(out.correlation_labels.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(out.correlation_labels, correlation_maps(out.exemplar_boxes, 48))
+    # augmentation off: the exemplars are exactly the plain warp of the (un-resized) view
+    assert torch.equal(out.exemplar_pixel_values, warp_exemplars(x, out.exemplar_boxes, 16))
+    # the context is the whole view, resized
+    torch.testing.assert_close(out.context_pixel_values.mean(), x.mean(), rtol=0, atol=1e-2)
+    # given boxes fix the geometry
+    again = sample_pretext(x, config, boxes=out.exemplar_boxes)
+    assert torch.equal(again.exemplar_pixel_values, out.exemplar_pixel_values)
+    assert torch.equal(again.correlation_labels, out.correlation_labels)
+
+
+# ------------------------------------------------------------------------------------------------ photometric
+
+
+def test_augmentation_changes_exemplars_within_the_valid_range(tiny_vit_config):
+    on, off = tiny_vit_config(), plain_config(tiny_vit_config)
+    mean = torch.tensor(on.image_mean).view(1, 1, 3, 1, 1)
+    std = torch.tensor(on.image_std).view(1, 1, 3, 1, 1)
+    raw = torch.rand(8, 3, 64, 64, generator=gen(14))  # a valid [0, 1] image, then normalised
+    x = (raw - mean[0]) / std[0]
+    a, p = sample_pretext(x, on, generator=gen(15)), sample_pretext(x, off, generator=gen(15))
+    # the boxes come first from the generator: same geometry, same maps, same context
+    assert torch.equal(a.exemplar_boxes, p.exemplar_boxes)
+    assert torch.equal(a.correlation_labels, p.correlation_labels)
+    assert torch.equal(a.context_pixel_values, p.context_pixel_values)
+    pixels = a.exemplar_pixel_values * std + mean  # before renormalisation
+    assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
+    changed = (a.exemplar_pixel_values - p.exemplar_pixel_values).abs().amax(dim=(2, 3, 4)) > 1e-3
+    # P(no transform at all) = 0.2 * 0.8 * 0.5 * 0.8 * 0.5 = 3.2%
+    assert changed.float().mean() > 0.8
+    # views that leave the valid range when de-normalised (random normal ones): clamped before the transforms
+    wild = sample_pretext(torch.randn(4, 3, 64, 64, generator=gen(16)) * 2, on, generator=gen(15))
+    pixels = wild.exemplar_pixel_values * std + mean
+    assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
+
+
+def _only(config, **probabilities):
+    names = ("exemplar_color_jitter_prob", "exemplar_grayscale_prob", "exemplar_blur_prob",
+             "exemplar_solarize_prob", "exemplar_hflip_prob")
+    for name in names:
+        setattr(config, name, probabilities.get(name, 0.0))
+    return config
+
+
+def test_each_photometric_transform(tiny_vit_config):
+    images = torch.rand(6, 3, 16, 16, generator=gen(16))
+    config = tiny_vit_config()
+    assert torch.equal(augment_exemplars(images, _only(config), gen(0)), images)
+    flipped = augment_exemplars(images, _only(config, exemplar_hflip_prob=1.0), gen(0))
+    assert torch.equal(flipped, images.flip(-1))
+    gray = augment_exemplars(images, _only(config, exemplar_grayscale_prob=1.0), gen(0))
+    luma = 0.299 * images[:, 0] + 0.587 * images[:, 1] + 0.114 * images[:, 2]
+    for channel in range(3):
+        torch.testing.assert_close(gray[:, channel], luma)
+    solar = augment_exemplars(images, _only(config, exemplar_solarize_prob=1.0), gen(0))
+    assert torch.equal(solar, torch.where(images >= 0.5, 1 - images, images))
+    blurred = augment_exemplars(images, _only(config, exemplar_blur_prob=1.0), gen(0))
+    assert (blurred.std(dim=(2, 3)) < images.std(dim=(2, 3))).all()
+    torch.testing.assert_close(blurred.mean(dim=(2, 3)), images.mean(dim=(2, 3)), rtol=0, atol=0.03)
+    jitter = augment_exemplars(images, _only(config, exemplar_color_jitter_prob=1.0), gen(0))
+    assert jitter.min() >= 0 and jitter.max() <= 1
+    assert (jitter - images).abs().amax(dim=(1, 2, 3)).min() > 1e-3
+    # everything on at once, extreme strengths: still a valid image
+    config.exemplar_color_jitter = [0.9, 0.9, 0.9, 0.5]
+    config.exemplar_blur_sigma = [0.1, 5.0]
+    allon = _only(config, **{n: 1.0 for n in ("exemplar_color_jitter_prob", "exemplar_grayscale_prob",
+                                              "exemplar_blur_prob", "exemplar_solarize_prob", "exemplar_hflip_prob")})
+    out = augment_exemplars(images, allon, gen(1))
+    assert out.shape == images.shape and out.min() >= 0 and out.max() <= 1
+
+
+def test_gaussian_blur_kernel():
+    constant = torch.full((2, 3, 16, 16), 0.3)
+    torch.testing.assert_close(gaussian_blur(constant, torch.tensor([0.5, 2.0]), 2.0), constant)
+    impulse = torch.zeros(1, 1, 15, 15)
+    impulse[..., 7, 7] = 1
+    out = gaussian_blur(impulse, torch.tensor([1.0]), 2.0)[0, 0]
+    assert out.sum().item() == pytest.approx(1.0, abs=1e-5)
+    torch.testing.assert_close(out, out.t())  # isotropic
+    x = torch.arange(-7, 8, dtype=torch.float32)
+    profile = torch.exp(-0.5 * x**2)
+    profile = profile[1:-1] / profile[1:-1].sum()  # the kernel radius is ceil(3 * max_sigma) = 6
+    torch.testing.assert_close(out[7, 1:-1], profile[:] * profile[6], rtol=0, atol=1e-6)
+
+
+def test_augmentation_is_reproducible_per_sample(tiny_vit_config):
+    images = torch.rand(5, 3, 16, 16, generator=gen(17))
+    config = tiny_vit_config()
+    a = augment_exemplars(images, config, gen(3))
+    b = augment_exemplars(images, config, gen(3))
+    c = augment_exemplars(images, config, gen(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
