@@ -107,7 +107,7 @@ def symmetric_folder(tmp_path_factory) -> str:
 def base_args(output_dir, *extra: str, steps: int = 4) -> list[str]:
     return ["--output_dir", str(output_dir), "--config_name", "vit-tiny-patch16", "--config_overrides", TINY_OVERRIDES,
             "--max_steps", str(steps), "--per_device_train_batch_size", "4", "--report_to", "none",
-            "--dataloader_num_workers", "0", "--disable_tqdm", "true", "--save_strategy", "no",
+            "--dataloader_num_workers", "0", "--dataloader_pin_memory", "false", "--disable_tqdm", "true", "--save_strategy", "no",
             "--cache_dir", os.path.join(str(output_dir), "..", "hf-cache"), *extra]
 
 
@@ -202,7 +202,7 @@ def test_json_arguments_file(image_folder, tmp_path):
     out = tmp_path / "out"
     args = {"train_dir": image_folder, "output_dir": str(out), "config_name": "vit-tiny-patch16",
             "config_overrides": TINY_OVERRIDES, "max_steps": 3, "per_device_train_batch_size": 4, "report_to": "none",
-            "dataloader_num_workers": 0, "disable_tqdm": True, "save_strategy": "no", "logging_steps": 1,
+            "dataloader_num_workers": 0, "dataloader_pin_memory": False, "disable_tqdm": True, "save_strategy": "no", "logging_steps": 1,
             "learning_rate": 2e-3, "lr_scheduler_type": "constant", "warmup_steps": 0, "view_scale": [0.8, 1.0],
             "cache_dir": str(tmp_path / "hf-cache")}
     path = tmp_path / "args.json"
