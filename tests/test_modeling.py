@@ -243,6 +243,30 @@ def test_target_gets_no_gradients_and_stays_in_eval(tiny_vit_config, search_view
     assert not model.target_encoder.training
 
 
+def test_context_goes_through_the_target_encoder_without_gradients(tiny_vit_config, search_views):
+    model = build(tiny_vit_config())
+    model.train()
+    x = search_views()
+    sampled = model(x, generator=gen(8))
+    inputs = dict(exemplar_pixel_values=sampled.exemplar_pixel_values, correlation_labels=sampled.correlation_labels)
+    context = sampled.context_pixel_values.clone().requires_grad_(True)
+    out = model(x, context_pixel_values=context, **inputs)
+    out.loss.backward()
+    assert context.grad is None  # the EMA target encodes the context under no_grad
+    exemplars = sampled.exemplar_pixel_values.clone().requires_grad_(True)
+    model(x, exemplar_pixel_values=exemplars, correlation_labels=sampled.correlation_labels).loss.backward()
+    assert exemplars.grad is not None and exemplars.grad.abs().sum() > 0  # the online encoder: with gradients
+    # changing only the target changes the logits: the context really is encoded by the target
+    with torch.no_grad():
+        model.target_encoder.layernorm.weight.mul_(1.5)
+    assert not torch.allclose(model(x, **inputs).logits, out.logits, atol=1e-4)
+    # shared mode: the online encoder encodes the context, with gradients
+    shared = build(tiny_vit_config(target_encoder_mode="shared"))
+    context = sampled.context_pixel_values.clone().requires_grad_(True)
+    shared(x, context_pixel_values=context, **inputs).loss.backward()
+    assert context.grad is not None and context.grad.abs().sum() > 0
+
+
 def test_unfrozen_patch_embedding_learns(tiny_vit_config, search_views):
     model = build(tiny_vit_config(freeze_patch_embedding=False))
     model(search_views(), generator=gen()).loss.backward()

@@ -144,18 +144,21 @@ def _grayscale(images: torch.Tensor) -> torch.Tensor:
     return (images * weights).sum(1, keepdim=True)
 
 
+RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
+                          dtype=torch.float64)
+YIQ_TO_RGB = torch.linalg.inv(RGB_TO_YIQ)  # exact inverse, so a zero hue shift leaves pixels unchanged
+
+
 def _rotate_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Hue rotation by `shift` turns (fraction of the colour circle) in the YIQ chroma plane."""
-    r, g, b = images.unbind(1)
-    y = 0.299 * r + 0.587 * g + 0.114 * b
-    i = 0.596 * r - 0.274 * g - 0.322 * b
-    q = 0.211 * r - 0.523 * g + 0.312 * b
-    angle = (2 * math.pi * shift).view(-1, 1, 1)
-    i, q = i * angle.cos() - q * angle.sin(), i * angle.sin() + q * angle.cos()
-    r = y + 0.956 * i + 0.621 * q
-    g = y - 0.272 * i - 0.647 * q
-    b = y - 1.106 * i + 1.703 * q
-    return torch.stack([r, g, b], dim=1)
+    angle = 2 * math.pi * shift.to(torch.float64)
+    cos, sin = angle.cos(), angle.sin()
+    rotation = torch.zeros(shift.shape[0], 3, 3, dtype=torch.float64, device=shift.device)
+    rotation[:, 0, 0] = 1.0
+    rotation[:, 1, 1], rotation[:, 1, 2], rotation[:, 2, 1], rotation[:, 2, 2] = cos, -sin, sin, cos
+    rgb_to_yiq, yiq_to_rgb = RGB_TO_YIQ.to(shift.device), YIQ_TO_RGB.to(shift.device)
+    transform = (yiq_to_rgb @ rotation @ rgb_to_yiq).to(images.dtype)  # (N, 3, 3): one matrix per image
+    return torch.einsum("nij,njhw->nihw", transform, images)
 
 
 def color_jitter(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
