@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 
@@ -25,7 +26,6 @@ import datasets
 import torch
 import transformers
 from transformers import HfArgumentParser, TrainingArguments, ViTImageProcessorPil
-from transformers.trainer_utils import get_last_checkpoint
 
 from transformers_cim import CIMConfig, CIMForPreTraining
 from transformers_cim.configuration_cim import PRESET_NAMES
@@ -286,18 +286,43 @@ def set_learning_rate(training_args: CIMTrainingArguments, explicit_lr: bool, qu
     training_args.learning_rate = training_args.base_learning_rate * total_batch / 256
 
 
+CHECKPOINT_COMPLETE_MARKER = "trainer_state.json"  # Trainer writes it last when saving a checkpoint
+
+
+def is_complete_checkpoint(path: str) -> bool:
+    """A checkpoint folder whose save finished (a run killed mid-save leaves it without the state file)."""
+    return os.path.isfile(os.path.join(path, CHECKPOINT_COMPLETE_MARKER))
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest `checkpoint-N` in output_dir whose save finished; incomplete ones are skipped with a warning."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = sorted((int(name.split("-")[1]), name) for name in os.listdir(output_dir)
+                   if re.fullmatch(r"checkpoint-\d+", name) and os.path.isdir(os.path.join(output_dir, name)))
+    for _, name in reversed(steps):
+        path = os.path.join(output_dir, name)
+        if is_complete_checkpoint(path):
+            return path
+        logger.warning("Skipping %s: its save did not finish (no %s).", path, CHECKPOINT_COMPLETE_MARKER)
+    return None
+
+
 def resolve_checkpoint(training_args: CIMTrainingArguments) -> str | None:
     """--resume_from_checkpoint PATH, or 'last'/'true' for the newest complete checkpoint in output_dir."""
     resume = training_args.resume_from_checkpoint
     if resume is None:
         return None
     if str(resume).lower() in ("last", "latest", "true"):
-        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        last = last_complete_checkpoint(training_args.output_dir)
         if last is None:
-            raise FileNotFoundError(f"No checkpoint found in {training_args.output_dir} to resume from.")
+            raise FileNotFoundError(f"No complete checkpoint found in {training_args.output_dir} to resume from.")
         return last
     if not os.path.isdir(resume):
         raise FileNotFoundError(f"--resume_from_checkpoint {resume} does not exist.")
+    if not is_complete_checkpoint(resume):
+        raise ValueError(f"--resume_from_checkpoint {resume} is incomplete (no {CHECKPOINT_COMPLETE_MARKER}: the run "
+                         "was probably killed while saving it). Resume from an earlier checkpoint or use 'last'.")
     return resume
 
 

@@ -367,3 +367,17 @@ def test_resume_continues_exactly(streaming, symmetric_folder, tmp_path, monkeyp
     assert [e["momentum"] for e in entries_a] == pytest.approx([round(cosine_momentum(s, 6, 0.99, 1.0), 6)
                                                                 for s in range(6)])
     assert [e["loss"] for e in entries_b] == pytest.approx([e["loss"] for e in entries_a], abs=1e-6)
+
+
+def test_resume_last_skips_a_half_written_checkpoint(tmp_path, caplog):
+    complete, half_written = tmp_path / "checkpoint-3", tmp_path / "checkpoint-5"
+    complete.mkdir()
+    (complete / "trainer_state.json").write_text("{}")
+    half_written.mkdir()
+    (half_written / "model.safetensors").write_bytes(b"")  # killed before trainer_state.json was written
+    assert run_pretraining.last_complete_checkpoint(str(tmp_path)) == str(complete)
+    args = run_pretraining.CIMTrainingArguments(output_dir=str(tmp_path), resume_from_checkpoint="last")
+    assert run_pretraining.resolve_checkpoint(args) == str(complete)
+    args = run_pretraining.CIMTrainingArguments(output_dir=str(tmp_path), resume_from_checkpoint=str(half_written))
+    with pytest.raises(ValueError, match="incomplete"):
+        run_pretraining.resolve_checkpoint(args)
