@@ -37,8 +37,10 @@ class PretextBatch:
 def _uniform(shape: tuple[int, ...], low: float, high: float, generator: torch.Generator | None,
              device: torch.device) -> torch.Tensor:
     """Uniform samples drawn on the generator's device (so a CPU generator works for any input device)."""
-    gen_device = generator.device if generator is not None else device
-    u = torch.rand(shape, generator=generator, device=gen_device, dtype=torch.float32)
+    if generator is None:  # no generator argument at all: torch.compile rejects generator=None with dynamic shapes
+        u = torch.rand(shape, device=device, dtype=torch.float32)
+    else:
+        u = torch.rand(shape, generator=generator, device=generator.device, dtype=torch.float32)
     return (low + (high - low) * u).to(device)
 
 
