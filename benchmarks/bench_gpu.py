@@ -266,7 +266,7 @@ def main(argv=None) -> None:
         rows.append([mode, f"{first:.1f}", f"{step_s * 1e3:.1f} ({C.spread([x * 1e3 for x in times[mode]])})",
                      f"{args.batch_size / step_s:.0f}", f"{tflops:.1f}", mfu, f"{100 * pre_s / step_s:.1f}%", mem])
         print(f"  {mode}: {step_s * 1e3:.1f} ms/step, {args.batch_size / step_s:.0f} images/s, MFU {mfu}")
-    del pixel_values
+    pixel_values = None  # noqa: F841 - frees the MFU batch before the search
     free_memory(device)
 
     search_lines = []
@@ -279,7 +279,7 @@ def main(argv=None) -> None:
         else:
             limit_hit = all(ok for _, ok in probes)
             search_lines.append(
-                f"- Largest batch that fits ({args.search_mode} step, bf16 autocast, AdamW, 2 steps per probe): "
+                f"- Largest batch that fits ({args.search_mode} step, {args.dtype}, AdamW, 2 steps per probe): "
                 f"**{best}**{' (search limit reached; raise --search_limit)' if limit_hit else ''}"
                 f"{f', to within {args.search_granularity}' if not limit_hit else ''} (probes: {trail})")
         if args.dry_run:

@@ -331,8 +331,8 @@ def main(argv=None) -> None:
             speedup = f"{batched_rate / rate:.2g}x" if batched_rate and not name.startswith("batched") else "-"
             how = ("torch threads" if name.startswith("batched")
                    else "worker processes" if threads > 1 else "in process")
-            rows.append([f"{threads} ({how})", name, count, f"{C.median(tm) * 1e3:.0f} ({C.spread([x * 1e3 for x in tm])})",
-                         f"{rate:.1f}", speedup])
+            per_round = f"{C.median(tm) * 1e3:.0f} ({C.spread([x * 1e3 for x in tm])})"
+            rows.append([f"{threads} ({how})", name, count, per_round, f"{rate:.1f}", speedup])
     table = C.markdown_table(["cores", "pipeline", "images / round", "ms per round, median (min-max)", "images/s",
                               "batched speed-up"], rows, align="llrrrr")
     lines = [
