@@ -338,11 +338,19 @@ def common_trainer_flags(args) -> list[str]:
     return flags
 
 
-def pretrain_cim(args) -> dict:
-    out_dir = os.path.join(method_dir(args, "cim"), "pretrain")
+def pretrain_stage(args, method: str) -> tuple[str, str, dict | None]:
+    """(output dir, result file, finished result or None) of a method's pre-training stage (resumable runs)."""
+    out_dir = os.path.join(method_dir(args, method), "pretrain")
     result_file = os.path.join(out_dir, "quality_pretrain.json")
-    if (done := read_json(result_file)) is not None:
-        log(f"CIM pre-training already done ({done['steps']} steps): skipped")
+    done = read_json(result_file)
+    if done is not None:
+        log(f"{method} pre-training already done ({done['steps']} steps): skipped")
+    return out_dir, result_file, done
+
+
+def pretrain_cim(args) -> dict:
+    out_dir, result_file, done = pretrain_stage(args, "cim")
+    if done is not None:
         return done
     import run_pretraining
 
@@ -395,10 +403,8 @@ class MAEPretrainTrainer(Trainer):
 
 
 def pretrain_mae(args) -> dict:
-    out_dir = os.path.join(method_dir(args, "mae"), "pretrain")
-    result_file = os.path.join(out_dir, "quality_pretrain.json")
-    if (done := read_json(result_file)) is not None:
-        log(f"MAE pre-training already done ({done['steps']} steps): skipped")
+    out_dir, result_file, done = pretrain_stage(args, "mae")
+    if done is not None:
         return done
     transformers.set_seed(args.seed)
     model = new_mae_model(args)

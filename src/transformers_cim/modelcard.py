@@ -54,7 +54,7 @@ def build_model_card(config, *, dataset_name: str, max_steps: int, train_images:
 # CIM pre-trained encoder
 
 A vision encoder pre-trained without labels by **Correlational Image Modeling** (Li, Xie, Loy, CVPR 2023,
-arXiv 2303.12670) with [transformers-cim](https://github.com/) : an online encoder learns to predict where
+arXiv 2303.12670) with transformers-cim: an online encoder learns to predict where
 rotated, rescaled and colour-distorted exemplars lie in a context image encoded by its EMA copy.
 
 ## Training

@@ -269,6 +269,16 @@ class CIMPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _no_split_modules = ["ViTEmbeddings", "ViTLayer", "CIMDecoderLayer"]
 
+    @property
+    def encoder(self) -> nn.Module:
+        """The online encoder (a stock `ViTModel` or `ResNetModel`)."""
+        return getattr(self, encoder_attribute(self.config))
+
+    def get_input_embeddings(self) -> nn.Module:
+        if isinstance(self.encoder, ViTModel):
+            return self.encoder.embeddings.patch_embeddings
+        return self.encoder.embedder
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """As `PreTrainedModel.save_pretrained`, with `auto_map` entries for every CIM class so that the
         checkpoint loads with `trust_remote_code=True` where this package is not installed."""
@@ -321,15 +331,6 @@ class CIMModel(CIMPreTrainedModel):
         setattr(self, encoder_attribute(config), build_encoder(config))
         self.post_init()
 
-    @property
-    def encoder(self) -> nn.Module:
-        return getattr(self, encoder_attribute(self.config))
-
-    def get_input_embeddings(self) -> nn.Module:
-        if isinstance(self.encoder, ViTModel):
-            return self.encoder.embeddings.patch_embeddings
-        return self.encoder.embedder
-
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool | None = True,
                 output_hidden_states: bool | None = None, return_dict: bool | None = None, **kwargs) -> CIMModelOutput:
         if isinstance(self.encoder, ResNetModel):
@@ -367,16 +368,6 @@ class CIMForPreTraining(CIMPreTrainedModel):
         self._set_fixed_vit_embeddings(self.encoder)
         self._apply_freezing(self.encoder)
         self.reset_target()
-
-    @property
-    def encoder(self) -> nn.Module:
-        """The online encoder (a stock `ViTModel` or `ResNetModel`)."""
-        return getattr(self, encoder_attribute(self.config))
-
-    def get_input_embeddings(self) -> nn.Module:
-        if isinstance(self.encoder, ViTModel):
-            return self.encoder.embeddings.patch_embeddings
-        return self.encoder.embedder
 
     def _target_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         pairs = []
