@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 from dataclasses import dataclass, field
 
@@ -37,14 +38,14 @@ from transformers_cim.data import (
     SkippingCollator,
     build_pretraining_transform,
     check_num_workers,
-    count_shards,
     decode_image,
     find_image_column,
     load_image_dataset,
     prepare_dataset,
 )
 from transformers_cim.modelcard import build_model_card, write_model_card
-from transformers_cim.trainer import CIMTrainer
+from transformers_cim.streaming import ResumableImageStream
+from transformers_cim.trainer import CIMTrainer, SaveOnSignalCallback
 from transformers_cim.visualization import VisualizationCallback
 
 logger = logging.getLogger("run_pretraining")
@@ -263,14 +264,18 @@ def preview_batch(images: list, config: CIMConfig, count: int) -> torch.Tensor:
 
 
 def prepare_train_dataset(raw_ds, image_column: str, config: CIMConfig, data_args, training_args):
-    if data_args.streaming:
-        raw_ds = raw_ds.shuffle(seed=training_args.seed, buffer_size=data_args.shuffle_buffer_size)
-        if data_args.max_train_samples:
-            raw_ds = raw_ds.take(data_args.max_train_samples)
-    elif data_args.max_train_samples:
-        raw_ds = raw_ds.shuffle(seed=training_args.seed).select(range(min(data_args.max_train_samples, len(raw_ds))))
+    """Streamed: a ResumableImageStream (this process's part, shuffled, resumable from a checkpoint); otherwise the
+    dataset with a lazy decoding transform."""
     transform = RandomResizedCropFlip(size=config.image_size, scale=tuple(data_args.view_scale),
                                       mean=config.image_mean, std=config.image_std)
+    if data_args.streaming:
+        if data_args.max_train_samples:
+            raw_ds = raw_ds.take(data_args.max_train_samples)
+        return ResumableImageStream(raw_ds, image_column, transform, min_size=data_args.min_image_size,
+                                    buffer_size=data_args.shuffle_buffer_size, seed=training_args.seed,
+                                    rank=training_args.process_index, world_size=training_args.world_size)
+    if data_args.max_train_samples:
+        raw_ds = raw_ds.shuffle(seed=training_args.seed).select(range(min(data_args.max_train_samples, len(raw_ds))))
     fn = build_pretraining_transform(image_column, transform, data_args.min_image_size)
     return prepare_dataset(raw_ds, image_column, fn)
 
@@ -327,10 +332,9 @@ def resolve_checkpoint(training_args: CIMTrainingArguments) -> str | None:
 
 
 def use_shards_per_rank(training_args: CIMTrainingArguments, num_shards: int) -> None:
-    """Every process fetches its own batches from a stream: with at least one shard per process accelerate gives
-    each rank its own shards; with fewer, each rank reads the stream and keeps every world_size-th batch.
-    (accelerate's default for iterable datasets, rank 0 reading and dispatching, cannot carry the variable-size
-    batches left when undecodable images are dropped.)"""
+    """Every process fetches its own batches from the stream (ResumableImageStream reads this process's whole shards
+    when there are at least as many shards as processes, else every world_size-th record), never rank 0 reading
+    and dispatching: that cannot carry the variable-size batches left when undecodable images are dropped."""
     training_args.accelerator_config.dispatch_batches = False
     if training_args.world_size > 1 and num_shards < training_args.world_size:
         logger.warning("The stream has %d shard(s) for %d processes: every rank reads the whole stream and keeps "
@@ -375,9 +379,9 @@ def main(argv: list[str] | None = None) -> dict:
         eval_ds = prepare_dataset(raw_eval, image_column,
                                   build_pretraining_transform(image_column, eval_transform, data_args.min_image_size))
     if data_args.streaming:
-        use_shards_per_rank(training_args, count_shards(train_ds))
+        use_shards_per_rank(training_args, train_ds.source.num_shards)
         training_args.dataloader_num_workers = check_num_workers(training_args.dataloader_num_workers,
-                                                                 count_shards(train_ds) // max(1, training_args.world_size))
+                                                                 train_ds.num_shards)
     set_learning_rate(training_args, explicit_lr, quickstart)
     logger.info("Training %s on %s (image column %r), lr %.3g", config.encoder_type,
                 data_args.dataset_name or data_args.train_dir or data_args.train_files or "the embedded photos",
@@ -389,13 +393,16 @@ def main(argv: list[str] | None = None) -> dict:
                                         image_mean=list(config.image_mean), image_std=list(config.image_std))
     visualization = VisualizationCallback(preview_batch(preflight, config, data_args.num_visualize_images),
                                           every_steps=data_args.visualize_every_steps)
+    on_signal = SaveOnSignalCallback()
     trainer = CIMTrainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
                          data_collator=SkippingCollator(), processing_class=image_processor,
-                         callbacks=[visualization])
+                         callbacks=[visualization, on_signal])
     visualization.trainer = trainer
 
     results: dict = {}
     train_result = trainer.train(resume_from_checkpoint=resolve_checkpoint(training_args))
+    if on_signal.received is not None:
+        stop_after_signal(trainer, on_signal.received)
     trainer.save_model()
     results.update(train_result.metrics)
     results["skipped_images"] = trainer.total_skipped_images()  # summed over processes
@@ -410,7 +417,26 @@ def main(argv: list[str] | None = None) -> dict:
         write_card(trainer, config, data_args, results)
     if training_args.push_to_hub:
         trainer.push_to_hub(commit_message="CIM pre-training: checkpoint, correlation-map figure and model card")
+    end_distributed(trainer)
     return results
+
+
+def stop_after_signal(trainer: CIMTrainer, signum: int) -> None:
+    """Ends the run after SaveOnSignalCallback saved a checkpoint: exit status 128 + signal, as if killed by it,
+    without the final model, metrics or card of a finished run."""
+    checkpoint = os.path.join(trainer.args.output_dir, f"checkpoint-{trainer.state.global_step}")
+    logger.warning("Received %s: saved %s and stopped. Resume with the same command plus "
+                   "--resume_from_checkpoint last.", signal.Signals(signum).name, checkpoint)
+    end_distributed(trainer)
+    raise SystemExit(128 + signum)
+
+
+def end_distributed(trainer: CIMTrainer) -> None:
+    """Waits for every rank, then tears the process group down explicitly: leaving it to interpreter exit lets
+    gloo's threads be destroyed while still joinable, which aborts a rank ("terminate called without an active
+    exception") after a run that otherwise succeeded."""
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
 
 
 def final_pretext_metrics(trainer: CIMTrainer, results: dict) -> dict:

@@ -21,8 +21,8 @@ TINY_OVERRIDES = ("image_size=32,context_size=24,exemplar_size=8,num_exemplars=2
                   "encoder.intermediate_size=64,encoder.num_attention_heads=2,encoder.patch_size=8")
 STEPS, BATCH, WORLD = 4, 4, 2
 
-# Imports run_pretraining, records per rank (1) which records its stream read (hashes of the encoded bytes, taken in
-# the decoding transform), (2) a checksum of each batch it trained on, (3) after every optimizer step *and* the EMA
+# Imports run_pretraining, records per rank (1) which records its stream read (hashes of the encoded bytes, taken
+# where the stream decodes them), (2) a checksum of each batch it trained on, (3) after every optimizer step *and* the EMA
 # update, exact hashes of the online encoder, target encoder and decoder weights; writes rank<N>.json.
 DRIVER = textwrap.dedent('''
     import hashlib, json, os, sys
@@ -31,17 +31,17 @@ DRIVER = textwrap.dedent('''
     torch.set_num_threads(1)
     import run_pretraining
     from transformers import TrainerCallback
-    from transformers_cim import data
+    from transformers_cim import streaming
 
     record_dir = os.environ["CIM_TEST_RECORD_DIR"]
     rank = int(os.environ["RANK"])
     read, batches, weights = [], [], []
 
-    decode_batch = data.PretrainingBatchTransform.__call__
-    def recording_transform(self, batch):
-        read.extend(hashlib.sha1(value["bytes"]).hexdigest()[:16] for value in batch[self.image_column])
-        return decode_batch(self, batch)
-    data.PretrainingBatchTransform.__call__ = recording_transform
+    decode = streaming._Reader._decode
+    def recording_decode(self, record):
+        read.append(hashlib.sha1(record.value["bytes"]).hexdigest()[:16])
+        return decode(self, record)
+    streaming._Reader._decode = recording_decode
 
     def digest(module):
         h = hashlib.sha1()
@@ -56,7 +56,7 @@ DRIVER = textwrap.dedent('''
         def on_train_end(self, args, state, control, model=None, train_dataloader=None, **kwargs):
             loader = train_dataloader
             info = dict(loader=type(loader).__name__, dataset=type(loader.dataset).__name__,
-                        n_shards=getattr(loader.dataset, "n_shards", None), world_size=args.world_size)
+                        n_shards=getattr(loader.dataset, "num_shards", None), world_size=args.world_size)
             with open(os.path.join(record_dir, f"rank{{rank}}.json"), "w") as f:
                 json.dump(dict(read=read, batches=batches, weights=weights, info=info,
                                skipped=self_trainer[0].num_skipped_images), f)
@@ -148,7 +148,7 @@ def test_two_ranks_with_a_shard_each_stay_in_sync_and_read_disjoint_shards(tmp_p
     read = [set(r["read"]) for r in ranks]
     assert not read[0] & read[1]
     assert len(read[0]) == len(read[1]) == 16 and len(read[0] | read[1]) == 32
-    assert all(r["info"]["dataset"] == "IterableDataset" and r["info"]["n_shards"] == 2 for r in ranks)
+    assert all(r["info"]["dataset"] == "ResumableImageStream" and r["info"]["n_shards"] == 2 for r in ranks)
     # and trained on different batches (the undecodable record leaves a batch of 3 on each rank, twice)
     for a, b in zip(ranks[0]["batches"], ranks[1]["batches"]):
         assert a["sum"] != b["sum"]
@@ -159,13 +159,14 @@ def test_two_ranks_with_a_shard_each_stay_in_sync_and_read_disjoint_shards(tmp_p
 
 
 @pytest.mark.slow
-def test_two_ranks_with_one_shard_split_the_batches(tmp_path):
-    # fewer shards than ranks: each rank reads the whole stream and keeps every other batch (32 = 2 x 4 steps x 4)
+def test_two_ranks_with_one_shard_split_the_records(tmp_path):
+    # fewer shards than ranks: each rank scans the whole file and decodes every other record (32 = 2 x 4 steps x 4)
     shards = write_shards(tmp_path, num_shards=1, rows_per_shard=32, corrupt_per_shard=4)
     ranks = run_two_processes(tmp_path, shards)
     check_in_sync(ranks)
-    assert all(r["info"]["dataset"] == "IterableDatasetShard" for r in ranks)
-    assert all(len(r["read"]) == len(set(r["read"])) == 32 for r in ranks) and ranks[0]["read"] == ranks[1]["read"]
+    assert all(r["info"]["dataset"] == "ResumableImageStream" for r in ranks)
+    read = [set(r["read"]) for r in ranks]
+    assert all(len(r["read"]) == 16 for r in ranks) and not read[0] & read[1] and len(read[0] | read[1]) == 32
     trained = [{b["sum"] for b in r["batches"]} for r in ranks]
     assert not trained[0] & trained[1]
     assert sum(b["n"] for r in ranks for b in r["batches"]) == 32 - 4

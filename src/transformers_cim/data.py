@@ -697,6 +697,9 @@ def _row_is_valid(row: Mapping[str, Any]) -> bool:
 class SkippingCollator:
     """Data collator stacking the valid rows only, and reporting ``num_skipped`` (a 0-d long tensor).
 
+    Rows from a :class:`~transformers_cim.streaming.ResumableImageStream` also get ``stream_state``: the position of
+    the reader that produced them, which `CIMTrainer` saves with its checkpoints.
+
     When every row is invalid, ``pixel_values`` has shape ``(0, 3, H, W)`` (and ``labels`` shape ``(0,)``).
     """
 
@@ -708,6 +711,11 @@ class SkippingCollator:
         if any("labels" in row for row in features):
             batch["labels"] = torch.tensor([int(row["labels"]) for row in valid], dtype=torch.long)
         batch["num_skipped"] = torch.tensor(len(features) - len(valid), dtype=torch.long)
+        from .streaming import STREAM_STATE_KEY, current_snapshot  # streaming builds on this module
+
+        snapshot = current_snapshot()
+        if snapshot is not None:  # rows from a ResumableImageStream: where its reader is after this batch
+            batch[STREAM_STATE_KEY] = snapshot
         return batch
 
     @staticmethod

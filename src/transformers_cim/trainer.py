@@ -5,6 +5,10 @@
 - `CIMTrainer.compute_loss` drops the images the data pipeline could not decode (counting them), stops on
   a non-finite loss before it can reach the weights, and accumulates the pretext IoU that is logged with the
   loss and the momentum every `logging_steps`.
+- `SaveOnSignalCallback` turns SIGTERM (what schedulers and `kill` send before a hard kill) into a checkpoint at
+  the end of the current optimizer step, then a clean stop.
+- With a `ResumableImageStream` as training data, every checkpoint also holds where each reader of the stream
+  was after the last batch trained on, and resuming continues the stream from there (no replay, no skip).
 """
 
 from __future__ import annotations
@@ -14,13 +18,20 @@ import hashlib
 import json
 import math
 import os
+import signal
+import threading
 
 import torch
 from torch import nn
+from accelerate.data_loader import DataLoaderShard
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import logging
 
 from .modeling_cim import CIMForPreTraining
+from .streaming import STREAM_STATE_KEY, ResumableImageStream, StreamPosition
+
+logger = logging.get_logger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -69,6 +80,48 @@ class MomentumCallback(TrainerCallback):
         return control
 
 
+class SaveOnSignalCallback(TrainerCallback):
+    """Saves a checkpoint after the current optimizer step and stops training when the process receives one of
+    `signals` (SIGTERM by default). Under distributed training every rank stops at the same step as soon as any
+    rank got the signal (one small all-reduce per step), so no rank waits forever for the others."""
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)) -> None:
+        self.signals = signals
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if threading.current_thread() is threading.main_thread():  # Python only lets the main thread set handlers
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
+        return control
+
+    def _any_rank_received(self, args) -> bool:
+        received = self.received is not None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([int(received)], device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            received = bool(flag.item())
+        return received
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._any_rank_received(args):
+            if self.received is None:
+                self.received = signal.SIGTERM  # another rank got it
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
 class _MetricAccumulator:
     """Running sums of a few scalars between two log events (kept on device to avoid syncs)."""
 
@@ -104,6 +157,7 @@ class CIMTrainer(Trainer):
         self._train_metrics = _MetricAccumulator()
         self._eval_metrics = _MetricAccumulator()
         self._pretext_step, self._pretext_micro_step = -1, 0
+        self.stream_position = StreamPosition()
 
     def pretext_generator(self, device: torch.device) -> torch.Generator:
         """The generator of one training micro-batch's exemplar sampling: a pure function of (seed, global_step,
@@ -136,6 +190,9 @@ class CIMTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         skipped = inputs.pop("num_skipped", None)
+        snapshot = inputs.pop(STREAM_STATE_KEY, None)
+        if snapshot is not None and model.training:
+            self.stream_position.update(snapshot)
         inputs.pop("labels", None)
         if skipped is not None and model.training:
             self.num_skipped_images += int(skipped.sum()) if isinstance(skipped, torch.Tensor) else int(skipped)
@@ -162,12 +219,47 @@ class CIMTrainer(Trainer):
     def _skipped_images_file(self, checkpoint: str) -> str:
         return os.path.join(checkpoint, f"cim_skipped_images_{self.args.process_index}.json")
 
+    def _stream_state_file(self, checkpoint: str) -> str:
+        return os.path.join(checkpoint, f"cim_stream_state_{self.args.process_index}.json")
+
     def _save_rng_state(self, output_dir: str) -> None:
         super()._save_rng_state(output_dir)
-        # this process's skipped-image count travels with the checkpoint (like its RNG state), so that a resumed
-        # run reports the images skipped over the whole run
+        # this process's skipped-image count and stream position travel with the checkpoint like its RNG state
+        # (before trainer_state.json, which marks a checkpoint complete)
         with open(self._skipped_images_file(output_dir), "w") as f:
             json.dump({"num_skipped_images": self.num_skipped_images}, f)
+        stream_state = self.stream_position.state_dict()
+        if stream_state is not None:
+            with open(self._stream_state_file(output_dir), "w") as f:
+                json.dump(stream_state, f)
+
+    def get_train_dataloader(self):
+        if not isinstance(self.train_dataset, ResumableImageStream):
+            return super().get_train_dataloader()
+        # Built here rather than by `accelerator.prepare`, which would wrap the stream in an IterableDatasetShard
+        # (every process reading everything): the stream already reads only this process's part. Inputs are moved
+        # to the device by the Trainer.
+        if self.args.dataloader_persistent_workers:
+            logger.warning("dataloader_persistent_workers is ignored for a resumable stream: each pass over it "
+                           "starts new workers so that they see the pass's epoch.")
+        params = {"batch_size": self._train_batch_size, "collate_fn": self.data_collator,
+                  "num_workers": self.args.dataloader_num_workers, "pin_memory": self.args.dataloader_pin_memory}
+        if self.args.dataloader_num_workers > 0 and self.args.dataloader_prefetch_factor is not None:
+            params["prefetch_factor"] = self.args.dataloader_prefetch_factor
+        return DataLoaderShard(self.train_dataset, device=None, **params)
+
+    def _restore_stream(self, checkpoint: str) -> None:
+        """Continue a resumable stream where the checkpoint left it, instead of the Trainer's replay of the stream
+        from its start (which decodes and drops every batch already trained on)."""
+        path = self._stream_state_file(checkpoint)
+        if not os.path.isfile(path):
+            logger.warning("%s holds no stream position (saved by an older version?): the stream is replayed from its "
+                           "start and the batches already trained on are dropped.", checkpoint)
+            return
+        with open(path) as f:
+            self.train_dataset.load_state_dict(json.load(f))
+        self.args.ignore_data_skip = True
+        logger.info("Resuming the stream where %s left it.", checkpoint)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         checkpoint = resume_from_checkpoint
@@ -175,9 +267,12 @@ class CIMTrainer(Trainer):
             checkpoint = (get_last_checkpoint(self.args.output_dir)
                           if checkpoint and os.path.isdir(self.args.output_dir) else None)
         self.num_skipped_images = 0
+        self.stream_position = StreamPosition()
         if checkpoint and os.path.isfile(self._skipped_images_file(checkpoint)):
             with open(self._skipped_images_file(checkpoint)) as f:
                 self.num_skipped_images = int(json.load(f)["num_skipped_images"])
+        if checkpoint and isinstance(self.train_dataset, ResumableImageStream):
+            self._restore_stream(checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _loads_through_from_pretrained(self, checkpoint: str | None) -> bool:
@@ -233,4 +328,4 @@ class CIMTrainer(Trainer):
         super().log(logs, start_time)
 
 
-__all__ = ["CIMTrainer", "MomentumCallback", "NonFiniteLossError", "correlation_iou", "cosine_momentum"]
+__all__ = ["CIMTrainer", "MomentumCallback", "NonFiniteLossError", "SaveOnSignalCallback", "correlation_iou", "cosine_momentum"]
