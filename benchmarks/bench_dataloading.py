@@ -1,12 +1,16 @@
 """Data-loading throughput of CIM pre-training: decode + search view, streamed from parquet, 0..N workers.
 
-The pipeline is the package's own (`transformers_cim.data`, as `run_pretraining.py` builds it): a streamed
-`datasets.IterableDataset` (`load_image_dataset(..., streaming=True)`), an optional shuffle buffer, the batched
-`build_pretraining_transform` (decode with Pillow, `RandomResizedCropFlip(224, scale=(0.5, 1.0))`, normalise)
-applied by `prepare_dataset`, and a `torch.utils.data.DataLoader` with `SkippingCollator`. For each worker count
-it reads `--images` images; the settings alternate over `--rounds` rounds and the medians are reported, both
-steady-state (after the first batch) and end to end (worker start-up, shuffle-buffer fill and first batch
-included).
+Two pipelines over the same streamed `datasets.IterableDataset` (`load_image_dataset(..., streaming=True)`), both
+decoding with Pillow into `RandomResizedCropFlip(224, scale=(0.5, 1.0))` views and collated by `SkippingCollator`:
+
+- `resumable`: `ResumableImageStream`, what `run_pretraining.py` trains on (its own shuffle buffer, per-reader
+  generators, a position snapshot attached to every batch so checkpoints can resume the stream);
+- `datasets`: datasets' own `shuffle(buffer_size)` then the batched `build_pretraining_transform` through
+  `prepare_dataset` (`IterableDataset.map`), which cannot be resumed exactly.
+
+For each (pipeline, worker count) it reads `--images` images; the settings alternate over `--rounds` rounds and the
+medians are reported, both steady-state (after the first batch) and end to end (worker start-up, shuffle-buffer fill
+and first batch included), with the resumable pipeline's rate relative to datasets' one.
 
 It then compares the loader with the model: images/s of a CIM ViT-S training step at batch 8 measured in the
 same process (or `--model_images_per_s`), and says which of the two bounds a run on this machine.
@@ -26,6 +30,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
+
+from transformers_cim import data  # noqa: E402
+from transformers_cim.streaming import ResumableImageStream  # noqa: E402
+
+PIPELINES = ("resumable", "datasets")
 
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "imagenette-160")
 
@@ -51,46 +60,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def wait_for_data_module(max_wait_s: float = 1800.0):
-    """`transformers_cim.data` is written concurrently by another engineer: wait for it instead of re-implementing."""
-    import importlib
-
-    deadline = time.monotonic() + max_wait_s
-    needed = ("load_image_dataset", "find_image_column", "RandomResizedCropFlip", "build_pretraining_transform",
-              "prepare_dataset", "SkippingCollator")
-    while True:
-        try:
-            module = importlib.import_module("transformers_cim.data")
-            missing = [n for n in needed if not hasattr(module, n)]
-            if not missing:
-                return module
-            reason = f"missing {missing}"
-        except ImportError as err:
-            reason = str(err)
-        if time.monotonic() > deadline:
-            sys.exit(f"transformers_cim.data is not usable ({reason}); gave up waiting.")
-        print(f"transformers_cim.data not ready ({reason}); waiting 60 s...")
-        time.sleep(60)
-        importlib.invalidate_caches()
-        sys.modules.pop("transformers_cim.data", None)
-
-
-def build_loader(data, args, workers: int):
+def build_loader(args, workers: int, pipeline: str):
     ds = data.load_image_dataset(dataset_name=args.data, split=args.split, streaming=True)
     image_column = data.find_image_column(ds.features)
-    if args.shuffle_buffer > 0:
-        ds = ds.shuffle(seed=args.seed, buffer_size=args.shuffle_buffer)
     transform = data.RandomResizedCropFlip(size=args.image_size, scale=(0.5, 1.0))
-    fn = data.build_pretraining_transform(image_column, transform, args.min_image_size)
-    ds = data.prepare_dataset(ds, image_column, fn)
+    if pipeline == "resumable":
+        ds = ResumableImageStream(ds, image_column, transform, min_size=args.min_image_size,
+                                  buffer_size=max(1, args.shuffle_buffer), seed=args.seed)
+    else:
+        if args.shuffle_buffer > 0:
+            ds = ds.shuffle(seed=args.seed, buffer_size=args.shuffle_buffer)
+        ds = data.prepare_dataset(ds, image_column,
+                                  data.build_pretraining_transform(image_column, transform, args.min_image_size))
     return torch.utils.data.DataLoader(ds, batch_size=args.loader_batch_size, num_workers=workers,
                                        collate_fn=data.SkippingCollator(), persistent_workers=False)
 
 
-def read_images(data, args, workers: int) -> dict:
+def read_images(args, workers: int, pipeline: str) -> dict:
     """Reads `args.images` images; returns counts and timings (first batch, total)."""
     start = time.perf_counter()
-    loader = build_loader(data, args, workers)
+    loader = build_loader(args, workers, pipeline)
     iterator = iter(loader)
     seen = skipped = 0
     first_batch_s = after_first = None
@@ -128,22 +117,22 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     started = time.perf_counter()
     device = C.setup(args)
-    data = wait_for_data_module()
     worker_counts = [int(w) for w in args.workers.split(",")]
+    settings = [(p, w) for w in worker_counts for p in PIPELINES]
     if args.images < 256:
-        print("note: prepare_dataset maps 64 images at a time, so steady-state rates from fewer than ~256 images are "
-              "coarse (a whole map batch can arrive with the first loader batch)")
+        print("note: the datasets pipeline maps 64 images at a time, so steady-state rates from fewer than ~256 images "
+              "are coarse (a whole map batch can arrive with the first loader batch)")
     print(f"bench_dataloading: {args.images} images per setting, workers {worker_counts}, {args.rounds} rounds, "
           f"loader batch {args.loader_batch_size}, shuffle buffer {args.shuffle_buffer}")
 
-    read_images(data, args, 0)  # warm the page cache and the imports
-    results: dict[int, list[dict]] = {w: [] for w in worker_counts}
+    read_images(args, 0, "datasets")  # warm the page cache and the imports
+    results: dict[tuple[str, int], list[dict]] = {s: [] for s in settings}
     for r in range(args.rounds):
-        order = worker_counts[r % len(worker_counts):] + worker_counts[:r % len(worker_counts)]
-        for w in order:
-            results[w].append(read_images(data, args, w))
+        order = settings[r % len(settings):] + settings[:r % len(settings)]
+        for setting in order:
+            results[setting].append(read_images(args, setting[1], setting[0]))
         print(f"  round {r + 1}/{args.rounds}: " + ", ".join(
-            f"{w} workers {results[w][-1]['steady_images_per_s']:.0f} img/s" for w in worker_counts))
+            f"{p} {w} workers {results[(p, w)][-1]['steady_images_per_s']:.0f} img/s" for p, w in settings))
 
     if args.model_images_per_s is None:
         print(f"measuring a CIM {args.model} step at batch {args.model_batch_size} ({args.dtype}, {args.device})...")
@@ -153,29 +142,35 @@ def main(argv=None) -> None:
     else:
         model_rate, model_source = args.model_images_per_s, "given with --model_images_per_s"
 
+    def steady(setting) -> float:
+        return C.median([x["steady_images_per_s"] for x in results[setting]])
+
     rows = []
-    best_w, best_rate = None, 0.0
-    for w in worker_counts:
-        res = results[w]
-        steady = C.median([x["steady_images_per_s"] for x in res])
+    best, best_rate = None, 0.0
+    for setting in settings:
+        res = results[setting]
+        rate = steady(setting)
         e2e = C.median([x["end_to_end_images_per_s"] for x in res])
         first = C.median([x["first_batch_s"] for x in res])
-        if steady > best_rate:
-            best_w, best_rate = w, steady
-        rows.append([w, f"{steady:.1f} ({C.spread([x['steady_images_per_s'] for x in res])})", f"{e2e:.1f}",
-                     f"{first:.2f}", sum(x["skipped"] for x in res), f"{steady / model_rate:.1f}x"])
-    table = C.markdown_table(["workers", "images/s steady, median (min-max)", "images/s end to end",
-                              "first batch s", "skipped", "loader / model rate"], rows)
-    shape = results[worker_counts[0]][0]["shape"]
+        if setting[0] == "resumable" and rate > best_rate:
+            best, best_rate = setting, rate
+        versus = f"{rate / steady(('datasets', setting[1])):.2f}x" if setting[0] == "resumable" else "1"
+        rows.append([setting[0], setting[1], f"{rate:.1f} ({C.spread([x['steady_images_per_s'] for x in res])})",
+                     versus, f"{e2e:.1f}", f"{first:.2f}", sum(x["skipped"] for x in res),
+                     f"{rate / model_rate:.1f}x"])
+    table = C.markdown_table(["pipeline", "workers", "images/s steady, median (min-max)", "vs datasets",
+                              "images/s end to end", "first batch s", "skipped", "loader / model rate"], rows)
+    shape = results[settings[0]][0]["shape"]
+    best_w = best[1]
     if best_rate >= model_rate:
-        verdict = (f"**The model step bounds the run**: the loader gives {best_rate:.0f} images/s with {best_w} "
-                   f"worker(s), {best_rate / model_rate:.1f}x the {model_rate:.1f} images/s the step consumes.")
+        verdict = (f"**The model step bounds the run**: the resumable loader gives {best_rate:.0f} images/s with "
+                   f"{best_w} worker(s), {best_rate / model_rate:.1f}x the {model_rate:.1f} images/s the step consumes.")
     else:
         verdict = (f"**The loader bounds the run**: at most {best_rate:.0f} images/s ({best_w} worker(s)) against "
                    f"{model_rate:.1f} images/s of the step; add workers (they must divide the shard count) or cores.")
     # one core: a single worker process (torch uses 1 thread there); else the in-process loader
     one_core = 1 if 1 in worker_counts else (0 if 0 in worker_counts else None)
-    rate0 = C.median([x["steady_images_per_s"] for x in results[one_core]]) if one_core is not None else None
+    rate0 = steady(("resumable", one_core)) if one_core is not None else None
     lines = [
         f"### Data loading: streamed parquet -> decode -> {args.image_size} px search view",
         "",

@@ -68,6 +68,8 @@ DRIVER = textwrap.dedent('''
             self.add_callback(Checksums())  # after the MomentumCallback: sees the EMA-updated target
             self_trainer.append(self)
         def compute_loss(self, model, inputs, *args, **kwargs):
+            if model.training and os.environ.get("CIM_TEST_NAN_AT") == f"{{rank}}:{{self.state.global_step}}":
+                inputs = dict(inputs, pixel_values=inputs["pixel_values"] * float("nan"))  # this rank only
             if model.training:
                 px = inputs["pixel_values"]
                 batches.append(dict(step=self.state.global_step, n=int(px.shape[0]),
@@ -106,10 +108,20 @@ def free_port() -> int:
 
 
 def run_two_processes(tmp_path, shards: list[str]) -> list[dict]:
+    proc = launch_two_processes(tmp_path, shards)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    records = tmp_path / "records"
+    ranks = [json.loads((records / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    with open(tmp_path / "out" / "all_results.json") as f:
+        ranks[0]["all_results"] = json.load(f)
+    return ranks
+
+
+def launch_two_processes(tmp_path, shards: list[str], *extra: str, env_extra: dict | None = None):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER.format(repo=REPO_ROOT))
     records = tmp_path / "records"
-    records.mkdir()
+    records.mkdir(exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", CIM_TEST_RECORD_DIR=str(records),
                HF_DATASETS_CACHE=str(tmp_path / "hf-cache"), TOKENIZERS_PARALLELISM="false")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_addr",
@@ -119,13 +131,9 @@ def run_two_processes(tmp_path, shards: list[str]) -> list[dict]:
                "--config_overrides", TINY_OVERRIDES, "--max_steps", str(STEPS), "--per_device_train_batch_size",
                str(BATCH), "--learning_rate", "1e-3", "--report_to", "none", "--dataloader_num_workers", "0",
                "--disable_tqdm", "true", "--save_strategy", "no", "--logging_steps", "1", "--ddp_backend", "gloo",
-               "--use_cpu", "true"]
-    proc = subprocess.run(command, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    ranks = [json.loads((records / f"rank{r}.json").read_text()) for r in range(WORLD)]
-    with open(tmp_path / "out" / "all_results.json") as f:
-        ranks[0]["all_results"] = json.load(f)
-    return ranks
+               "--use_cpu", "true", *extra]
+    env.update(env_extra or {})
+    return subprocess.run(command, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
 
 
 def check_in_sync(ranks: list[dict]) -> None:
@@ -156,6 +164,20 @@ def test_two_ranks_with_a_shard_each_stay_in_sync_and_read_disjoint_shards(tmp_p
     # skipped images: 2 per rank, and the script's results sum them over the ranks
     assert [r["skipped"] for r in ranks] == [2, 2]
     assert ranks[0]["all_results"]["skipped_images"] == 4
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_and_keeps_the_last_checkpoint(tmp_path):
+    shards = write_shards(tmp_path, num_shards=4, rows_per_shard=8)
+    proc = launch_two_processes(tmp_path, shards, "--save_strategy", "steps", "--save_steps", "1",
+                                env_extra={"CIM_TEST_NAN_AT": "1:2"})  # rank 1's loss is NaN in step 3
+    assert proc.returncode != 0
+    # both ranks stop with the error (rank 0 is told by the check, not left waiting in the gradient all-reduce)
+    assert "The loss became nan at step 2" in proc.stderr
+    assert "The loss became non-finite on another process at step 2" in proc.stderr
+    out = tmp_path / "out"
+    assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint-")) == ["checkpoint-1", "checkpoint-2"]
+    assert (out / "checkpoint-2" / "trainer_state.json").is_file()
+    assert not (out / "model.safetensors").exists()
 
 
 @pytest.mark.slow

@@ -158,3 +158,13 @@ def test_each_rank_reads_its_own_shards(shards):
     assert not set(ranks[0]) & set(ranks[1])
     assert sorted(ranks[0] + ranks[1]) == sorted(everything)
     assert make_stream(shards, rank=0, world_size=2).num_shards == 2
+
+
+def test_workers_with_unequal_shares_resume_exactly(shards):
+    # 3 shards for 2 workers: one worker reads twice as much and runs alone at the end of the pass
+    batches = read(make_stream(shards[:3]), 2)
+    assert sum(int(b["pixel_values"].shape[0]) + int(b["num_skipped"]) for b in batches) == 3 * ROWS_PER_SHARD
+    for index in (3, len(batches) - 3):
+        resumed = make_stream(shards[:3])
+        resumed.load_state_dict(position_after(batches, index))
+        assert_same_batches(read(resumed, 2), batches[index + 1:])

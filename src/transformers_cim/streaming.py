@@ -207,9 +207,10 @@ class ResumableImageStream(torch.utils.data.IterableDataset):
         role = (worker + (resume["next_role"] if resume else 0)) % num_workers
         source = self._rank_source()
         if num_workers > 1:
-            if source.num_shards % num_workers:
-                raise ValueError(f"{num_workers} dataloader workers cannot share {source.num_shards} shard(s) evenly: "
-                                 "use a number of workers that divides the shards of each process.")
+            if source.num_shards < num_workers:
+                raise ValueError(f"{num_workers} dataloader workers for {source.num_shards} shard(s) in this process: "
+                                 "each worker reads whole shards, so use at most as many workers as shards.")
+            # an uneven split gives some workers one shard more; they simply run longer
             source = source.shard(num_shards=num_workers, index=role, contiguous=True)
         source.set_epoch(self.epoch)
         reader = _Reader(source, self.image_column, self.transform, self.min_size, self.buffer_size, role,

@@ -203,18 +203,29 @@ class CIMTrainer(Trainer):
             inputs["generator"] = self.pretext_generator(inputs["pixel_values"].device)
         outputs = model(**inputs, return_loss=True)
         loss = outputs.loss
-        if model.training and not torch.isfinite(loss.detach()).item():
-            raise NonFiniteLossError(
-                f"The loss became {loss.item()} at step {self.state.global_step}; training stopped before it could "
-                "reach the weights. The last saved checkpoint is intact: lower the learning rate (or use bf16 "
-                "instead of fp16, or a smaller max_grad_norm) and resume from it with --resume_from_checkpoint."
-            )
+        if model.training:
+            self._check_finite(loss)
         metrics = self._train_metrics if model.training else self._eval_metrics
         metrics.add("pretext_iou", correlation_iou(outputs.logits, outputs.correlation_labels))
         if outputs.contrastive_loss is not None:
             metrics.add("correlation_loss", outputs.correlation_loss)
             metrics.add("contrastive_loss", outputs.contrastive_loss)
         return (loss, outputs) if return_outputs else loss
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        """Raises NonFiniteLossError on every process as soon as the loss of any process is NaN or infinite (one
+        process raising alone would leave the others waiting for it in the gradient all-reduce)."""
+        finite = torch.isfinite(loss.detach()).to(torch.int32)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if finite.item():
+            return
+        where = f"{loss.item()}" if not torch.isfinite(loss.detach()) else "non-finite on another process"
+        raise NonFiniteLossError(
+            f"The loss became {where} at step {self.state.global_step}; training stopped before it could reach the "
+            "weights. The last saved checkpoint is intact: lower the learning rate (or use bf16 instead of fp16, or a "
+            "smaller max_grad_norm) and resume from it with --resume_from_checkpoint."
+        )
 
     def _skipped_images_file(self, checkpoint: str) -> str:
         return os.path.join(checkpoint, f"cim_skipped_images_{self.args.process_index}.json")
