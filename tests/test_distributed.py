@@ -164,6 +164,10 @@ def test_two_ranks_with_a_shard_each_stay_in_sync_and_read_disjoint_shards(tmp_p
     # skipped images: 2 per rank, and the script's results sum them over the ranks
     assert [r["skipped"] for r in ranks] == [2, 2]
     assert ranks[0]["all_results"]["skipped_images"] == 4
+    # the logs count every rank's skipped images, and the pretext IoU is the mean over ranks
+    with open(tmp_path / "out" / "trainer_state.json") as f:
+        logs = [e for e in json.load(f)["log_history"] if "loss" in e]
+    assert logs[-1]["skipped_images"] == 4 and all(0.0 <= e["pretext_iou"] <= 1.0 for e in logs)
 
 
 def test_a_non_finite_loss_on_one_rank_stops_every_rank_and_keeps_the_last_checkpoint(tmp_path):

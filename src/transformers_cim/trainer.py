@@ -327,13 +327,26 @@ class CIMTrainer(Trainer):
             return None
         return super().create_model_card(*args, **kwargs)
 
+    def _train_metric_means(self) -> dict[str, float]:
+        """Means since the last log over every process's micro-batches (collective under distributed training; the
+        metric names are fixed by the config, so every process reduces the same tensor even after empty batches)."""
+        names = ["pretext_iou"]
+        if unwrap_cim(self.model).config.contrastive_loss_weight > 0:
+            names += ["correlation_loss", "contrastive_loss"]
+        sums = self._train_metrics.sums
+        totals = torch.tensor([[float(sums.get(n, 0.0)), self._train_metrics.counts.get(n, 0)] for n in names],
+                              dtype=torch.float64, device=self.args.device)
+        if self.args.world_size > 1:
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        return {n: float(t[0] / t[1]) for n, t in zip(names, totals) if t[1] > 0}
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:
-            logs.update({k: round(v, 4) for k, v in self._train_metrics.means().items()})
+        if "loss" in logs:  # every process logs the training loss at the same step: the reductions are collective
+            logs.update({k: round(v, 4) for k, v in self._train_metric_means().items()})
             self._train_metrics.reset()
             if self.momentum_callback.last_momentum is not None:
                 logs["momentum"] = round(self.momentum_callback.last_momentum, 6)
-            logs["skipped_images"] = self.num_skipped_images
+            logs["skipped_images"] = self.total_skipped_images()
         if "eval_loss" in logs:
             logs.update({f"eval_{k}": round(v, 4) for k, v in self._eval_metrics.means().items()})
         super().log(logs, start_time)
