@@ -36,6 +36,7 @@ from transformers_cim.data import (
     RandomResizedCropFlip,
     ResizeCenterCrop,
     SkippingCollator,
+    SeededImageDataset,
     build_pretraining_transform,
     check_num_workers,
     decode_image,
@@ -264,8 +265,8 @@ def preview_batch(images: list, config: CIMConfig, count: int) -> torch.Tensor:
 
 
 def prepare_train_dataset(raw_ds, image_column: str, config: CIMConfig, data_args, training_args):
-    """Streamed: a ResumableImageStream (this process's part, shuffled, resumable from a checkpoint); otherwise the
-    dataset with a lazy decoding transform."""
+    """Streamed: a ResumableImageStream (this process's part, shuffled, resumable from a checkpoint); otherwise a
+    SeededImageDataset (views seeded per row and epoch, so a resumed run gives the same crops)."""
     transform = RandomResizedCropFlip(size=config.image_size, scale=tuple(data_args.view_scale),
                                       mean=config.image_mean, std=config.image_std)
     if data_args.streaming:
@@ -276,8 +277,8 @@ def prepare_train_dataset(raw_ds, image_column: str, config: CIMConfig, data_arg
                                     rank=training_args.process_index, world_size=training_args.world_size)
     if data_args.max_train_samples:
         raw_ds = raw_ds.shuffle(seed=training_args.seed).select(range(min(data_args.max_train_samples, len(raw_ds))))
-    fn = build_pretraining_transform(image_column, transform, data_args.min_image_size)
-    return prepare_dataset(raw_ds, image_column, fn)
+    return SeededImageDataset(raw_ds, image_column, transform, min_size=data_args.min_image_size,
+                              seed=training_args.seed)
 
 
 def set_learning_rate(training_args: CIMTrainingArguments, explicit_lr: bool, quickstart: bool) -> None:

@@ -460,3 +460,25 @@ def test_imagenette_streamed_two_batches():
         assert -3 < batch["pixel_values"].mean() < 3 and batch["pixel_values"].std() > 0.1
         if step == 1:
             break
+
+
+def test_seeded_image_dataset_views_depend_on_index_and_epoch_only():
+    rng = np.random.default_rng(5)
+    images = [Image.fromarray(rng.integers(0, 256, (40, 48, 3)).astype(np.uint8)) for _ in range(6)]
+    images[2] = {"bytes": b"truncated", "path": None}
+    ds = datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()}))
+    transform = data.RandomResizedCropFlip(size=16, scale=(0.2, 1.0))
+    seeded = data.SeededImageDataset(ds, "image", transform, min_size=8, seed=1)
+    assert len(seeded) == 6
+    first = [seeded[i] for i in range(6)]
+    assert [row["cim_valid"] for row in first] == [True, True, False, True, True, True]
+    # fetched again, out of order, in a batch, after other draws of the global RNG: the same views
+    torch.rand(100)
+    again = seeded.__getitems__([5, 0, 3])
+    for row, index in zip(again, [5, 0, 3]):
+        assert torch.equal(row["pixel_values"], first[index]["pixel_values"])
+    # the next pass and another seed give other views of the same image
+    seeded.set_epoch(1)
+    assert not torch.equal(seeded[0]["pixel_values"], first[0]["pixel_values"])
+    other = data.SeededImageDataset(ds, "image", transform, min_size=8, seed=2)
+    assert not torch.equal(other[0]["pixel_values"], first[0]["pixel_values"])

@@ -337,11 +337,12 @@ class StopAt(TrainerCallback):
 @pytest.mark.parametrize("streaming", [False, True], ids=["map", "streamed"])
 def test_resume_continues_exactly(streaming, symmetric_folder, tmp_path, monkeypatch):
     """Interrupted at step 3 of 6 and resumed: the same weights (online and EMA target), losses and momenta as an
-    uninterrupted run. Streamed, the Trainer replays the stream from its start and drops the first 3 batches."""
+    uninterrupted run, random crops and flips included. Streamed, the stream continues from its saved position;
+    map-style, the Trainer skips the sampler's first 3 batches and every row's view is seeded by its index."""
     stream = ["--streaming", "--shuffle_buffer_size", "16"] if streaming else []
 
     def args(out, *extra):
-        return base_args(out, "--train_dir", symmetric_folder, "--view_scale", "1", "1", "--learning_rate", "1e-3",
+        return base_args(out, "--train_dir", symmetric_folder, "--view_scale", "0.3", "1", "--learning_rate", "1e-3",
                          "--save_strategy", "steps", "--save_steps", "3", "--logging_steps", "1", "--seed", "7",
                          *stream, *extra, steps=6)
 

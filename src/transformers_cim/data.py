@@ -679,6 +679,44 @@ def prepare_dataset(
     return ds.with_transform(fn)
 
 
+class SeededImageDataset(torch.utils.data.Dataset):
+    """Map-style training rows whose random view is a pure function of (seed, epoch, row index).
+
+    Each row's crop/flip draws from its own generator, seeded with ``[seed, epoch, index]``, instead of the global
+    RNG: a resumed run, which the Trainer fast-forwards by skipping sampler indices without loading them, then gives
+    every later row the view the uninterrupted run gave it, whatever the number of workers. `CIMTrainer` sets the
+    epoch before each pass (``set_epoch``). Rows are ``{"pixel_values": tensor, "cim_valid": bool}`` as with
+    :func:`build_pretraining_transform`; images stay encoded until a row is fetched.
+    """
+
+    def __init__(self, ds: datasets.Dataset, image_column: str, transform: Callable, *, min_size: int = 32,
+                 seed: int = 0):
+        ds = _without_image_decoding(ds, image_column)
+        self.ds = ds.select_columns([image_column])
+        self.image_column, self.transform, self.min_size, self.seed = image_column, transform, min_size, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _row(self, value: Any, index: int) -> dict:
+        image = decode_image(value, min_size=self.min_size)
+        if image is None:
+            return {"pixel_values": _placeholder(self.transform), "cim_valid": False}
+        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+        return {"pixel_values": self.transform(image, rng=rng), "cim_valid": True}
+
+    def __getitem__(self, index: int) -> dict:
+        return self._row(self.ds[int(index)][self.image_column], index)
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        values = self.ds[list(map(int, indices))][self.image_column]  # one Arrow read for the batch
+        return [self._row(value, index) for value, index in zip(values, indices)]
+
+
 def _without_image_decoding(ds, image_column: str):
     features = ds.features
     if features is None:

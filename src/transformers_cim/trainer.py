@@ -122,6 +122,21 @@ class SaveOnSignalCallback(TrainerCallback):
         return control
 
 
+class _EpochToDataset(TrainerCallback):
+    """Tells a map-style training set with `set_epoch` (e.g. `SeededImageDataset`) which pass is starting, before
+    the pass's data-loader iterator (and its workers) is created. accelerate forwards the epoch to the dataset only
+    in some sampler set-ups; a stream counts its own passes and is left alone."""
+
+    def __init__(self, trainer: "CIMTrainer") -> None:
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        dataset = self.trainer.train_dataset
+        if hasattr(dataset, "set_epoch") and not isinstance(dataset, torch.utils.data.IterableDataset):
+            dataset.set_epoch(int(math.floor(state.epoch or 0)))
+        return control
+
+
 class _MetricAccumulator:
     """Running sums of a few scalars between two log events (kept on device to avoid syncs)."""
 
@@ -153,6 +168,7 @@ class CIMTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if not any(isinstance(cb, MomentumCallback) for cb in self.callback_handler.callbacks):
             self.add_callback(MomentumCallback())
+        self.add_callback(_EpochToDataset(self))
         self.num_skipped_images = 0
         self._train_metrics = _MetricAccumulator()
         self._eval_metrics = _MetricAccumulator()
