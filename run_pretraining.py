@@ -105,7 +105,9 @@ class DataTrainingArguments:
     validation_files: list[str] | None = field(default=None, metadata={"help": "Validation files."})
     image_column_name: str | None = field(default=None, metadata={"help": "Image column; auto-detected if unset."})
     streaming: bool = field(default=False, metadata={"help": "Stream the dataset (requires --max_steps)."})
-    shuffle_buffer_size: int = field(default=10_000, metadata={"help": "Shuffle buffer of a streamed dataset."})
+    shuffle_buffer_size: int = field(default=10_000, metadata={
+        "help": "Shuffle buffer of a streamed dataset, per data reader (each worker of each process holds its own, of "
+                "encoded images)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only this many training images."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only this many validation images."})
     view_scale: list[float] = field(default_factory=lambda: [0.5, 1.0], metadata={

@@ -127,6 +127,13 @@ def test_resuming_with_another_number_of_workers_is_refused(shards):
         read(resumed, 0)
 
 
+def test_resuming_with_another_number_of_processes_is_refused(shards):
+    state = position_after(read(make_stream(shards, rank=1, world_size=2), 0), 2)
+    assert state["world_size"] == 2
+    with pytest.raises(ValueError, match="resume with 2"):
+        make_stream(shards).load_state_dict(state)
+
+
 def test_resuming_on_data_that_changed_is_refused(shards, tmp_path):
     batches = read(make_stream(shards), 0)
     shorter = write_shards(tmp_path, num_shards=1)
@@ -168,3 +175,21 @@ def test_workers_with_unequal_shares_resume_exactly(shards):
         resumed = make_stream(shards[:3])
         resumed.load_state_dict(position_after(batches, index))
         assert_same_batches(read(resumed, 2), batches[index + 1:])
+
+
+def test_the_re_read_at_resume_is_bounded_by_the_oldest_buffered_record(monkeypatch):
+    # a reservoir keeps some records for ~N ln N arrivals; the reader yields any record 4N arrivals old instead, so a
+    # resumed reader re-reads at most 4N records (here N = 8 over 2,000 records)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (12, 12, 3)).astype(np.uint8)) for _ in range(2000)]
+    source = datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()}))
+
+    def spans(max_age_factor: int) -> list[int]:
+        monkeypatch.setattr("transformers_cim.streaming._Reader.MAX_AGE_BUFFERS", max_age_factor)
+        stream = ResumableImageStream(source.to_iterable_dataset(), "image", RandomResizedCropFlip(size=8),
+                                      min_size=8, buffer_size=8, seed=0)
+        states = [b[STREAM_STATE_KEY] for b in read(stream, 0)]
+        return [s["next_seq"] - s["start_seq"] for s in states if not s["draining"]]
+
+    capped, uncapped = spans(4), spans(10**6)
+    assert max(capped) <= 4 * 8 < max(uncapped)
