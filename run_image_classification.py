@@ -33,13 +33,13 @@ import numpy as np
 import torch
 import transformers
 from transformers import EvalPrediction, HfArgumentParser, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from transformers_cim.data import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
     RandomResizedCropFlip,
     ResizeCenterCrop,
+    SeededImageDataset,
     SkippingCollator,
     available_splits,
     build_classification_transform,
@@ -60,6 +60,7 @@ from transformers_cim.finetune import (
     load_encoder_for_classification,
 )
 from transformers_cim.metrics import load_top_k_accuracy
+from transformers_cim.trainer import last_complete_checkpoint
 
 
 logger = logging.getLogger("run_image_classification")
@@ -308,8 +309,12 @@ def build_datasets(data_args: DataTrainingArguments, model_args: ModelArguments,
     train_transform = RandomResizedCropFlip(size=size, scale=(data_args.crop_min_scale, 1.0), hflip=True,
                                             mean=mean, std=std)
     eval_transform = ResizeCenterCrop(size=size, crop_pct=data_args.crop_pct, mean=mean, std=std)
-    train_ds = prepare_dataset(train_raw, image_column, build_classification_transform(
-        image_column, label_column, train_transform, data_args.min_image_size))
+    if data_args.streaming:
+        train_ds = prepare_dataset(train_raw, image_column, build_classification_transform(
+            image_column, label_column, train_transform, data_args.min_image_size))
+    else:  # crops seeded per (seed, epoch, row): a resumed run sees the views the uninterrupted one saw
+        train_ds = SeededImageDataset(train_raw, image_column, train_transform, min_size=data_args.min_image_size,
+                                      seed=training_args.seed, label_column=label_column)
     eval_ds = None
     if eval_raw is not None:
         eval_ds = prepare_dataset(eval_raw, image_column, build_classification_transform(
@@ -469,7 +474,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     checkpoint = training_args.resume_from_checkpoint
     if checkpoint is None and os.path.isdir(training_args.output_dir):
-        checkpoint = get_last_checkpoint(training_args.output_dir)
+        checkpoint = last_complete_checkpoint(training_args.output_dir)  # one cut off mid-save is skipped
         if checkpoint is not None:
             logger.info(f"Resuming from {checkpoint}.")
     train_result = trainer.train(resume_from_checkpoint=checkpoint)

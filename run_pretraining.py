@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -46,7 +45,13 @@ from transformers_cim.data import (
 )
 from transformers_cim.modelcard import build_model_card, write_model_card
 from transformers_cim.streaming import ResumableImageStream
-from transformers_cim.trainer import CIMTrainer, SaveOnSignalCallback
+from transformers_cim.trainer import (
+    CHECKPOINT_COMPLETE_MARKER,
+    CIMTrainer,
+    SaveOnSignalCallback,
+    is_complete_checkpoint,
+    last_complete_checkpoint,
+)
 from transformers_cim.visualization import VisualizationCallback
 
 logger = logging.getLogger("run_pretraining")
@@ -292,28 +297,6 @@ def set_learning_rate(training_args: CIMTrainingArguments, explicit_lr: bool, qu
     total_batch = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
                    * training_args.world_size)
     training_args.learning_rate = training_args.base_learning_rate * total_batch / 256
-
-
-CHECKPOINT_COMPLETE_MARKER = "trainer_state.json"  # Trainer writes it last when saving a checkpoint
-
-
-def is_complete_checkpoint(path: str) -> bool:
-    """A checkpoint folder whose save finished (a run killed mid-save leaves it without the state file)."""
-    return os.path.isfile(os.path.join(path, CHECKPOINT_COMPLETE_MARKER))
-
-
-def last_complete_checkpoint(output_dir: str) -> str | None:
-    """The newest `checkpoint-N` in output_dir whose save finished; incomplete ones are skipped with a warning."""
-    if not os.path.isdir(output_dir):
-        return None
-    steps = sorted((int(name.split("-")[1]), name) for name in os.listdir(output_dir)
-                   if re.fullmatch(r"checkpoint-\d+", name) and os.path.isdir(os.path.join(output_dir, name)))
-    for _, name in reversed(steps):
-        path = os.path.join(output_dir, name)
-        if is_complete_checkpoint(path):
-            return path
-        logger.warning("Skipping %s: its save did not finish (no %s).", path, CHECKPOINT_COMPLETE_MARKER)
-    return None
 
 
 def resolve_checkpoint(training_args: CIMTrainingArguments) -> str | None:

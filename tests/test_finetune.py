@@ -11,9 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import load_file
 from transformers import (
     ResNetConfig,
     ResNetForImageClassification,
+    TrainerCallback,
     TrainingArguments,
     ViTConfig,
     ViTForImageClassification,
@@ -447,3 +449,51 @@ def test_script_errors(tmp_path):
                                                 "--label_column_name", "species"])
     with pytest.raises(ValueError, match="No label column"):
         run_image_classification.main(common + ["--train_dir", str(tmp_path / "flat")])
+
+
+class _StopAt(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+        return control
+
+
+def test_script_resume_continues_exactly_with_random_crops_and_mixup(tmp_path, color_data, monkeypatch):
+    """Stopped after step 4 of 10 (checkpoint at 3) and run again: the script resumes from the newest complete
+    checkpoint (a half-written one is passed over) and ends with the uninterrupted run's weights. Random crops are
+    seeded per row and Mixup/CutMix per step, and the weights are restored strictly (the stock Trainer would drop the
+    ViT layers saved in the legacy key format)."""
+    save_tiny_cim(str(tmp_path / "cim"))
+
+    def argv(out):
+        args = _script_args(tmp_path, tmp_path / "cim", output_dir=str(out), num_train_epochs=2, mixup=0.8, cutmix=1.0,
+                            label_smoothing=0.1, save_strategy="steps", save_steps=3, eval_strategy="no")
+        return [a for k, v in args.items() for a in (f"--{k}", str(v))]
+
+    run_image_classification.main(argv(tmp_path / "A"))
+    with monkeypatch.context() as patch:
+        base = run_image_classification.ClassificationTrainer
+
+        class Stopping(base):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                self.add_callback(_StopAt(4))
+
+        patch.setattr(run_image_classification, "ClassificationTrainer", Stopping)
+        run_image_classification.main(argv(tmp_path / "B"))
+    checkpoints = sorted(d for d in os.listdir(tmp_path / "B") if d.startswith("checkpoint-"))
+    assert checkpoints == ["checkpoint-3"]
+    at_step_3 = load_file(str(tmp_path / "B" / "checkpoint-3" / "model.safetensors"))
+    (tmp_path / "B" / "checkpoint-9").mkdir()
+    (tmp_path / "B" / "checkpoint-9" / "model.safetensors").write_bytes(b"")  # killed mid-save
+    run_image_classification.main(argv(tmp_path / "B"))
+
+    a, b = load_file(str(tmp_path / "A" / "model.safetensors")), load_file(str(tmp_path / "B" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
+    # and not trivially: the weights moved after checkpoint-3
+    assert at_step_3.keys() == a.keys() and any(not torch.equal(at_step_3[k], a[k]) for k in a)

@@ -680,7 +680,8 @@ def prepare_dataset(
 
 
 class SeededImageDataset(torch.utils.data.Dataset):
-    """Map-style training rows whose random view is a pure function of (seed, epoch, row index).
+    """Map-style training rows whose random view is a pure function of (seed, epoch, row index), with integer
+    ``labels`` too when `label_column` is given.
 
     Each row's crop/flip draws from its own generator, seeded with ``[seed, epoch, index]``, instead of the global
     RNG: a resumed run, which the Trainer fast-forwards by skipping sampler indices without loading them, then gives
@@ -690,10 +691,11 @@ class SeededImageDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, ds: datasets.Dataset, image_column: str, transform: Callable, *, min_size: int = 32,
-                 seed: int = 0):
+                 seed: int = 0, label_column: str | None = None):
         ds = _without_image_decoding(ds, image_column)
-        self.ds = ds.select_columns([image_column])
+        self.ds = ds.select_columns([image_column] + ([label_column] if label_column else []))
         self.image_column, self.transform, self.min_size, self.seed = image_column, transform, min_size, seed
+        self.label_column = label_column
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -702,19 +704,27 @@ class SeededImageDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def _row(self, value: Any, index: int) -> dict:
+    def _row(self, value: Any, label: Any, index: int) -> dict:
         image = decode_image(value, min_size=self.min_size)
         if image is None:
-            return {"pixel_values": _placeholder(self.transform), "cim_valid": False}
-        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
-        return {"pixel_values": self.transform(image, rng=rng), "cim_valid": True}
+            row = {"pixel_values": _placeholder(self.transform), "cim_valid": False}
+        else:
+            rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+            row = {"pixel_values": self.transform(image, rng=rng), "cim_valid": True}
+        if self.label_column is not None:  # as ClassificationBatchTransform: a missing label marks the row invalid
+            label = _as_label(label)
+            row["cim_valid"] = row["cim_valid"] and label is not None
+            row["labels"] = -100 if label is None else label
+        return row
 
     def __getitem__(self, index: int) -> dict:
-        return self._row(self.ds[int(index)][self.image_column], index)
+        row = self.ds[int(index)]
+        return self._row(row[self.image_column], row.get(self.label_column), index)
 
     def __getitems__(self, indices: list[int]) -> list[dict]:
-        values = self.ds[list(map(int, indices))][self.image_column]  # one Arrow read for the batch
-        return [self._row(value, index) for value, index in zip(values, indices)]
+        rows = self.ds[list(map(int, indices))]  # one Arrow read for the batch
+        labels = rows[self.label_column] if self.label_column else [None] * len(indices)
+        return [self._row(value, label, index) for value, label, index in zip(rows[self.image_column], labels, indices)]
 
 
 def _without_image_decoding(ds, image_column: str):

@@ -40,6 +40,8 @@ from transformers import (
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.utils import logging
 
+from .trainer import EpochToDatasetCallback, StepGenerators, load_weights_strictly, loads_through_from_pretrained
+
 
 logger = logging.get_logger(__name__)
 
@@ -517,8 +519,9 @@ class ClassificationTrainer(Trainer):
     """``Trainer`` with a layer-decay AdamW optimizer and training-time Mixup / CutMix / label smoothing.
 
     Extra keyword arguments: ``layer_decay`` (1.0 = off), ``mixup_alpha``, ``cutmix_alpha`` (0 = off),
-    ``label_smoothing`` (falls back to ``args.label_smoothing_factor``), ``mix_seed`` (seed of the generator used
-    for Mixup / CutMix draws; default: the global torch RNG, seeded by the Trainer). Evaluation always uses the
+    ``label_smoothing`` (falls back to ``args.label_smoothing_factor``), ``mix_seed`` (Mixup / CutMix draws come from
+    a generator per (seed, step, micro-batch), so a resumed run mixes as the uninterrupted one did; default: the
+    global torch RNG). Evaluation always uses the
     plain cross-entropy of the model. A ``num_skipped`` entry in a batch (undecodable images dropped by the
     collator) is removed before the forward pass and counted in ``self.num_skipped_images``.
     """
@@ -540,7 +543,9 @@ class ClassificationTrainer(Trainer):
         self.label_smoothing = float(label_smoothing or self.args.label_smoothing_factor or 0.0)
         # we apply label smoothing ourselves, during training only
         self.label_smoother = None
-        self.mix_generator = torch.Generator().manual_seed(mix_seed) if mix_seed is not None else None
+        # Mixup/CutMix draws per (seed, step, micro-batch): a resumed run mixes as the uninterrupted one did
+        self._mix_generators = StepGenerators(mix_seed, self.args.process_index) if mix_seed is not None else None
+        self.add_callback(EpochToDatasetCallback(self))
         self._num_skipped: torch.Tensor | int = 0  # summed on the device: no host sync per step
 
     @property
@@ -566,6 +571,19 @@ class ClassificationTrainer(Trainer):
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
 
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        model = model if model is not None else self.model
+        if not loads_through_from_pretrained(model, resume_from_checkpoint) or self.is_deepspeed_enabled \
+                or self.is_fsdp_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_weights_strictly(model, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        checkpoint = self.state.best_model_checkpoint
+        if not loads_through_from_pretrained(self.model, checkpoint) or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._load_best_model()
+        load_weights_strictly(self.model, checkpoint)
+
     def compute_loss(
         self,
         model: nn.Module,
@@ -590,7 +608,7 @@ class ClassificationTrainer(Trainer):
             self.mixup_alpha,
             self.cutmix_alpha,
             self.label_smoothing,
-            generator=self.mix_generator,
+            generator=self._mix_generators.next(self.state.global_step) if self._mix_generators else None,
         )
         inputs["pixel_values"] = pixel_values
         outputs = model(**inputs)

@@ -18,14 +18,14 @@ import hashlib
 import json
 import math
 import os
+import re
 import signal
 import threading
 
 import torch
 from torch import nn
 from accelerate.data_loader import DataLoaderShard
-from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.utils import logging
 
 from .modeling_cim import CIMForPreTraining
@@ -61,6 +61,79 @@ def unwrap_cim(model: nn.Module) -> CIMForPreTraining:
             raise TypeError(f"Expected a CIMForPreTraining model, got {type(model).__name__}.")
         model = inner
     return model
+
+
+class StepGenerators:
+    """`torch.Generator`s that are a pure function of (seed, global step, micro-batch of the step, process).
+
+    Random draws made in the training step (CIM's exemplars, Mixup/CutMix) then do not depend on how much the
+    global RNG was used before, so a run resumed from a checkpoint draws exactly what the uninterrupted run drew."""
+
+    def __init__(self, seed: int, process_index: int = 0) -> None:
+        self.seed, self.process_index = seed, process_index
+        self._step, self._micro = -1, 0
+
+    def next(self, global_step: int, device: torch.device | str = "cpu") -> torch.Generator:
+        if global_step != self._step:
+            self._step, self._micro = global_step, 0
+        key = f"{self.seed}/{self._step}/{self._micro}/{self.process_index}"
+        self._micro += 1
+        seed = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") & (2**63 - 1)
+        return torch.Generator(device=device).manual_seed(seed)
+
+
+CHECKPOINT_COMPLETE_MARKER = "trainer_state.json"  # Trainer writes it last when saving a checkpoint
+
+
+def is_complete_checkpoint(path: str) -> bool:
+    """A checkpoint folder whose save finished (a run killed mid-save leaves it without the state file)."""
+    return os.path.isfile(os.path.join(path, CHECKPOINT_COMPLETE_MARKER))
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest `checkpoint-N` in output_dir whose save finished; incomplete ones are skipped with a warning."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = sorted((int(name.split("-")[1]), name) for name in os.listdir(output_dir)
+                   if re.fullmatch(r"checkpoint-\d+", name) and os.path.isdir(os.path.join(output_dir, name)))
+    for _, name in reversed(steps):
+        path = os.path.join(output_dir, name)
+        if is_complete_checkpoint(path):
+            return path
+        logger.warning("Skipping %s: its save did not finish (no %s).", path, CHECKPOINT_COMPLETE_MARKER)
+    return None
+
+
+def loads_through_from_pretrained(model: nn.Module, checkpoint: str | None) -> bool:
+    """Whether `load_weights_strictly` applies: a `PreTrainedModel` and a checkpoint written by `save_pretrained`."""
+    return (bool(checkpoint) and isinstance(model, PreTrainedModel)
+            and os.path.isfile(os.path.join(checkpoint, "config.json")))
+
+
+def load_weights_strictly(model: PreTrainedModel, checkpoint: str) -> None:
+    """Loads a checkpoint's weights into `model` through `from_pretrained`, strictly.
+
+    `Trainer` resumes with `model.load_state_dict(safetensors file, strict=False)`, but in transformers 5.x
+    `save_pretrained` writes stock ViT layers in the legacy key format, which only `from_pretrained` converts
+    back: the Trainer skips those keys with a warning and training goes on from the weights in memory."""
+    loaded = type(model).from_pretrained(checkpoint, config=copy.deepcopy(model.config))
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    del loaded
+
+
+class EpochToDatasetCallback(TrainerCallback):
+    """Tells a map-style training set with `set_epoch` (e.g. `SeededImageDataset`) which pass is starting, before
+    the pass's data-loader iterator (and its workers) is created. accelerate forwards the epoch to the dataset only
+    in some sampler set-ups; a stream counts its own passes and is left alone."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        dataset = self.trainer.train_dataset
+        if hasattr(dataset, "set_epoch") and not isinstance(dataset, torch.utils.data.IterableDataset):
+            dataset.set_epoch(int(math.floor(state.epoch or 0)))
+        return control
 
 
 class MomentumCallback(TrainerCallback):
@@ -122,21 +195,6 @@ class SaveOnSignalCallback(TrainerCallback):
         return control
 
 
-class _EpochToDataset(TrainerCallback):
-    """Tells a map-style training set with `set_epoch` (e.g. `SeededImageDataset`) which pass is starting, before
-    the pass's data-loader iterator (and its workers) is created. accelerate forwards the epoch to the dataset only
-    in some sampler set-ups; a stream counts its own passes and is left alone."""
-
-    def __init__(self, trainer: "CIMTrainer") -> None:
-        self.trainer = trainer
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        dataset = self.trainer.train_dataset
-        if hasattr(dataset, "set_epoch") and not isinstance(dataset, torch.utils.data.IterableDataset):
-            dataset.set_epoch(int(math.floor(state.epoch or 0)))
-        return control
-
-
 class _MetricAccumulator:
     """Running sums of a few scalars between two log events (kept on device to avoid syncs)."""
 
@@ -168,23 +226,17 @@ class CIMTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if not any(isinstance(cb, MomentumCallback) for cb in self.callback_handler.callbacks):
             self.add_callback(MomentumCallback())
-        self.add_callback(_EpochToDataset(self))
+        self.add_callback(EpochToDatasetCallback(self))
         self.num_skipped_images = 0
         self._train_metrics = _MetricAccumulator()
         self._eval_metrics = _MetricAccumulator()
-        self._pretext_step, self._pretext_micro_step = -1, 0
+        self._pretext_generators = StepGenerators(self.args.seed, self.args.process_index)
         self.stream_position = StreamPosition()
 
     def pretext_generator(self, device: torch.device) -> torch.Generator:
-        """The generator of one training micro-batch's exemplar sampling: a pure function of (seed, global_step,
-        micro-batch, process), so a resumed run samples exactly what the uninterrupted run did (the global RNG is
-        also drawn by the data pipeline's augmentations, and the data loader prefetches across a checkpoint)."""
-        if self.state.global_step != self._pretext_step:
-            self._pretext_step, self._pretext_micro_step = self.state.global_step, 0
-        key = f"{self.args.seed}/{self._pretext_step}/{self._pretext_micro_step}/{self.args.process_index}"
-        self._pretext_micro_step += 1
-        seed = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") & (2**63 - 1)
-        return torch.Generator(device=device).manual_seed(seed)
+        """The generator of one training micro-batch's exemplar sampling (see `StepGenerators`): the global RNG is
+        also drawn by the data pipeline, and the data loader prefetches across a checkpoint."""
+        return self._pretext_generators.next(self.state.global_step, device)
 
     def total_skipped_images(self) -> int:
         """Images skipped by all processes together (`num_skipped_images` counts this process only). Collective:
@@ -291,8 +343,10 @@ class CIMTrainer(Trainer):
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         checkpoint = resume_from_checkpoint
         if isinstance(checkpoint, bool):
-            checkpoint = (get_last_checkpoint(self.args.output_dir)
-                          if checkpoint and os.path.isdir(self.args.output_dir) else None)
+            checkpoint = last_complete_checkpoint(self.args.output_dir) if checkpoint else None
+            if resume_from_checkpoint and checkpoint is None:
+                raise ValueError(f"No complete checkpoint found in {self.args.output_dir} to resume from.")
+            resume_from_checkpoint = checkpoint
         self.num_skipped_images = 0
         self.stream_position = StreamPosition()
         if checkpoint and os.path.isfile(self._skipped_images_file(checkpoint)):
@@ -303,30 +357,18 @@ class CIMTrainer(Trainer):
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _loads_through_from_pretrained(self, checkpoint: str | None) -> bool:
-        return bool(checkpoint) and os.path.isfile(os.path.join(checkpoint, "config.json")) and not (
+        return loads_through_from_pretrained(unwrap_cim(self.model), checkpoint) and not (
             self.is_deepspeed_enabled or self.is_fsdp_enabled or getattr(self, "is_fsdp_xla_enabled", False))
-
-    def _load_cim_weights(self, checkpoint: str, model: nn.Module | None = None) -> None:
-        """Loads a checkpoint's weights into the model through `from_pretrained`, strictly.
-
-        `Trainer` resumes with `model.load_state_dict(safetensors file, strict=False)`, but `save_pretrained` writes the
-        stock ViT layers (and, by pattern, the decoder's) in transformers' legacy key format, which only
-        `from_pretrained` converts back: those keys would be skipped with a warning and training would silently go
-        on from freshly initialised layers."""
-        cim = unwrap_cim(model if model is not None else self.model)
-        loaded = type(cim).from_pretrained(checkpoint, config=copy.deepcopy(cim.config))
-        cim.load_state_dict(loaded.state_dict(), strict=True)
-        del loaded
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         if not self._loads_through_from_pretrained(resume_from_checkpoint):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        self._load_cim_weights(resume_from_checkpoint, model)
+        load_weights_strictly(unwrap_cim(model if model is not None else self.model), resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
         if not self._loads_through_from_pretrained(self.state.best_model_checkpoint):
             return super()._load_best_model()
-        self._load_cim_weights(self.state.best_model_checkpoint)
+        load_weights_strictly(unwrap_cim(self.model), self.state.best_model_checkpoint)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         with torch.no_grad():
@@ -368,4 +410,5 @@ class CIMTrainer(Trainer):
         super().log(logs, start_time)
 
 
-__all__ = ["CIMTrainer", "MomentumCallback", "NonFiniteLossError", "SaveOnSignalCallback", "correlation_iou", "cosine_momentum"]
+__all__ = ["CIMTrainer", "EpochToDatasetCallback", "MomentumCallback", "NonFiniteLossError", "SaveOnSignalCallback",
+           "StepGenerators", "is_complete_checkpoint", "last_complete_checkpoint", "load_weights_strictly", "correlation_iou", "cosine_momentum"]
