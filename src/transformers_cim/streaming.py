@@ -19,7 +19,6 @@ without decoding them, to refill it (at most 4 x the buffer size: see `_Reader`)
 
 from __future__ import annotations
 
-import logging
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -30,8 +29,6 @@ import torch
 from datasets.distributed import split_dataset_by_node
 
 from .data import _placeholder, _without_image_decoding, decode_image
-
-logger = logging.getLogger(__name__)
 
 STREAM_STATE_KEY = "stream_state"
 _ACTIVE_READER: "_Reader | None" = None  # the reader iterating in this process (one per worker process)
