@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import ResNetConfig
+from transformers import ResNetConfig, TrainerCallback
 
 from transformers_cim import CIMConfig, preset_encoder_config
 
@@ -58,3 +58,21 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+class _StopAtStep(TrainerCallback):
+    """Ends training after optimizer step `step`, as an interruption would (the schedule still says max_steps)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+        return control
+
+
+@pytest.fixture
+def stop_at_step():
+    """Factory: `stop_at_step(n)` -> a TrainerCallback that stops training after optimizer step n."""
+    return _StopAtStep

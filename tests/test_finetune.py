@@ -15,7 +15,6 @@ from safetensors.torch import load_file
 from transformers import (
     ResNetConfig,
     ResNetForImageClassification,
-    TrainerCallback,
     TrainingArguments,
     ViTConfig,
     ViTForImageClassification,
@@ -451,17 +450,7 @@ def test_script_errors(tmp_path):
         run_image_classification.main(common + ["--train_dir", str(tmp_path / "flat")])
 
 
-class _StopAt(TrainerCallback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
-        return control
-
-
-def test_script_resume_continues_exactly_with_random_crops_and_mixup(tmp_path, color_data, monkeypatch):
+def test_script_resume_continues_exactly_with_random_crops_and_mixup(tmp_path, color_data, monkeypatch, stop_at_step):
     """Stopped after step 4 of 10 (checkpoint at 3) and run again: the script resumes from the newest complete
     checkpoint (a half-written one is passed over) and ends with the uninterrupted run's weights. Random crops are
     seeded per row and Mixup/CutMix per step, and the weights are restored strictly (the stock Trainer would drop the
@@ -480,7 +469,7 @@ def test_script_resume_continues_exactly_with_random_crops_and_mixup(tmp_path, c
         class Stopping(base):
             def __init__(self, *args, **kwargs):
                 super().__init__(*args, **kwargs)
-                self.add_callback(_StopAt(4))
+                self.add_callback(stop_at_step(4))
 
         patch.setattr(run_image_classification, "ClassificationTrainer", Stopping)
         run_image_classification.main(argv(tmp_path / "B"))

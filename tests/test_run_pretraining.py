@@ -322,20 +322,8 @@ def test_corrupt_records_are_skipped_and_counted(streaming, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class StopAt(TrainerCallback):
-    """Ends training after optimizer step `step`, as an interruption would (the schedule still says max_steps)."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
-        return control
-
-
 @pytest.mark.parametrize("streaming", [False, True], ids=["map", "streamed"])
-def test_resume_continues_exactly(streaming, symmetric_folder, tmp_path, monkeypatch):
+def test_resume_continues_exactly(streaming, symmetric_folder, tmp_path, monkeypatch, stop_at_step):
     """Interrupted at step 3 of 6 and resumed: the same weights (online and EMA target), losses and momenta as an
     uninterrupted run, random crops and flips included. Streamed, the stream continues from its saved position;
     map-style, the Trainer skips the sampler's first 3 batches and every row's view is seeded by its index."""
@@ -349,7 +337,7 @@ def test_resume_continues_exactly(streaming, symmetric_folder, tmp_path, monkeyp
     run_a, run_b = tmp_path / "A", tmp_path / "B"
     results_a = run_pretraining.main(args(run_a))
     with monkeypatch.context() as patch:
-        with_callbacks(patch, StopAt(3))
+        with_callbacks(patch, stop_at_step(3))
         run_pretraining.main(args(run_b))
     assert sorted(d for d in os.listdir(run_b) if d.startswith("checkpoint-")) == ["checkpoint-3"]
     assert [entry["step"] for entry in logged(run_b)] == [1, 2, 3]
