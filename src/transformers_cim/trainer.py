@@ -410,5 +410,16 @@ class CIMTrainer(Trainer):
         super().log(logs, start_time)
 
 
-__all__ = ["CIMTrainer", "EpochToDatasetCallback", "MomentumCallback", "NonFiniteLossError", "SaveOnSignalCallback",
-           "StepGenerators", "is_complete_checkpoint", "last_complete_checkpoint", "load_weights_strictly", "correlation_iou", "cosine_momentum"]
+__all__ = [
+    "CIMTrainer",
+    "EpochToDatasetCallback",
+    "MomentumCallback",
+    "NonFiniteLossError",
+    "SaveOnSignalCallback",
+    "StepGenerators",
+    "correlation_iou",
+    "cosine_momentum",
+    "is_complete_checkpoint",
+    "last_complete_checkpoint",
+    "load_weights_strictly",
+]
