@@ -604,9 +604,13 @@ def _placeholder(transform: Callable) -> torch.Tensor:
     return torch.zeros(3, h, w)
 
 
-def _transform_value(value: Any, transform: Callable, min_size: int) -> torch.Tensor | None:
+def decoded_row(value: Any, transform: Callable, min_size: int, rng: np.random.Generator | None = None) -> dict:
+    """``{"pixel_values": view, "cim_valid": True}``, or a zero placeholder with ``cim_valid=False`` for an image
+    that cannot be used (the collator drops it and counts it). `rng`, when given, drives the transform's draws."""
     image = decode_image(value, min_size=min_size)
-    return None if image is None else transform(image)
+    if image is None:
+        return {"pixel_values": _placeholder(transform), "cim_valid": False}
+    return {"pixel_values": transform(image) if rng is None else transform(image, rng=rng), "cim_valid": True}
 
 
 def _as_label(value: Any) -> int | None:
@@ -623,12 +627,8 @@ class PretrainingBatchTransform:
         self.image_column, self.transform, self.min_size = image_column, transform, min_size
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        pixel_values, valid = [], []
-        for value in batch[self.image_column]:
-            tensor = _transform_value(value, self.transform, self.min_size)
-            valid.append(tensor is not None)
-            pixel_values.append(tensor if tensor is not None else _placeholder(self.transform))
-        return {"pixel_values": pixel_values, "cim_valid": valid}
+        rows = [decoded_row(value, self.transform, self.min_size) for value in batch[self.image_column]]
+        return {"pixel_values": [r["pixel_values"] for r in rows], "cim_valid": [r["cim_valid"] for r in rows]}
 
 
 class ClassificationBatchTransform(PretrainingBatchTransform):
@@ -705,12 +705,7 @@ class SeededImageDataset(torch.utils.data.Dataset):
         self.epoch = int(epoch)
 
     def _row(self, value: Any, label: Any, index: int) -> dict:
-        image = decode_image(value, min_size=self.min_size)
-        if image is None:
-            row = {"pixel_values": _placeholder(self.transform), "cim_valid": False}
-        else:
-            rng = np.random.default_rng([self.seed, self.epoch, int(index)])
-            row = {"pixel_values": self.transform(image, rng=rng), "cim_valid": True}
+        row = decoded_row(value, self.transform, self.min_size, np.random.default_rng([self.seed, self.epoch, int(index)]))
         if self.label_column is not None:  # as ClassificationBatchTransform: a missing label marks the row invalid
             label = _as_label(label)
             row["cim_valid"] = row["cim_valid"] and label is not None

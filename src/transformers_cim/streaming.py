@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from datasets.distributed import split_dataset_by_node
 
-from .data import _placeholder, _without_image_decoding, decode_image
+from .data import _without_image_decoding, decoded_row
 
 STREAM_STATE_KEY = "stream_state"
 _ACTIVE_READER: "_Reader | None" = None  # the reader iterating in this process (one per worker process)
@@ -93,10 +93,7 @@ class _Reader:
                 yield record
 
     def _decode(self, record: _Record) -> dict:
-        image = decode_image(record.value, min_size=self.min_size)
-        if image is None:
-            return {"pixel_values": _placeholder(self.transform), "cim_valid": False}
-        return {"pixel_values": self.transform(image, rng=self.augment_rng), "cim_valid": True}
+        return decoded_row(record.value, self.transform, self.min_size, self.augment_rng)
 
     def _oldest(self) -> _Record | None:
         if self.draining:
