@@ -363,11 +363,13 @@ def test_resume_continues_exactly(streaming, symmetric_folder, tmp_path, monkeyp
 
 
 def test_resume_last_skips_a_half_written_checkpoint(tmp_path, caplog):
-    complete, half_written = tmp_path / "checkpoint-3", tmp_path / "checkpoint-5"
+    complete, half_written, cut_short = tmp_path / "checkpoint-3", tmp_path / "checkpoint-5", tmp_path / "checkpoint-6"
     complete.mkdir()
     (complete / "trainer_state.json").write_text("{}")
     half_written.mkdir()
     (half_written / "model.safetensors").write_bytes(b"")  # killed before trainer_state.json was written
+    cut_short.mkdir()
+    (cut_short / "trainer_state.json").write_text('{"global_step": 6, "log_hi')  # killed while writing it
     assert run_pretraining.last_complete_checkpoint(str(tmp_path)) == str(complete)
     args = run_pretraining.CIMTrainingArguments(output_dir=str(tmp_path), resume_from_checkpoint="last")
     assert run_pretraining.resolve_checkpoint(args) == str(complete)

@@ -86,8 +86,14 @@ CHECKPOINT_COMPLETE_MARKER = "trainer_state.json"  # Trainer writes it last when
 
 
 def is_complete_checkpoint(path: str) -> bool:
-    """A checkpoint folder whose save finished (a run killed mid-save leaves it without the state file)."""
-    return os.path.isfile(os.path.join(path, CHECKPOINT_COMPLETE_MARKER))
+    """A checkpoint folder whose save finished: a run killed mid-save leaves it without the state file, or with
+    the state file cut short."""
+    try:
+        with open(os.path.join(path, CHECKPOINT_COMPLETE_MARKER)) as f:
+            json.load(f)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def last_complete_checkpoint(output_dir: str) -> str | None:
