@@ -129,6 +129,7 @@ def check_matches_reference(root, name: str, resumed_from: int) -> None:
     entries_a, entries_b = logged(reference), logged(resumed)
     assert [e["step"] for e in entries_b] == list(range(1, MAX_STEPS + 1))
     assert [e["momentum"] for e in entries_b] == [e["momentum"] for e in entries_a]
+    assert [e["epoch"] for e in entries_b] == pytest.approx([e["epoch"] for e in entries_a])
     assert [e["loss"] for e in entries_b] == pytest.approx([e["loss"] for e in entries_a], abs=1e-6)
     assert entries_b[-1]["skipped_images"] == entries_a[-1]["skipped_images"] > 0
     # batches: what the interrupted run trained on before its checkpoint, then what the resumed run trained on, is

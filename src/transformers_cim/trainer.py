@@ -201,6 +201,29 @@ class SaveOnSignalCallback(TrainerCallback):
         return control
 
 
+class _ResumedStreamEpoch(TrainerCallback):
+    """Keeps `state.epoch` of a resumed stream equal to the uninterrupted run's.
+
+    For a stream the Trainer counts `state.epoch` as (loop epoch) + (steps into it) / max_steps. Resuming without its
+    batch replay restarts both counts, so the checkpoint's epoch is added back: all of it in the resumed pass, its
+    whole passes once the next pass has begun."""
+
+    def __init__(self, checkpoint_epoch: float) -> None:
+        self.checkpoint_epoch = checkpoint_epoch
+        self.passes_since_resume = -1
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.passes_since_resume += 1
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.passes_since_resume == 0:
+            state.epoch += self.checkpoint_epoch
+        else:
+            state.epoch += math.floor(self.checkpoint_epoch)
+        return control
+
+
 class _MetricAccumulator:
     """Running sums of a few scalars between two log events (kept on device to avoid syncs)."""
 
@@ -344,6 +367,11 @@ class CIMTrainer(Trainer):
         with open(path) as f:
             self.train_dataset.load_state_dict(json.load(f))
         self.args.ignore_data_skip = True
+        with open(os.path.join(checkpoint, CHECKPOINT_COMPLETE_MARKER)) as f:
+            checkpoint_epoch = float(json.load(f).get("epoch") or 0.0)
+        for callback in [cb for cb in self.callback_handler.callbacks if isinstance(cb, _ResumedStreamEpoch)]:
+            self.remove_callback(callback)
+        self.add_callback(_ResumedStreamEpoch(checkpoint_epoch))
         logger.info("Resuming the stream where %s left it.", checkpoint)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
