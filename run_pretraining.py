@@ -131,8 +131,8 @@ class CIMTrainingArguments(TrainingArguments):
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (none on norms/biases)."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
-    warmup_steps: float = field(default=0.05, metadata={
-        "help": "Linear warm-up: steps, or a fraction of the run when < 1 (recipe: 40 of 300 epochs)."})
+    warmup_steps: float = field(default=40 / 300, metadata={
+        "help": "Linear warm-up: steps, or a fraction of the run when < 1 (default 40/300: the recipe's 40 of 300 epochs)."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping."})
     logging_steps: float = field(default=10, metadata={"help": "Log loss, momentum and pretext IoU every N steps."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep False: the collator needs its columns."})
@@ -428,7 +428,9 @@ def end_distributed(trainer: CIMTrainer) -> None:
 def final_pretext_metrics(trainer: CIMTrainer, results: dict) -> dict:
     metrics: dict = {}
     for entry in trainer.state.log_history:
-        for key in ("loss", "pretext_iou", "momentum", "eval_loss", "eval_pretext_iou"):
+        for key in ("loss", "correlation_loss", "prior_loss", "loss_to_prior", "pretext_iou", "prior_iou",
+                    "pretext_iou_gain", "momentum", "eval_loss", "eval_correlation_loss", "eval_prior_loss",
+                    "eval_loss_to_prior", "eval_pretext_iou", "eval_prior_iou", "eval_pretext_iou_gain"):
             if key in entry:
                 metrics[key] = entry[key]
     metrics["skipped_images"] = results.get("skipped_images", 0)

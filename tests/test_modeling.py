@@ -534,3 +534,89 @@ def test_shared_target_encoder_mode(tiny_vit_config, search_views, tmp_path):
     assert not hasattr(loaded, "target_encoder")
     model.eval()
     assert torch.equal(model(x, generator=gen(1)).logits, loaded(x, generator=gen(1)).logits)
+
+
+# ------------------------------------------------------------------------ the authors' model, as switches
+
+def _uniform_bound_check(weight: torch.Tensor, bound: float) -> None:
+    """Samples of U(-bound, bound): never beyond the bound, filling it, with the uniform's std bound / sqrt(3)."""
+    assert weight.abs().max() <= bound + 1e-7
+    assert weight.abs().max() > 0.95 * bound
+    assert abs(weight.std().item() - bound / math.sqrt(3)) < 0.05 * bound
+
+
+def test_authors_init_reaches_the_nested_vit_encoders(tiny_vit_config):
+    torch.manual_seed(0)
+    config = tiny_vit_config()
+    model = CIMForPreTraining(config)
+    width = config.encoder_config.hidden_size
+    patch = config.encoder_config.patch_size
+    for encoder in (model.vit, model.target_encoder):
+        projection = encoder.embeddings.patch_embeddings.projection.weight
+        _uniform_bound_check(projection, math.sqrt(6.0 / (3 * patch * patch + width)))  # xavier as a Linear
+        assert not encoder.embeddings.patch_embeddings.projection.bias.any()
+        layer = encoder.layers[0]
+        # q, k, v: the authors' fused (3D x D) matrix; the rest: plain xavier
+        _uniform_bound_check(layer.attention.q_proj.weight, math.sqrt(6.0 / (4 * width)))
+        _uniform_bound_check(layer.mlp.fc1.weight if hasattr(layer, "mlp") else layer.intermediate.dense.weight,
+                             math.sqrt(6.0 / (width + config.encoder_config.intermediate_size)))
+        assert abs(encoder.embeddings.cls_token.std().item() - 0.02) < 0.01
+    assert torch.equal(model.vit.layers[0].attention.q_proj.weight, model.target_encoder.layers[0].attention.q_proj.weight)
+
+
+def test_stock_init_is_a_switch(tiny_vit_config):
+    torch.manual_seed(0)
+    model = CIMForPreTraining(tiny_vit_config(encoder_init="transformers"))
+    projection = model.vit.embeddings.patch_embeddings.projection.weight
+    assert abs(projection.std().item() - 0.02) < 0.003  # transformers' truncated normal, std 0.02
+
+
+def test_authors_init_leaves_loaded_weights_alone(tiny_vit_config, tmp_path):
+    model = CIMForPreTraining(tiny_vit_config())
+    with torch.no_grad():
+        model.vit.layers[0].attention.q_proj.weight.fill_(0.125)
+    model.save_pretrained(tmp_path)
+    loaded = CIMForPreTraining.from_pretrained(tmp_path)
+    assert torch.equal(loaded.vit.layers[0].attention.q_proj.weight, model.vit.layers[0].attention.q_proj.weight)
+
+
+def test_shared_decoder_norm_switch(tiny_vit_config):
+    shared = CIMForPreTraining(tiny_vit_config())
+    separate = CIMForPreTraining(tiny_vit_config(decoder_shared_norm=False))
+    assert shared.decoder.layers[0].key_value_norm is None
+    names = {n for n, _ in separate.decoder.named_parameters()}
+    assert "layers.0.key_value_norm.weight" in names
+    # with one norm, changing its scale changes the exemplar side too
+    context = torch.randn(1, 10, shared.config.encoder_hidden_size)
+    exemplar = torch.randn(1, 2, 5, shared.config.encoder_hidden_size)
+    before = shared.decoder(context, exemplar)
+    with torch.no_grad():
+        shared.decoder.layers[0].query_norm.weight.mul_(2.0)
+    assert not torch.allclose(before, shared.decoder(context, exemplar))
+
+
+@pytest.mark.parametrize("align_corners", [True, False])
+def test_logit_upsampling_follows_align_corners(align_corners, tiny_vit_config):
+    model = CIMForPreTraining(tiny_vit_config(decoder_align_corners=align_corners)).eval()
+    hidden = model.config.encoder_hidden_size
+    context, exemplar = torch.randn(1, 10, hidden), torch.randn(1, 2, 5, hidden)
+    logits = model.decoder(context, exemplar)  # (1, 2, 48, 48) from a 3 x 3 grid
+    decoder = model.decoder
+    queries = decoder.input_proj(context) + decoder.context_position_embedding(3, context.device, context.dtype)
+    queries = queries.repeat_interleave(2, dim=0)
+    kv = decoder.input_proj(exemplar.flatten(0, 1))
+    queries = decoder.norm(decoder.layers[0](queries, kv))[:, 1:]
+    grid = decoder.predictor(queries.transpose(1, 2).reshape(2, -1, 3, 3))
+    expected = torch.nn.functional.interpolate(grid, size=(48, 48), mode="bilinear", align_corners=align_corners)
+    other = torch.nn.functional.interpolate(grid, size=(48, 48), mode="bilinear", align_corners=not align_corners)
+    torch.testing.assert_close(logits[0], expected[:, 0])
+    assert not torch.allclose(logits[0], other[:, 0], atol=1e-3)
+
+
+def test_encoder_width_the_heads_do_not_divide_is_refused():
+    from transformers_cim import CIMConfig, preset_encoder_config
+
+    encoder = preset_encoder_config("vit-tiny-patch16")
+    encoder.hidden_size, encoder.num_attention_heads = 100, 3
+    with pytest.raises(ValueError, match="not divisible by its `num_attention_heads`"):
+        CIMConfig(encoder_config=encoder)

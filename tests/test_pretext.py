@@ -15,6 +15,7 @@ from transformers_cim.pretext import (
     augment_exemplars,
     correlation_maps,
     gaussian_blur,
+    sample_enclosing_boxes,
     sample_exemplar_boxes,
     sample_pretext,
     warp_exemplars,
@@ -244,6 +245,65 @@ def test_map_mean_is_the_box_area():
     bound = 2 * (boxes[..., 2] + boxes[..., 3]) * (math.sqrt(2) / 2) / size
     assert (error <= 0.5 * bound).all()  # measured: at most 0.12 of it
     assert error.mean() < 0.05 * bound.mean()  # errors cancel on average (measured 0.0075)
+
+
+# ------------------------------------------------------------------------------------------ enclosing mode
+
+def enclosing_boxes(batch: int, k: int, seed: int) -> torch.Tensor:
+    return sample_enclosing_boxes(batch, k, generator=gen(seed), **RECIPE)
+
+
+def test_enclosing_boxes_lie_inside_the_view_and_enclose_most_of_the_sampled_box():
+    boxes = enclosing_boxes(512, 6, 21)
+    c = corners(boxes)
+    assert c.min() >= -1e-5 and c.max() <= 1 + 1e-5  # the exemplar holds image pixels only
+    theta = boxes[..., 4]
+    assert theta.abs().max() <= math.radians(45) + 1e-6 and theta.abs().max() > math.radians(40)
+    area = boxes[..., 2] * boxes[..., 3]
+    exact_area = sample_exemplar_boxes(512, 6, generator=gen(21), **RECIPE)
+    exact_area = exact_area[..., 2] * exact_area[..., 3]
+    # the bounding box of a turned box is larger than the box: the median exemplar is larger than the literal box's
+    # (measured 0.28 vs 0.24 of the view; the authors' code measures 0.30)
+    assert area.median() > exact_area.median() + 0.02
+    assert area.max() <= 1.0 + 1e-6
+
+
+def test_enclosing_boxes_without_rotation_are_the_sampled_boxes():
+    boxes = sample_enclosing_boxes(128, 4, (0.05, 0.48), (1 / 3, 3.0), 0.0, generator=gen(22))
+    area = boxes[..., 2] * boxes[..., 3]
+    assert area.min() >= 0.05 - 1e-5 and area.max() <= 0.48 + 1e-5
+    ratio = boxes[..., 3] / boxes[..., 2]
+    assert ratio.min() >= 1 / 3 - 1e-4 and ratio.max() <= 3 + 1e-4
+    assert torch.equal(boxes[..., 4], torch.zeros_like(boxes[..., 4]))
+
+
+def test_enclosing_exemplar_reads_only_pixels_the_map_marks():
+    """The exactness check of the literal boxes, on boxes of the authors' sampler."""
+    boxes = enclosing_boxes(32, 1, 23)
+    keep = (boxes[..., 2].amin(-1) > 0.2) & (boxes[..., 3].amin(-1) > 0.2)  # no edge blending on thin slivers
+    boxes = boxes[keep]
+    assert len(boxes) > 8
+    maps = correlation_maps(boxes, 128)
+    inside = warp_exemplars(maps, boxes, 8)
+    outside = warp_exemplars(1 - maps, boxes, 8)
+    torch.testing.assert_close(inside, torch.ones_like(inside), rtol=0, atol=1e-5)
+    torch.testing.assert_close(outside, torch.zeros_like(outside), rtol=0, atol=1e-5)
+
+
+def test_enclosing_map_equals_brute_force_point_in_polygon():
+    boxes = enclosing_boxes(8, 4, 24).view(-1, 5)
+    fast = correlation_maps(boxes.view(-1, 1, 5), 64).view(-1, 64, 64).double()
+    slow, distance = brute_force_map(boxes, 64)
+    assert ((fast != slow) & (distance > 1e-6)).sum() == 0
+
+
+def test_config_picks_the_box_sampler(tiny_vit_config, search_views):
+    views = search_views()
+    enclosing = sample_pretext(views, plain_config(tiny_vit_config), generator=gen(25))
+    exact = sample_pretext(views, plain_config(tiny_vit_config, exemplar_box_mode="exact"), generator=gen(25))
+    assert not torch.equal(enclosing.exemplar_boxes, exact.exemplar_boxes)
+    with pytest.raises(ValueError, match="exemplar_box_mode"):
+        plain_config(tiny_vit_config, exemplar_box_mode="rotated")
 
 
 def test_same_seed_same_pretext_different_seed_different(tiny_vit_config, search_views):

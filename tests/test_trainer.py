@@ -276,6 +276,11 @@ def test_logs_contain_loss_momentum_and_pretext_iou(tmp_path):
     for entry in logged:
         assert math.isfinite(entry["loss"]) and entry["loss"] > 0
         assert 0.0 <= entry["pretext_iou"] <= 1.0
+        # the constant prior scored on the same maps, and the gains over it
+        assert 0.0 <= entry["prior_iou"] <= 1.0 and entry["prior_loss"] > 0
+        assert entry["pretext_iou_gain"] == pytest.approx(entry["pretext_iou"] - entry["prior_iou"], abs=2e-4)
+        assert entry["loss_to_prior"] == pytest.approx(entry["correlation_loss"] / entry["prior_loss"], rel=1e-3)
+        assert entry["correlation_loss"] == pytest.approx(entry["loss"], rel=1e-3)  # no contrastive term
         # the momentum of the last EMA update before the log: after optimizer step s it is m(s - 1)
         assert entry["momentum"] == pytest.approx(round(cosine_momentum(entry["step"] - 1, 4, 0.99, 1.0), 6), abs=1e-9)
         assert entry["skipped_images"] == 0

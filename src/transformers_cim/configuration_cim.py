@@ -18,6 +18,9 @@ from transformers.configuration_utils import SubConfigSpec
 
 LOSS_TYPES = ("ce", "balanced_ce", "mse", "focal")
 TARGET_ENCODER_MODES = ("ema", "shared")
+EXEMPLAR_BOX_MODES = ("enclosing", "exact")
+ENCODER_INITS = ("xavier", "transformers")
+CONTEXT_RESAMPLES = ("bicubic", "bilinear")
 ENCODER_TYPES = ("vit", "resnet")
 
 # Encoder presets: (hidden size, layers, heads, MLP size) of the standard ViT-*/16 family.
@@ -46,6 +49,10 @@ class CIMConfig(PreTrainedConfig):
         exemplar_scale (`list[float]`, defaults to `[0.05, 0.48]`): range of exemplar area / view area.
         exemplar_aspect_ratio (`list[float]`, defaults to `[1/3, 3]`): range of h / w, sampled log-uniformly.
         exemplar_max_rotation (`float`, defaults to 45.0): rotation sampled uniformly in +- this many degrees.
+        exemplar_box_mode (`str`, defaults to `"enclosing"`): how a sampled box becomes an exemplar.
+            "enclosing" (the authors' code): an axis-aligned box is sampled, the view turned by theta, and the
+            exemplar is the sampled box's bounding box in the turned view (a rotated rectangle enclosing the
+            sample, so larger and squarer). "exact" (the paper's wording): the rotated w x h box itself.
         exemplar_augmentation (`bool`, defaults to `True`): photometric transforms on the exemplars only.
         exemplar_color_jitter (`list[float]`): brightness, contrast, saturation, hue strengths.
         exemplar_color_jitter_prob, exemplar_grayscale_prob, exemplar_blur_prob, exemplar_solarize_prob,
@@ -69,6 +76,16 @@ class CIMConfig(PreTrainedConfig):
         image_mean, image_std (`list[float]`): normalisation of `pixel_values`, needed to undo it for the
             photometric exemplar transforms and for visualisation.
         initializer_range (`float`, defaults to 0.02): std of the decoder's weight initialisation.
+        encoder_init (`str`, defaults to `"xavier"`): "xavier" (the authors' code): every Linear of the ViT
+            encoders xavier-uniform with zero bias, the frozen patch projection xavier-uniform as a linear
+            layer (fan-in 3 * patch**2), CLS token normal(0.02). "transformers": the stock ViT init
+            (truncated normal 0.02). ResNet encoders always keep the stock init.
+        decoder_shared_norm (`bool`, defaults to `True`): one LayerNorm for the context queries and the exemplar
+            tokens of a decoder layer (the authors' `norm1`); `False` gives each side its own.
+        decoder_align_corners (`bool`, defaults to `True`): `align_corners` of the bilinear upsampling of the
+            logit map to the context size (the authors' code uses `True`).
+        context_resample (`str`, defaults to `"bicubic"`): how the search view is resized to the context,
+            "bicubic" (authors) or "bilinear"; both antialiased.
     """
 
     model_type = "cim"
@@ -86,6 +103,7 @@ class CIMConfig(PreTrainedConfig):
     exemplar_scale: list[float] | tuple[float, float] = (0.05, 0.48)
     exemplar_aspect_ratio: list[float] | tuple[float, float] = (1.0 / 3.0, 3.0)
     exemplar_max_rotation: float | int = 45.0
+    exemplar_box_mode: str = "enclosing"
     exemplar_augmentation: bool = True
     exemplar_color_jitter: list[float] | tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
     exemplar_color_jitter_prob: float = 0.8
@@ -114,6 +132,10 @@ class CIMConfig(PreTrainedConfig):
     image_mean: list[float] | tuple[float, float, float] = (0.485, 0.456, 0.406)
     image_std: list[float] | tuple[float, float, float] = (0.229, 0.224, 0.225)
     initializer_range: float = 0.02
+    encoder_init: str = "xavier"
+    decoder_shared_norm: bool = True
+    decoder_align_corners: bool = True
+    context_resample: str = "bicubic"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -224,6 +246,18 @@ def check_cim_config(config: CIMConfig) -> None:
                          f"`decoder_num_attention_heads`={config.decoder_num_attention_heads}.")
     if config.loss_type not in LOSS_TYPES:
         raise ValueError(f"Unknown `loss_type`={config.loss_type!r}; choose one of {LOSS_TYPES}.")
+    if config.exemplar_box_mode not in EXEMPLAR_BOX_MODES:
+        raise ValueError(f"Unknown `exemplar_box_mode`={config.exemplar_box_mode!r}; choose one of "
+                         f"{EXEMPLAR_BOX_MODES}.")
+    if config.encoder_init not in ENCODER_INITS:
+        raise ValueError(f"Unknown `encoder_init`={config.encoder_init!r}; choose one of {ENCODER_INITS}.")
+    if config.context_resample not in CONTEXT_RESAMPLES:
+        raise ValueError(f"Unknown `context_resample`={config.context_resample!r}; choose one of {CONTEXT_RESAMPLES}.")
+    if config.encoder_type == "vit":
+        hidden, heads = config.encoder_config.hidden_size, config.encoder_config.num_attention_heads
+        if hidden % heads:
+            raise ValueError(f"The encoder's `hidden_size`={hidden} is not divisible by its "
+                             f"`num_attention_heads`={heads}; pick a width that the heads divide.")
     if config.target_encoder_mode not in TARGET_ENCODER_MODES:
         raise ValueError(f"Unknown `target_encoder_mode`={config.target_encoder_mode!r}; "
                          f"choose one of {TARGET_ENCODER_MODES}.")

@@ -104,6 +104,35 @@ def encode_tokens(encoder: nn.Module, pixel_values: torch.Tensor, **kwargs) -> t
     return tokens, tokens[:, 0]
 
 
+@torch.no_grad()
+def init_vit_like_authors(encoder: ViTModel) -> None:
+    """The authors' ViT init: Linear xavier-uniform / zero bias, LayerNorm 1 / 0, the patch projection
+    xavier-uniform as a Linear of fan-in 3 * patch**2 with zero bias, CLS token normal(0.02). Weights already
+    loaded from a checkpoint are left alone (transformers' init functions skip them). The authors' query, key
+    and value projections are one fused (3D x D) Linear, so each of ours gets that matrix's xavier bound."""
+    for name, module in encoder.named_modules():
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj"):
+            width = module.weight.shape[1]
+            bound = math.sqrt(6.0 / (width + 3 * module.weight.shape[0]))
+            init.uniform_(module.weight, -bound, bound)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+    projection = encoder.embeddings.patch_embeddings.projection
+    fan_out, fan_in = projection.weight.shape[0], projection.weight[0].numel()
+    bound = math.sqrt(6.0 / (fan_in + fan_out))
+    init.uniform_(projection.weight, -bound, bound)
+    if projection.bias is not None:
+        init.zeros_(projection.bias)
+    init.normal_(encoder.embeddings.cls_token, std=0.02)
+
+
 class CIMCrossAttention(nn.Module):
     """Multi-head attention with queries from the context and keys/values from the exemplar."""
 
@@ -132,14 +161,16 @@ class CIMDecoderLayer(nn.Module):
         super().__init__()
         width = config.decoder_hidden_size
         self.query_norm = nn.LayerNorm(width, eps=1e-6)
-        self.key_value_norm = nn.LayerNorm(width, eps=1e-6)
+        # the authors normalise both sides with one LayerNorm (their `norm1`)
+        self.key_value_norm = None if config.decoder_shared_norm else nn.LayerNorm(width, eps=1e-6)
         self.cross_attention = CIMCrossAttention(width, config.decoder_num_attention_heads)
         self.mlp_norm = nn.LayerNorm(width, eps=1e-6)
         hidden = int(width * config.decoder_mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
 
     def forward(self, queries: torch.Tensor, exemplar: torch.Tensor) -> torch.Tensor:
-        x = queries + self.cross_attention(self.query_norm(queries), self.key_value_norm(exemplar))
+        key_value_norm = self.key_value_norm or self.query_norm
+        x = queries + self.cross_attention(self.query_norm(queries), key_value_norm(exemplar))
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -179,7 +210,8 @@ class CIMCorrelationDecoder(nn.Module):
         feature_map = queries.transpose(1, 2).reshape(batch * num_exemplars, -1, grid, grid).contiguous()
         logits = self.predictor(feature_map)
         size = self.config.context_size
-        logits = F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
+        logits = F.interpolate(logits, size=(size, size), mode="bilinear",
+                               align_corners=self.config.decoder_align_corners)
         return logits.view(batch, num_exemplars, size, size)
 
 
@@ -297,6 +329,17 @@ class CIMPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
         else:
             super()._init_weights(module)
+
+    @torch.no_grad()
+    def initialize_weights(self):
+        """The stock recursive init, then the authors' init of the ViT encoders when `encoder_init="xavier"`
+        (transformers dispatches a nested `ViTModel` to its own `_init_weights`, which `_init_weights` here
+        never reaches)."""
+        super().initialize_weights()
+        if self.config.encoder_init == "xavier":
+            for module in self.children():
+                if isinstance(module, ViTModel):
+                    init_vit_like_authors(module)
 
     def _set_fixed_vit_embeddings(self, encoder: nn.Module) -> None:
         """Writes 2-D sin-cos position embeddings into a ViT encoder and freezes what the config freezes."""
@@ -472,7 +515,7 @@ class CIMForPreTraining(CIMPreTrainedModel):
             boxes = pretext.exemplar_boxes
         else:
             exemplars, labels, boxes = exemplar_pixel_values, correlation_labels, exemplar_boxes
-            context = resize_context(pixel_values, self.config.context_size)
+            context = resize_context(pixel_values, self.config.context_size, self.config.context_resample)
         if context_pixel_values is not None:
             context = context_pixel_values
         batch, num_exemplars = exemplars.shape[:2]

@@ -87,6 +87,90 @@ def sample_exemplar_boxes(
     return torch.stack([cx, cy, w, h, theta], dim=-1)
 
 
+def _interval(low: torch.Tensor, high: torch.Tensor, slope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The t with low <= slope * t <= high (unbounded where the slope is 0)."""
+    safe = torch.where(slope.abs() < 1e-6, torch.ones_like(slope), slope)
+    a, b = low / safe, high / safe
+    flat = slope.abs() < 1e-6
+    return (torch.where(flat, torch.full_like(a, -math.inf), torch.minimum(a, b)),
+            torch.where(flat, torch.full_like(a, math.inf), torch.maximum(a, b)))
+
+
+def _view_row_interval(row: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the row `row` of the view turned by theta crosses the (unturned) view: x range, turned frame."""
+    dy = row - 0.5
+    lo_x, hi_x = _interval(-0.5 + dy * sin, 0.5 + dy * sin, cos)  # 0 <= x-coordinate in the view <= 1
+    lo_y, hi_y = _interval(-0.5 - dy * cos, 0.5 - dy * cos, sin)  # 0 <= y-coordinate in the view <= 1
+    return 0.5 + torch.maximum(lo_x, lo_y), 0.5 + torch.minimum(hi_x, hi_y)
+
+
+def sample_enclosing_boxes(
+    batch_size: int,
+    num_exemplars: int,
+    scale: tuple[float, float],
+    aspect_ratio: tuple[float, float],
+    max_rotation_degrees: float,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Samples (B, K, 5) boxes the way the authors' code cuts exemplars (`exemplar_box_mode="enclosing"`).
+
+    An axis-aligned w x h box (area ~ U(scale), h/w log-uniform) is placed uniformly inside the view; the
+    view is turned by theta about its centre; the exemplar is the axis-aligned bounding box of the sampled box
+    in the turned view, with the corners that fall outside the image pulled in along the rows to its edge
+    (so the exemplar holds image pixels only). Seen from the unturned view, that is a rectangle rotated by
+    theta that encloses most of the sampled box and is larger and squarer than it.
+    """
+    device = torch.device(device)
+    shape = (batch_size, num_exemplars)
+    area = _uniform(shape, scale[0], scale[1], generator, device)
+    log_ratio = _uniform(shape, math.log(aspect_ratio[0]), math.log(aspect_ratio[1]), generator, device)
+    max_rot = math.radians(max_rotation_degrees)
+    theta = _uniform(shape, -max_rot, max_rot, generator, device)
+    ratio = log_ratio.exp()
+    w, h = (area / ratio).sqrt().clamp(max=1.0), (area * ratio).sqrt().clamp(max=1.0)
+    px = w / 2 + (1.0 - w) * _uniform(shape, 0.0, 1.0, generator, device)
+    py = h / 2 + (1.0 - h) * _uniform(shape, 0.0, 1.0, generator, device)
+    cos, sin = theta.cos(), theta.sin()
+    # the sampled box's centre in the turned view (a turned-frame point q is the view point c + R(theta)(q - c))
+    rx = 0.5 + (px - 0.5) * cos + (py - 0.5) * sin
+    ry = 0.5 - (px - 0.5) * sin + (py - 0.5) * cos
+    half_x, half_y = rotated_half_extents(w, h, theta)
+    # pull the corners outside the image in along the rows, or along the columns (the view is symmetric under
+    # the transpose with theta -> -theta); keep whichever leaves the larger exemplar
+    row_box = _pull_along_rows(rx, ry, half_x, half_y, cos, sin)
+    col_box = _pull_along_rows(ry, rx, half_y, half_x, cos, -sin)
+    col_box = (col_box[1], col_box[0], col_box[3], col_box[2])
+    use_rows = row_box[2] * row_box[3] >= col_box[2] * col_box[3]
+    qx, qy, width, height = (torch.where(use_rows, a, b) for a, b in zip(row_box, col_box))
+    cx = 0.5 + (qx - 0.5) * cos - (qy - 0.5) * sin
+    cy = 0.5 + (qx - 0.5) * sin + (qy - 0.5) * cos
+    return torch.stack([cx, cy, width, height, theta], dim=-1)
+
+
+def _pull_along_rows(rx, ry, half_x, half_y, cos, sin):
+    """The rectangle centred (rx, ry) with half sides (half_x, half_y) in the turned frame, its left and right
+    sides moved in so that its four corners lie in the image: (centre x, centre y, width, height)."""
+    top, bottom = ry - half_y, ry + half_y
+    top_lo, top_hi = _view_row_interval(top, cos, sin)
+    bottom_lo, bottom_hi = _view_row_interval(bottom, cos, sin)
+    left = torch.maximum(rx - half_x, torch.maximum(top_lo, bottom_lo))
+    right = torch.minimum(rx + half_x, torch.minimum(top_hi, bottom_hi))
+    right = torch.maximum(right, left + 1e-3)  # never empty (only a degenerate sliver could get here)
+    return (left + right) / 2, ry, right - left, bottom - top
+
+
+BOX_SAMPLERS = {"enclosing": sample_enclosing_boxes, "exact": sample_exemplar_boxes}
+
+
+def sample_config_boxes(config, batch_size: int, num_exemplars: int, generator: torch.Generator | None = None,
+                        device: torch.device | str = "cpu") -> torch.Tensor:
+    """(B, K, 5) exemplar boxes drawn from `config`'s distribution (`exemplar_box_mode` picks the sampler)."""
+    sampler = BOX_SAMPLERS[config.exemplar_box_mode]
+    return sampler(batch_size, num_exemplars, config.exemplar_scale, config.exemplar_aspect_ratio,
+                   config.exemplar_max_rotation, generator=generator, device=device)
+
+
 def exemplar_sampling_grid(boxes: torch.Tensor, size: int) -> torch.Tensor:
     """The `grid_sample` grid (B, K*n, n, 2) that reads all K boxes of each image into n x n exemplars.
 
@@ -129,11 +213,11 @@ def correlation_maps(boxes: torch.Tensor, size: int) -> torch.Tensor:
     return inside.to(boxes.dtype)
 
 
-def resize_context(images: torch.Tensor, size: int) -> torch.Tensor:
-    """The context: the search view resized to size x size (antialiased when shrinking)."""
+def resize_context(images: torch.Tensor, size: int, mode: str = "bicubic") -> torch.Tensor:
+    """The context: the search view resized to size x size ("bicubic" or "bilinear", antialiased)."""
     if images.shape[-1] == size and images.shape[-2] == size:
         return images
-    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return F.interpolate(images, size=(size, size), mode=mode, align_corners=False, antialias=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -216,10 +300,8 @@ def sample_pretext(pixel_values: torch.Tensor, config, generator: torch.Generato
     """
     batch_size = pixel_values.shape[0]
     if boxes is None:
-        boxes = sample_exemplar_boxes(
-            batch_size, config.num_exemplars, config.exemplar_scale, config.exemplar_aspect_ratio,
-            config.exemplar_max_rotation, generator=generator, device=pixel_values.device,
-        )
+        boxes = sample_config_boxes(config, batch_size, config.num_exemplars, generator=generator,
+                                    device=pixel_values.device)
     boxes = boxes.to(device=pixel_values.device, dtype=torch.float32)
     exemplars = warp_exemplars(pixel_values, boxes, config.exemplar_size)
     if config.exemplar_augmentation:
@@ -229,7 +311,7 @@ def sample_pretext(pixel_values: torch.Tensor, config, generator: torch.Generato
         flat = augment_exemplars((flat * std.float() + mean.float()).clamp(0, 1), config, generator)
         exemplars = ((flat - mean.float()) / std.float()).to(pixel_values.dtype).view_as(exemplars)
     return PretextBatch(
-        context_pixel_values=resize_context(pixel_values, config.context_size),
+        context_pixel_values=resize_context(pixel_values, config.context_size, config.context_resample),
         exemplar_pixel_values=exemplars,
         correlation_labels=correlation_maps(boxes, config.context_size),
         exemplar_boxes=boxes,
@@ -242,6 +324,8 @@ __all__ = [
     "correlation_maps",
     "exemplar_sampling_grid",
     "resize_context",
+    "sample_config_boxes",
+    "sample_enclosing_boxes",
     "sample_exemplar_boxes",
     "sample_pretext",
     "warp_exemplars",

@@ -29,6 +29,7 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.utils import logging
 
 from .modeling_cim import CIMForPreTraining
+from .pretext_metrics import correlation_iou, correlation_prior, prior_metrics
 from .streaming import STREAM_STATE_KEY, ResumableImageStream, StreamPosition
 
 logger = logging.get_logger(__name__)
@@ -42,15 +43,6 @@ def cosine_momentum(step: int, max_steps: int, start: float, end: float) -> floa
     """EMA momentum after `step` of `max_steps` optimizer steps: start at step 0, end at max_steps (cosine)."""
     progress = min(max(step / max(max_steps, 1), 0.0), 1.0)
     return end - (end - start) * (math.cos(math.pi * progress) + 1.0) / 2.0
-
-
-def correlation_iou(logits: torch.Tensor, labels: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """Mean IoU between predicted maps (sigmoid(logits) > threshold) and true maps, over all B*K maps."""
-    predicted = logits.detach().float().sigmoid() > threshold
-    truth = labels.detach() > 0.5
-    intersection = (predicted & truth).flatten(-2).sum(-1).float()
-    union = (predicted | truth).flatten(-2).sum(-1).float()
-    return torch.where(union > 0, intersection / union.clamp(min=1), torch.ones_like(union)).mean()
 
 
 def unwrap_cim(model: nn.Module) -> CIMForPreTraining:
@@ -224,6 +216,16 @@ class _ResumedStreamEpoch(TrainerCallback):
         return control
 
 
+def with_prior_gains(metrics: dict[str, float]) -> dict[str, float]:
+    """Adds the gains over the constant prior: `pretext_iou_gain` (IoU minus the prior's IoU) and
+    `loss_to_prior` (correlation loss / the prior's loss; under 1 means the model beats the prior)."""
+    if "pretext_iou" in metrics and "prior_iou" in metrics:
+        metrics["pretext_iou_gain"] = round(metrics["pretext_iou"] - metrics["prior_iou"], 4)
+    if metrics.get("prior_loss") and "correlation_loss" in metrics:
+        metrics["loss_to_prior"] = round(metrics["correlation_loss"] / metrics["prior_loss"], 4)
+    return metrics
+
+
 class _MetricAccumulator:
     """Running sums of a few scalars between two log events (kept on device to avoid syncs)."""
 
@@ -267,6 +269,13 @@ class CIMTrainer(Trainer):
         also drawn by the data pipeline, and the data loader prefetches across a checkpoint."""
         return self._pretext_generators.next(self.state.global_step, device)
 
+    def correlation_prior(self, config) -> torch.Tensor:
+        """The best constant map under the run's own box distribution, estimated once (seeded by the run's seed)."""
+        if getattr(self, "_correlation_prior", None) is None:
+            generator = torch.Generator().manual_seed(self.args.seed)
+            self._correlation_prior = correlation_prior(config, generator=generator)
+        return self._correlation_prior
+
     def total_skipped_images(self) -> int:
         """Images skipped by all processes together (`num_skipped_images` counts this process only). Collective:
         under distributed training every process must call it."""
@@ -304,8 +313,12 @@ class CIMTrainer(Trainer):
             self._check_finite(loss)
         metrics = self._train_metrics if model.training else self._eval_metrics
         metrics.add("pretext_iou", correlation_iou(outputs.logits, outputs.correlation_labels))
+        metrics.add("correlation_loss", outputs.correlation_loss.detach())
+        prior_loss, prior_iou = prior_metrics(self.correlation_prior(unwrap_cim(model).config),
+                                              outputs.correlation_labels, unwrap_cim(model).config)
+        metrics.add("prior_loss", prior_loss)
+        metrics.add("prior_iou", prior_iou)
         if outputs.contrastive_loss is not None:
-            metrics.add("correlation_loss", outputs.correlation_loss)
             metrics.add("contrastive_loss", outputs.contrastive_loss)
         return (loss, outputs) if return_outputs else loss
 
@@ -422,9 +435,9 @@ class CIMTrainer(Trainer):
     def _train_metric_means(self) -> dict[str, float]:
         """Means since the last log over every process's micro-batches (collective under distributed training; the
         metric names are fixed by the config, so every process reduces the same tensor even after empty batches)."""
-        names = ["pretext_iou"]
+        names = ["pretext_iou", "correlation_loss", "prior_loss", "prior_iou"]
         if unwrap_cim(self.model).config.contrastive_loss_weight > 0:
-            names += ["correlation_loss", "contrastive_loss"]
+            names += ["contrastive_loss"]
         sums = self._train_metrics.sums
         totals = torch.tensor([[float(sums.get(n, 0.0)), self._train_metrics.counts.get(n, 0)] for n in names],
                               dtype=torch.float64, device=self.args.device)
@@ -434,13 +447,14 @@ class CIMTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # every process logs the training loss at the same step: the reductions are collective
-            logs.update({k: round(v, 4) for k, v in self._train_metric_means().items()})
+            logs.update(with_prior_gains({k: round(v, 4) for k, v in self._train_metric_means().items()}))
             self._train_metrics.reset()
             if self.momentum_callback.last_momentum is not None:
                 logs["momentum"] = round(self.momentum_callback.last_momentum, 6)
             logs["skipped_images"] = self.total_skipped_images()
         if "eval_loss" in logs:
-            logs.update({f"eval_{k}": round(v, 4) for k, v in self._eval_metrics.means().items()})
+            means = with_prior_gains({k: round(v, 4) for k, v in self._eval_metrics.means().items()})
+            logs.update({f"eval_{k}": v for k, v in means.items()})
         super().log(logs, start_time)
 
 
@@ -453,6 +467,7 @@ __all__ = [
     "StepGenerators",
     "correlation_iou",
     "cosine_momentum",
+    "with_prior_gains",
     "is_complete_checkpoint",
     "last_complete_checkpoint",
     "load_weights_strictly",

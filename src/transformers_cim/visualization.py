@@ -45,8 +45,9 @@ def render_correlation_grid(outputs, mean: list[float], std: list[float], max_ro
     contexts, exemplars = outputs.context_pixel_values, outputs.exemplar_pixel_values
     labels, probs, boxes = outputs.correlation_labels, outputs.logits.float().sigmoid(), outputs.exemplar_boxes
     batch, num_exemplars = exemplars.shape[:2]
-    pairs = [(b, k) for b in range(batch) for k in range(num_exemplars)]
-    pairs = sorted(pairs, key=lambda p: (p[1], p[0]))[:max_rows]  # first exemplar of each image first
+    # a few exemplars of each image, so that the rows show whether the predicted map moves with the exemplar
+    per_image = max(1, min(num_exemplars, math.ceil(max_rows / batch), 3))
+    pairs = [(b, k) for b in range(batch) for k in range(per_image)][:max_rows]
     header = 18
     grid = Image.new("RGB", (4 * tile, header + len(pairs) * tile), (255, 255, 255))
     draw = ImageDraw.Draw(grid)

@@ -1,0 +1,57 @@
+"""Pretext metrics: IoU of predicted maps, and the constant prior that every pretext figure is read against.
+
+The best map a model can predict without looking at the exemplar is the same map for every exemplar: the
+mean of the true maps under the config's box distribution (it minimises the expected cross-entropy of a
+constant prediction). `correlation_prior` estimates it once from the sampler; `prior_metrics` scores it on
+real labels with the model's own loss and IoU, so `loss / prior_loss < 1` and `iou > prior_iou` say that a
+model locates *this* exemplar rather than where exemplars usually are.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .pretext import correlation_maps, sample_config_boxes
+
+PRIOR_SAMPLES = 8192
+
+
+def correlation_iou(logits: torch.Tensor, labels: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Mean IoU between predicted maps (sigmoid(logits) > threshold) and true maps, over all B*K maps."""
+    predicted = logits.detach().float().sigmoid() > threshold
+    truth = labels.detach() > 0.5
+    intersection = (predicted & truth).flatten(-2).sum(-1).float()
+    union = (predicted | truth).flatten(-2).sum(-1).float()
+    return torch.where(union > 0, intersection / union.clamp(min=1), torch.ones_like(union)).mean()
+PROBABILITY_FLOOR = 1e-4
+
+
+def correlation_prior(config, num_samples: int = PRIOR_SAMPLES, generator: torch.Generator | None = None,
+                      chunk: int = 1024) -> torch.Tensor:
+    """The mean true map (m, m) over `num_samples` boxes drawn from `config`'s exemplar distribution."""
+    total = torch.zeros(config.context_size, config.context_size, dtype=torch.float64)
+    drawn = 0
+    while drawn < num_samples:
+        count = min(chunk, num_samples - drawn)
+        boxes = sample_config_boxes(config, count, 1, generator=generator)
+        total += correlation_maps(boxes, config.context_size).sum(dim=(0, 1)).double()
+        drawn += count
+    return (total / num_samples).float()
+
+
+def prior_logits(prior: torch.Tensor) -> torch.Tensor:
+    """Logits of the constant prior map, clamped away from 0 and 1 so its loss stays finite."""
+    probability = prior.clamp(PROBABILITY_FLOOR, 1 - PROBABILITY_FLOOR)
+    return probability.log() - (-probability).log1p()
+
+
+@torch.no_grad()
+def prior_metrics(prior: torch.Tensor, labels: torch.Tensor, config) -> tuple[float, float]:
+    """(loss, IoU at 0.5) of predicting `prior` for every map of `labels` (B, K, m, m), with the model's loss."""
+    from .modeling_cim import correlation_loss  # the model's own loss, so the two figures compare
+
+    logits = prior_logits(prior.to(labels.device)).expand_as(labels)
+    return float(correlation_loss(logits, labels, config)), float(correlation_iou(logits, labels))
+
+
+__all__ = ["correlation_iou", "correlation_prior", "prior_logits", "prior_metrics"]
