@@ -34,9 +34,10 @@ from transformers_cim.trainer import cosine_momentum  # noqa: E402
 
 IMAGENETTE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "imagenette-160")
 
-# the quick start's sizes: ViT-Tiny width, 6 layers, patch 8, 128 / 96 / 32 px, decoder 512
+# the quick start's sizes: ViT-Tiny width, 6 layers, patch 8, 128 / 96 / 32 px, decoder 256 x 8 heads
 BASE = {
     "image_size": 128, "context_size": 96, "exemplar_size": 32,
+    "decoder_hidden_size": 256, "decoder_num_attention_heads": 8,
     "encoder.num_hidden_layers": 6, "encoder.patch_size": 8,
 }
 BUNDLES = {

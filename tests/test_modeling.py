@@ -620,3 +620,31 @@ def test_encoder_width_the_heads_do_not_divide_is_refused():
     encoder.hidden_size, encoder.num_attention_heads = 100, 3
     with pytest.raises(ValueError, match="not divisible by its `num_attention_heads`"):
         CIMConfig(encoder_config=encoder)
+
+
+def test_decoder_attention_goes_through_the_configured_backend(tiny_vit_config, search_views):
+    """The decoder's cross-attention is dispatched through transformers' attention interface, so the backend
+    the config names (sdpa, flash, flex, or a registered one) is the one that runs."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    calls = []
+
+    def counting_attention(module, query, key, value, attention_mask, **kwargs):
+        calls.append(type(module).__name__)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("cim_test_counting", counting_attention)
+    model = build(tiny_vit_config())
+    x = search_views()
+    reference = model(x, generator=gen(3)).logits
+    model.set_attn_implementation("cim_test_counting")
+    counted = model(x, generator=gen(3)).logits
+    assert "CIMCrossAttention" in calls
+    torch.testing.assert_close(counted, reference, rtol=0, atol=1e-5)
+
+
+def test_gradient_checkpointing_is_refused_for_resnet_with_the_reason(tiny_resnet_config):
+    model = CIMForPreTraining(tiny_resnet_config())
+    with pytest.raises(ValueError, match="not available for ResNet encoders"):
+        model.gradient_checkpointing_enable()

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, ResNetModel, ViTModel
 from transformers import initialization as init
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.vit.modeling_vit import eager_attention_forward
 from transformers.utils import ModelOutput
 
 from .configuration_cim import CIMConfig
@@ -134,12 +136,18 @@ def init_vit_like_authors(encoder: ViTModel) -> None:
 
 
 class CIMCrossAttention(nn.Module):
-    """Multi-head attention with queries from the context and keys/values from the exemplar."""
+    """Multi-head attention with queries from the context and keys/values from the exemplar, run by the
+    attention backend the config names (`eager`, `sdpa`, `flash_attention_2`, `flex_attention`, ...)."""
 
-    def __init__(self, hidden_size: int, num_heads: int):
+    is_causal = False  # read by the flash-attention backends
+
+    def __init__(self, config: CIMConfig):
         super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = hidden_size // num_heads
+        hidden_size = config.decoder_hidden_size
+        self.config = config
+        self.num_heads = config.decoder_num_attention_heads
+        self.head_dim = hidden_size // self.num_heads
+        self.scaling = self.head_dim**-0.5
         self.q_proj = nn.Linear(hidden_size, hidden_size)
         self.k_proj = nn.Linear(hidden_size, hidden_size)
         self.v_proj = nn.Linear(hidden_size, hidden_size)
@@ -150,8 +158,9 @@ class CIMCrossAttention(nn.Module):
 
     def forward(self, queries: torch.Tensor, keys_values: torch.Tensor) -> torch.Tensor:
         q, k, v = self._heads(self.q_proj(queries)), self._heads(self.k_proj(keys_values)), self._heads(self.v_proj(keys_values))
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.o_proj(out.transpose(1, 2).reshape(queries.shape))
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        out, _ = attention(self, q, k, v, None, scaling=self.scaling, dropout=0.0)  # (N, L, heads, head_dim)
+        return self.o_proj(out.reshape(queries.shape))
 
 
 class CIMDecoderLayer(nn.Module):
@@ -163,7 +172,7 @@ class CIMDecoderLayer(nn.Module):
         self.query_norm = nn.LayerNorm(width, eps=1e-6)
         # the authors normalise both sides with one LayerNorm (their `norm1`)
         self.key_value_norm = None if config.decoder_shared_norm else nn.LayerNorm(width, eps=1e-6)
-        self.cross_attention = CIMCrossAttention(width, config.decoder_num_attention_heads)
+        self.cross_attention = CIMCrossAttention(config)
         self.mlp_norm = nn.LayerNorm(width, eps=1e-6)
         hidden = int(width * config.decoder_mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
@@ -299,12 +308,20 @@ class CIMPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _no_split_modules = ["ViTEmbeddings", "ViTLayer", "CIMDecoderLayer"]
+    _no_split_modules = ["ViTEmbeddings", "ViTLayer", "ResNetEmbeddings", "ResNetStage", "CIMDecoderLayer"]
 
     @property
     def encoder(self) -> nn.Module:
         """The online encoder (a stock `ViTModel` or `ResNetModel`)."""
         return getattr(self, encoder_attribute(self.config))
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        """Checkpoints the ViT encoders' layers; transformers' ResNet has no gradient checkpointing, so a ResNet
+        CIM model refuses with the reason instead of failing inside transformers."""
+        if self.config.encoder_type == "resnet":
+            raise ValueError("Gradient checkpointing is not available for ResNet encoders (transformers' ResNetModel "
+                             "does not support it); drop --gradient_checkpointing or use a ViT encoder.")
+        return super().gradient_checkpointing_enable(gradient_checkpointing_kwargs)
 
     def get_input_embeddings(self) -> nn.Module:
         if isinstance(self.encoder, ViTModel):
