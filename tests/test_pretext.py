@@ -14,6 +14,7 @@ import torch
 from transformers_cim.pretext import (
     augment_exemplars,
     correlation_maps,
+    exemplar_supersampling,
     gaussian_blur,
     sample_enclosing_boxes,
     sample_exemplar_boxes,
@@ -247,6 +248,39 @@ def test_map_mean_is_the_box_area():
     assert error.mean() < 0.05 * bound.mean()  # errors cancel on average (measured 0.0075)
 
 
+# ------------------------------------------------------------------------------------------ antialiasing
+
+def test_supersampled_exemplar_still_reads_only_pixels_the_map_marks():
+    boxes = torch.tensor([[[0.5, 0.5, 0.5, 0.4, 0.3]], [[0.4, 0.6, 0.3, 0.5, -0.6]]])
+    maps = correlation_maps(boxes, 128)
+    for supersample in (2, 3, 4):
+        # the outermost sub-samples lie within a pixel of the box edge, so bilinear reads there can blend in a
+        # sliver of the outside: bounded, and only on border pixels
+        inside = warp_exemplars(maps, boxes, 8, supersample)
+        outside = warp_exemplars(1 - maps, boxes, 8, supersample)
+        # (only the outermost sub-samples of a border pixel can reach outside, and only partly)
+        assert inside.min() > 0.9 and outside.max() < 0.1 and inside.mean() > 0.99  # measured: 0.959, 0.997
+        torch.testing.assert_close(inside[..., 1:-1, 1:-1], torch.ones_like(inside[..., 1:-1, 1:-1]), rtol=0, atol=1e-5)
+
+
+def test_supersampling_removes_aliasing_of_fine_texture():
+    """A 1-pixel checkerboard shrunk 4x: single bilinear samples alias into a strong pattern, the 4 x 4 box
+    filter gives its mean grey."""
+    coords = torch.arange(128)
+    board = ((coords.view(-1, 1) + coords.view(1, -1)) % 2).float().view(1, 1, 128, 128)
+    b = box(0.5, 0.5, 0.5, 0.5, 0.1)
+    aliased = warp_exemplars(board, b, 16, 1)
+    smooth = warp_exemplars(board, b, 16, 4)
+    assert aliased.std() > 0.1
+    assert smooth.std() < 0.5 * aliased.std() and abs(smooth.mean().item() - 0.5) < 0.02
+
+
+def test_supersampling_follows_the_config(tiny_vit_config):
+    assert exemplar_supersampling(tiny_vit_config(exemplar_antialias=False)) == 1
+    assert exemplar_supersampling(tiny_vit_config(exemplar_scale=(0.05, 0.1))) == 2  # 20 px sides -> 16 px
+    assert exemplar_supersampling(tiny_vit_config(image_size=256, context_size=48)) == 4  # capped
+
+
 # ------------------------------------------------------------------------------------------ enclosing mode
 
 def enclosing_boxes(batch: int, k: int, seed: int) -> torch.Tensor:
@@ -329,7 +363,8 @@ def test_sample_pretext_shapes_and_consistency(tiny_vit_config, search_views):
     assert set(out.correlation_labels.unique().tolist()) <= {0.0, 1.0}
     assert torch.equal(out.correlation_labels, correlation_maps(out.exemplar_boxes, 48))
     # augmentation off: the exemplars are exactly the plain warp of the (un-resized) view
-    assert torch.equal(out.exemplar_pixel_values, warp_exemplars(x, out.exemplar_boxes, 16))
+    assert exemplar_supersampling(config) == 3  # boxes of up to 0.48 of a 64 px view: sides up to 44 px -> 16 px
+    assert torch.equal(out.exemplar_pixel_values, warp_exemplars(x, out.exemplar_boxes, 16, 3))
     # the context is the whole view, resized
     torch.testing.assert_close(out.context_pixel_values.mean(), x.mean(), rtol=0, atol=1e-2)
     # given boxes fix the geometry

@@ -53,6 +53,9 @@ class CIMConfig(PreTrainedConfig):
             "enclosing" (the authors' code): an axis-aligned box is sampled, the view turned by theta, and the
             exemplar is the sampled box's bounding box in the turned view (a rotated rectangle enclosing the
             sample, so larger and squarer). "exact" (the paper's wording): the rotated w x h box itself.
+        exemplar_antialias (`bool`, defaults to `True`): antialiased exemplar resampling (each pixel the mean of
+            s x s bilinear samples, s the largest downscale the box sizes need, at most 4), like the authors'
+            antialiased PIL resize; `False` samples each pixel once (bilinear, aliased when shrinking).
         exemplar_augmentation (`bool`, defaults to `True`): photometric transforms on the exemplars only.
         exemplar_color_jitter (`list[float]`): brightness, contrast, saturation, hue strengths.
         exemplar_color_jitter_prob, exemplar_grayscale_prob, exemplar_blur_prob, exemplar_solarize_prob,
@@ -104,6 +107,7 @@ class CIMConfig(PreTrainedConfig):
     exemplar_aspect_ratio: list[float] | tuple[float, float] = (1.0 / 3.0, 3.0)
     exemplar_max_rotation: float | int = 45.0
     exemplar_box_mode: str = "enclosing"
+    exemplar_antialias: bool = True
     exemplar_augmentation: bool = True
     exemplar_color_jitter: list[float] | tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
     exemplar_color_jitter_prob: float = 0.8

@@ -189,13 +189,30 @@ def exemplar_sampling_grid(boxes: torch.Tensor, size: int) -> torch.Tensor:
     return grid.reshape(batch_size, num_exemplars * size, size, 2)
 
 
-def warp_exemplars(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """Crops the rotated boxes (B, K, 5) out of `images` (B, C, H, W) as (B, K, C, n, n) in one call."""
+def warp_exemplars(images: torch.Tensor, boxes: torch.Tensor, size: int, supersample: int = 1) -> torch.Tensor:
+    """Crops the rotated boxes (B, K, 5) out of `images` (B, C, H, W) as (B, K, C, n, n) in one call.
+
+    With `supersample` s > 1 each exemplar pixel is the mean of s x s bilinear samples spread over it: an
+    antialiased downscale (box filter) for exemplars that shrink their box by up to about s times.
+    """
     batch_size, num_exemplars = boxes.shape[:2]
-    grid = exemplar_sampling_grid(boxes.to(images.dtype), size)
+    fine = size * supersample
+    grid = exemplar_sampling_grid(boxes.to(images.dtype), fine)
     out = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    out = out.view(batch_size, images.shape[1] * num_exemplars, fine, fine)
+    if supersample > 1:
+        out = F.avg_pool2d(out, supersample)
     out = out.view(batch_size, images.shape[1], num_exemplars, size, size)
     return out.permute(0, 2, 1, 3, 4)
+
+
+def exemplar_supersampling(config) -> int:
+    """Samples per exemplar pixel side for the config's antialiasing: the largest downscale a box of the
+    largest configured area can need (its side / the exemplar side), at most 4; 1 when antialiasing is off."""
+    if not config.exemplar_antialias:
+        return 1
+    largest_side = math.sqrt(config.exemplar_scale[1]) * config.image_size
+    return int(min(4, max(1, math.ceil(largest_side / config.exemplar_size))))
 
 
 def correlation_maps(boxes: torch.Tensor, size: int) -> torch.Tensor:
@@ -303,7 +320,7 @@ def sample_pretext(pixel_values: torch.Tensor, config, generator: torch.Generato
         boxes = sample_config_boxes(config, batch_size, config.num_exemplars, generator=generator,
                                     device=pixel_values.device)
     boxes = boxes.to(device=pixel_values.device, dtype=torch.float32)
-    exemplars = warp_exemplars(pixel_values, boxes, config.exemplar_size)
+    exemplars = warp_exemplars(pixel_values, boxes, config.exemplar_size, exemplar_supersampling(config))
     if config.exemplar_augmentation:
         mean = pixel_values.new_tensor(config.image_mean).view(1, 3, 1, 1)
         std = pixel_values.new_tensor(config.image_std).view(1, 3, 1, 1)
@@ -323,6 +340,7 @@ __all__ = [
     "augment_exemplars",
     "correlation_maps",
     "exemplar_sampling_grid",
+    "exemplar_supersampling",
     "resize_context",
     "sample_config_boxes",
     "sample_enclosing_boxes",
