@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from datasets.distributed import split_dataset_by_node
 
-from .data import _without_image_decoding, decoded_row
+from .data.collate import decoded_row, register_batch_annotator, without_image_decoding
 
 STREAM_STATE_KEY = "stream_state"
 _ACTIVE_READER: "_Reader | None" = None  # the reader iterating in this process (one per worker process)
@@ -37,6 +37,15 @@ _ACTIVE_READER: "_Reader | None" = None  # the reader iterating in this process 
 def current_snapshot() -> dict | None:
     """Snapshot of the reader iterating in this process (the one that produced the rows being collated), if any."""
     return None if _ACTIVE_READER is None else _ACTIVE_READER.snapshot()
+
+
+def _stream_state_entry() -> dict:
+    """What `SkippingCollator` adds to a batch: ``{STREAM_STATE_KEY: snapshot}`` while a reader runs here."""
+    snapshot = current_snapshot()
+    return {} if snapshot is None else {STREAM_STATE_KEY: snapshot}
+
+
+register_batch_annotator(_stream_state_entry)
 
 
 READ_BATCH = 32  # records fetched from datasets at a time (one at a time costs ~5x more per record)
@@ -200,7 +209,7 @@ class ResumableImageStream(torch.utils.data.IterableDataset):
                  min_size: int = 32, buffer_size: int = 1000, seed: int = 0, rank: int = 0, world_size: int = 1):
         if buffer_size < 1:
             raise ValueError(f"buffer_size must be at least 1, got {buffer_size}.")
-        self.source = _without_image_decoding(source, image_column)
+        self.source = without_image_decoding(source, image_column)
         if self.source.features is not None:
             self.source = self.source.select_columns([image_column])
         self.image_column, self.transform, self.min_size = image_column, transform, min_size
