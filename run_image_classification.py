@@ -34,6 +34,12 @@ import torch
 import transformers
 from transformers import EvalPrediction, HfArgumentParser, TrainingArguments
 
+from transformers_cim.checkpoints import (
+    check_checkpoint_path,
+    checkpoint_kind,
+    image_stats_from_checkpoint,
+    last_complete_checkpoint,
+)
 from transformers_cim.data import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
@@ -54,13 +60,10 @@ from transformers_cim.export import make_image_processor
 from transformers_cim.finetune import (
     ClassificationTrainer,
     LinearProbeForImageClassification,
-    check_checkpoint_path,
-    checkpoint_kind,
-    image_stats_from_checkpoint,
     load_encoder_for_classification,
 )
 from transformers_cim.metrics import load_top_k_accuracy
-from transformers_cim.trainer import last_complete_checkpoint
+from transformers_cim.training_utils import fetch_batches_per_process
 
 
 logger = logging.getLogger("run_image_classification")
@@ -436,9 +439,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     mean, std = stats if stats is not None else (list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD))
     train_ds, eval_ds, names, _, _ = build_datasets(data_args, model_args, training_args, mean, std)
     if data_args.streaming:
-        # each process reads its own stream batches: accelerate's dispatching cannot carry the variable-size
-        # batches left when undecodable images are dropped; workers must divide the shard count
-        training_args.accelerator_config.dispatch_batches = False
+        # each process reads its own stream batches (see fetch_batches_per_process); workers must divide the shards
+        fetch_batches_per_process(training_args)
         shards = max(1, count_shards(train_ds) // max(1, training_args.world_size))
         training_args.dataloader_num_workers = check_num_workers(training_args.dataloader_num_workers, shards)
     id2label = dict(enumerate(names))

@@ -28,10 +28,9 @@ import transformers
 from transformers import HfArgumentParser, TrainingArguments, ViTImageProcessorPil
 
 from transformers_cim import CIMConfig, CIMForPreTraining
+from transformers_cim.checkpoints import CHECKPOINT_COMPLETE_MARKER, is_complete_checkpoint, last_complete_checkpoint
 from transformers_cim.configuration_cim import PRESET_NAMES
 from transformers_cim.data import (
-    IMAGENET_DEFAULT_MEAN,
-    IMAGENET_DEFAULT_STD,
     RandomResizedCropFlip,
     ResizeCenterCrop,
     SeededImageDataset,
@@ -45,13 +44,8 @@ from transformers_cim.data import (
 )
 from transformers_cim.modelcard import build_model_card, write_model_card
 from transformers_cim.streaming import ResumableImageStream
-from transformers_cim.trainer import (
-    CHECKPOINT_COMPLETE_MARKER,
-    CIMTrainer,
-    SaveOnSignalCallback,
-    is_complete_checkpoint,
-    last_complete_checkpoint,
-)
+from transformers_cim.trainer import CIMTrainer, SaveOnSignalCallback
+from transformers_cim.training_utils import fetch_batches_per_process
 from transformers_cim.visualization import VisualizationCallback
 
 logger = logging.getLogger("run_pretraining")
@@ -321,7 +315,7 @@ def use_shards_per_rank(training_args: CIMTrainingArguments, num_shards: int) ->
     """Every process fetches its own batches from the stream (ResumableImageStream reads this process's whole shards
     when there are at least as many shards as processes, else every world_size-th record), never rank 0 reading
     and dispatching: that cannot carry the variable-size batches left when undecodable images are dropped."""
-    training_args.accelerator_config.dispatch_batches = False
+    fetch_batches_per_process(training_args)
     if training_args.world_size > 1 and num_shards < training_args.world_size:
         logger.warning("The stream has %d shard(s) for %d processes: every rank reads the whole stream and keeps "
                        "its share. Re-shard the data into more files so each rank reads only its own.", num_shards,

@@ -21,17 +21,14 @@ from collections.abc import Sequence
 from transformers import ResNetModel, ViTModel
 from transformers.image_processing_utils import BaseImageProcessor
 
-from .finetune import (
+from .checkpoints import (
     check_checkpoint_path,
     checkpoint_kind,
     encoder_config_from_checkpoint,
     image_stats_from_checkpoint,
     quiet_loading,
 )
-
-
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
+from .data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 
 def make_image_processor(
@@ -47,8 +44,8 @@ def make_image_processor(
     (resize the short side to ``image_size / crop_pct``, centre crop ``image_size``), as stock ResNet checkpoints do.
     The PIL back-ends are used when available: they save under the stock class names.
     """
-    mean = list(image_mean) if image_mean is not None else list(IMAGENET_MEAN)
-    std = list(image_std) if image_std is not None else list(IMAGENET_STD)
+    mean = list(image_mean) if image_mean is not None else list(IMAGENET_DEFAULT_MEAN)
+    std = list(image_std) if image_std is not None else list(IMAGENET_DEFAULT_STD)
     if encoder_type == "resnet":
         try:
             from transformers import ConvNextImageProcessorPil as processor_cls
@@ -128,7 +125,7 @@ def export_encoder(cim_checkpoint_dir: str | os.PathLike, output_dir: str | os.P
             json.dump(saved, f, indent=2, sort_keys=True)
 
     stats = image_stats_from_checkpoint(source)
-    mean, std = stats if stats is not None else (IMAGENET_MEAN, IMAGENET_STD)
+    mean, std = stats if stats is not None else (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
     with open(os.path.join(source, "config.json"), encoding="utf-8") as f:
         source_config = json.load(f)
     if encoder_type == "vit":

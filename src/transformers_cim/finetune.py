@@ -17,35 +17,32 @@ The pieces here are used by ``run_image_classification.py`` and are usable on th
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import os
 import re
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import (
-    PreTrainedConfig,
-    ResNetConfig,
-    ResNetForImageClassification,
-    Trainer,
-    ViTConfig,
-    ViTForImageClassification,
-)
+from transformers import ResNetForImageClassification, Trainer, ViTForImageClassification
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.utils import logging
 
-from .trainer import EpochToDatasetCallback, StepGenerators, load_weights_strictly, loads_through_from_pretrained
+from .checkpoints import (
+    SUPPORTED_ENCODER_TYPES,
+    check_checkpoint_path,
+    checkpoint_kind,
+    encoder_config_from_checkpoint,
+    load_weights_strictly,
+    loads_through_from_pretrained,
+    quiet_loading,
+)
+from .training_utils import EpochToDatasetCallback, StepGenerators
 
 
 logger = logging.get_logger(__name__)
-
-SUPPORTED_ENCODER_TYPES = ("vit", "resnet")
 
 # Parameter-name fragments that never get weight decay (in addition to every parameter with ndim <= 1).
 NO_WEIGHT_DECAY_NAMES = ("position_embeddings", "cls_token", "mask_token", "pos_embed")
@@ -55,98 +52,8 @@ _RESNET_STAGE = re.compile(r"(?:^|\.)encoder\.stages\.(\d+)\.")
 
 
 # --------------------------------------------------------------------------------------------------
-# Checkpoint handling
+# Loading an encoder for classification
 # --------------------------------------------------------------------------------------------------
-def _read_config_dict(path: str) -> dict[str, Any]:
-    config_file = os.path.join(path, "config.json")
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"{path!r} has no config.json: it is not a transformers checkpoint directory.")
-    with open(config_file, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def _config_from_dict(config_dict: dict[str, Any]) -> PreTrainedConfig:
-    model_type = config_dict.get("model_type")
-    config_dict = {k: v for k, v in config_dict.items() if k not in ("auto_map", "architectures")}
-    if model_type == "vit":
-        return ViTConfig.from_dict(config_dict)
-    if model_type == "resnet":
-        return ResNetConfig.from_dict(config_dict)
-    raise ValueError(
-        f"Unsupported encoder model_type {model_type!r}: expected one of {SUPPORTED_ENCODER_TYPES} "
-        "(or a CIM checkpoint, model_type 'cim', whose encoder is one of them)."
-    )
-
-
-@contextlib.contextmanager
-def quiet_loading(enabled: bool = True) -> Iterator[None]:
-    """Silence ``from_pretrained``'s load report (e.g. the expected unused target-encoder / decoder weights)."""
-    if not enabled:
-        yield
-        return
-    # A filter, not a higher level: transformers runs extra checks (and warnings) when this logger's level is raised.
-    modeling_logger = logging.get_logger("transformers.modeling_utils")
-
-    def drop_load_report(record: Any) -> bool:
-        return "LOAD REPORT" not in str(record.getMessage())
-
-    modeling_logger.addFilter(drop_load_report)
-    try:
-        yield
-    finally:
-        modeling_logger.removeFilter(drop_load_report)
-
-
-def check_checkpoint_path(path: str | os.PathLike | None) -> str:
-    """Return ``path`` as a string if it is a checkpoint directory; raise a clear error otherwise."""
-    if path is None or str(path) == "":
-        raise ValueError(
-            "No model given: pass --model_name_or_path (a CIM pre-training checkpoint, an exported encoder, "
-            "or a local ViT/ResNet checkpoint directory)."
-        )
-    path = str(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"Checkpoint {path!r} does not exist (no internet access is assumed: use a local directory).")
-    if not os.path.isdir(path):
-        raise NotADirectoryError(f"Checkpoint {path!r} is a file; expected a checkpoint directory with config.json.")
-    _read_config_dict(path)
-    return path
-
-
-def checkpoint_kind(path: str | os.PathLike) -> tuple[str, str]:
-    """Return ``(kind, encoder_type)`` for a checkpoint directory.
-
-    ``kind`` is ``"cim"`` for a CIM pre-training checkpoint and ``"stock"`` for a plain transformers ViT / ResNet
-    checkpoint (an exported encoder or a classification model); ``encoder_type`` is ``"vit"`` or ``"resnet"``.
-    """
-    config_dict = _read_config_dict(str(path))
-    model_type = config_dict.get("model_type")
-    if model_type == "cim":
-        encoder = config_dict.get("encoder_config") or {}
-        encoder_type = encoder.get("model_type", "vit")
-        if encoder_type not in SUPPORTED_ENCODER_TYPES:
-            raise ValueError(f"CIM checkpoint {path!r} has an unsupported encoder type {encoder_type!r}.")
-        return "cim", encoder_type
-    if model_type in SUPPORTED_ENCODER_TYPES:
-        return "stock", model_type
-    raise ValueError(
-        f"Checkpoint {path!r} has model_type {model_type!r}; supported: 'cim', 'vit', 'resnet'."
-    )
-
-
-def encoder_config_from_checkpoint(path: str | os.PathLike) -> PreTrainedConfig:
-    """The stock ``ViTConfig`` / ``ResNetConfig`` of the encoder stored in ``path`` (CIM or stock checkpoint)."""
-    config_dict = _read_config_dict(str(path))
-    if config_dict.get("model_type") == "cim":
-        encoder = config_dict.get("encoder_config")
-        if not isinstance(encoder, dict):
-            raise ValueError(f"CIM checkpoint {path!r} has no `encoder_config` in its config.json.")
-        encoder = dict(encoder)
-        encoder.setdefault("model_type", "vit")
-        return _config_from_dict(encoder)
-    return _config_from_dict(config_dict)
-
-
 def resize_vit_position_embeddings(model: nn.Module, image_size: int) -> bool:
     """Permanently resize a ViT's position embeddings to ``image_size`` (square input).
 
@@ -230,34 +137,6 @@ def load_encoder_for_classification(
         if resize_vit_position_embeddings(model, int(image_size)):
             logger.info(f"Interpolated the position embeddings of {path} to {image_size} px.")
     return model
-
-
-def image_stats_from_checkpoint(path: str | os.PathLike) -> tuple[list[float], list[float]] | None:
-    """``(image_mean, image_std)`` of the checkpoint's image processor (else of a CIM config), or None."""
-    processor_file = os.path.join(str(path), "preprocessor_config.json")
-    if not os.path.isfile(processor_file):
-        config_dict = _read_config_dict(str(path))
-        mean, std = config_dict.get("image_mean"), config_dict.get("image_std")
-        if config_dict.get("model_type") == "cim" and mean is not None and std is not None:
-            return [float(m) for m in mean], [float(s) for s in std]
-        return None
-    try:
-        from transformers import AutoImageProcessor
-
-        processor = AutoImageProcessor.from_pretrained(str(path))
-        mean, std = processor.image_mean, processor.image_std
-    except Exception:  # an unknown processor class: read the numbers directly
-        with open(processor_file, encoding="utf-8") as f:
-            data = json.load(f)
-        mean, std = data.get("image_mean"), data.get("image_std")
-    if mean is None or std is None:
-        return None
-    if isinstance(mean, (int, float)):
-        mean = [mean] * 3
-    if isinstance(std, (int, float)):
-        std = [std] * 3
-    return [float(m) for m in mean], [float(s) for s in std]
-
 
 # --------------------------------------------------------------------------------------------------
 # Layer-wise learning-rate decay
@@ -627,12 +506,7 @@ __all__ = [
     "ClassificationTrainer",
     "LinearProbeForImageClassification",
     "LinearProbeHead",
-    "check_checkpoint_path",
-    "quiet_loading",
-    "checkpoint_kind",
     "cutmix_box",
-    "encoder_config_from_checkpoint",
-    "image_stats_from_checkpoint",
     "is_no_weight_decay",
     "layer_id_for_parameter",
     "load_encoder_for_classification",

@@ -13,24 +13,28 @@
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import json
 import math
 import os
-import re
 import signal
 import threading
 
 import torch
 from torch import nn
 from accelerate.data_loader import DataLoaderShard
-from transformers import PreTrainedModel, Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
+from .checkpoints import (
+    CHECKPOINT_COMPLETE_MARKER,
+    last_complete_checkpoint,
+    load_weights_strictly,
+    loads_through_from_pretrained,
+)
 from .modeling_cim import CIMForPreTraining
 from .pretext_metrics import correlation_iou, correlation_prior, prior_metrics
 from .streaming import STREAM_STATE_KEY, ResumableImageStream, StreamPosition
+from .training_utils import EpochToDatasetCallback, StepGenerators, fetch_batches_per_process
 
 logger = logging.get_logger(__name__)
 
@@ -53,85 +57,6 @@ def unwrap_cim(model: nn.Module) -> CIMForPreTraining:
             raise TypeError(f"Expected a CIMForPreTraining model, got {type(model).__name__}.")
         model = inner
     return model
-
-
-class StepGenerators:
-    """`torch.Generator`s that are a pure function of (seed, global step, micro-batch of the step, process).
-
-    Random draws made in the training step (CIM's exemplars, Mixup/CutMix) then do not depend on how much the
-    global RNG was used before, so a run resumed from a checkpoint draws exactly what the uninterrupted run drew."""
-
-    def __init__(self, seed: int, process_index: int = 0) -> None:
-        self.seed, self.process_index = seed, process_index
-        self._step, self._micro = -1, 0
-
-    def next(self, global_step: int, device: torch.device | str = "cpu") -> torch.Generator:
-        if global_step != self._step:
-            self._step, self._micro = global_step, 0
-        key = f"{self.seed}/{self._step}/{self._micro}/{self.process_index}"
-        self._micro += 1
-        seed = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") & (2**63 - 1)
-        return torch.Generator(device=device).manual_seed(seed)
-
-
-CHECKPOINT_COMPLETE_MARKER = "trainer_state.json"  # Trainer writes it last when saving a checkpoint
-
-
-def is_complete_checkpoint(path: str) -> bool:
-    """A checkpoint folder whose save finished: a run killed mid-save leaves it without the state file, or with
-    the state file cut short."""
-    try:
-        with open(os.path.join(path, CHECKPOINT_COMPLETE_MARKER)) as f:
-            json.load(f)
-    except (OSError, ValueError):
-        return False
-    return True
-
-
-def last_complete_checkpoint(output_dir: str) -> str | None:
-    """The newest `checkpoint-N` in output_dir whose save finished; incomplete ones are skipped with a warning."""
-    if not os.path.isdir(output_dir):
-        return None
-    steps = sorted((int(name.split("-")[1]), name) for name in os.listdir(output_dir)
-                   if re.fullmatch(r"checkpoint-\d+", name) and os.path.isdir(os.path.join(output_dir, name)))
-    for _, name in reversed(steps):
-        path = os.path.join(output_dir, name)
-        if is_complete_checkpoint(path):
-            return path
-        logger.warning("Skipping %s: its save did not finish (no %s).", path, CHECKPOINT_COMPLETE_MARKER)
-    return None
-
-
-def loads_through_from_pretrained(model: nn.Module, checkpoint: str | None) -> bool:
-    """Whether `load_weights_strictly` applies: a `PreTrainedModel` and a checkpoint written by `save_pretrained`."""
-    return (bool(checkpoint) and isinstance(model, PreTrainedModel)
-            and os.path.isfile(os.path.join(checkpoint, "config.json")))
-
-
-def load_weights_strictly(model: PreTrainedModel, checkpoint: str) -> None:
-    """Loads a checkpoint's weights into `model` through `from_pretrained`, strictly.
-
-    `Trainer` resumes with `model.load_state_dict(safetensors file, strict=False)`, but in transformers 5.x
-    `save_pretrained` writes stock ViT layers in the legacy key format, which only `from_pretrained` converts
-    back: the Trainer skips those keys with a warning and training goes on from the weights in memory."""
-    loaded = type(model).from_pretrained(checkpoint, config=copy.deepcopy(model.config))
-    model.load_state_dict(loaded.state_dict(), strict=True)
-    del loaded
-
-
-class EpochToDatasetCallback(TrainerCallback):
-    """Tells a map-style training set with `set_epoch` (e.g. `SeededImageDataset`) which pass is starting, before
-    the pass's data-loader iterator (and its workers) is created. accelerate forwards the epoch to the dataset only
-    in some sampler set-ups; a stream counts its own passes and is left alone."""
-
-    def __init__(self, trainer: Trainer) -> None:
-        self.trainer = trainer
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        dataset = self.trainer.train_dataset
-        if hasattr(dataset, "set_epoch") and not isinstance(dataset, torch.utils.data.IterableDataset):
-            dataset.set_epoch(int(math.floor(state.epoch or 0)))
-        return control
 
 
 class MomentumCallback(TrainerCallback):
@@ -250,10 +175,8 @@ class CIMTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
-        if training_args is not None and training_args.accelerator_config.dispatch_batches is None:
-            # accelerate's default for an IterableDataset (the main process reads and broadcasts each batch) fails on
-            # the variable-size batches SkippingCollator makes when it drops undecodable images: fetch per process
-            training_args.accelerator_config.dispatch_batches = False
+        if training_args is not None:
+            fetch_batches_per_process(training_args, keep_explicit_choice=True)
         super().__init__(*args, **kwargs)
         if not any(isinstance(cb, MomentumCallback) for cb in self.callback_handler.callbacks):
             self.add_callback(MomentumCallback())
@@ -460,15 +383,11 @@ class CIMTrainer(Trainer):
 
 __all__ = [
     "CIMTrainer",
-    "EpochToDatasetCallback",
     "MomentumCallback",
     "NonFiniteLossError",
     "SaveOnSignalCallback",
-    "StepGenerators",
     "correlation_iou",
     "cosine_momentum",
+    "unwrap_cim",
     "with_prior_gains",
-    "is_complete_checkpoint",
-    "last_complete_checkpoint",
-    "load_weights_strictly",
 ]

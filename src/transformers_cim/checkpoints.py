@@ -1,0 +1,206 @@
+"""Checkpoint directories: which are complete, what they hold, and loading their weights.
+
+- Pre-training and fine-tuning runs resume from the newest *complete* checkpoint (`last_complete_checkpoint`): the
+  Trainer writes `trainer_state.json` last, so a run killed mid-save leaves a folder without it.
+- `load_weights_strictly` loads a `save_pretrained` checkpoint through `from_pretrained`, which converts the legacy
+  key format that the Trainer's own `load_state_dict(strict=False)` would skip.
+- `check_checkpoint_path`, `checkpoint_kind`, `encoder_config_from_checkpoint` and `image_stats_from_checkpoint`
+  read a CIM pre-training checkpoint, an exported encoder or a stock ViT / ResNet checkpoint before any weight is
+  loaded (fine-tuning, export); `quiet_loading` silences `from_pretrained`'s report of the weights left out on
+  purpose.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from torch import nn
+from transformers import PreTrainedConfig, PreTrainedModel, ResNetConfig, ViTConfig
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+SUPPORTED_ENCODER_TYPES = ("vit", "resnet")
+
+
+CHECKPOINT_COMPLETE_MARKER = "trainer_state.json"  # Trainer writes it last when saving a checkpoint
+
+
+def is_complete_checkpoint(path: str) -> bool:
+    """A checkpoint folder whose save finished: a run killed mid-save leaves it without the state file, or with
+    the state file cut short."""
+    try:
+        with open(os.path.join(path, CHECKPOINT_COMPLETE_MARKER)) as f:
+            json.load(f)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest `checkpoint-N` in output_dir whose save finished; incomplete ones are skipped with a warning."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = sorted((int(name.split("-")[1]), name) for name in os.listdir(output_dir)
+                   if re.fullmatch(r"checkpoint-\d+", name) and os.path.isdir(os.path.join(output_dir, name)))
+    for _, name in reversed(steps):
+        path = os.path.join(output_dir, name)
+        if is_complete_checkpoint(path):
+            return path
+        logger.warning("Skipping %s: its save did not finish (no %s).", path, CHECKPOINT_COMPLETE_MARKER)
+    return None
+
+
+def loads_through_from_pretrained(model: nn.Module, checkpoint: str | None) -> bool:
+    """Whether `load_weights_strictly` applies: a `PreTrainedModel` and a checkpoint written by `save_pretrained`."""
+    return (bool(checkpoint) and isinstance(model, PreTrainedModel)
+            and os.path.isfile(os.path.join(checkpoint, "config.json")))
+
+
+def load_weights_strictly(model: PreTrainedModel, checkpoint: str) -> None:
+    """Loads a checkpoint's weights into `model` through `from_pretrained`, strictly.
+
+    `Trainer` resumes with `model.load_state_dict(safetensors file, strict=False)`, but in transformers 5.x
+    `save_pretrained` writes stock ViT layers in the legacy key format, which only `from_pretrained` converts
+    back: the Trainer skips those keys with a warning and training goes on from the weights in memory."""
+    loaded = type(model).from_pretrained(checkpoint, config=copy.deepcopy(model.config))
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    del loaded
+
+
+def _read_config_dict(path: str) -> dict[str, Any]:
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"{path!r} has no config.json: it is not a transformers checkpoint directory.")
+    with open(config_file, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _config_from_dict(config_dict: dict[str, Any]) -> PreTrainedConfig:
+    model_type = config_dict.get("model_type")
+    config_dict = {k: v for k, v in config_dict.items() if k not in ("auto_map", "architectures")}
+    if model_type == "vit":
+        return ViTConfig.from_dict(config_dict)
+    if model_type == "resnet":
+        return ResNetConfig.from_dict(config_dict)
+    raise ValueError(
+        f"Unsupported encoder model_type {model_type!r}: expected one of {SUPPORTED_ENCODER_TYPES} "
+        "(or a CIM checkpoint, model_type 'cim', whose encoder is one of them)."
+    )
+
+
+@contextlib.contextmanager
+def quiet_loading(enabled: bool = True) -> Iterator[None]:
+    """Silence ``from_pretrained``'s load report (e.g. the expected unused target-encoder / decoder weights)."""
+    if not enabled:
+        yield
+        return
+    # A filter, not a higher level: transformers runs extra checks (and warnings) when this logger's level is raised.
+    modeling_logger = logging.get_logger("transformers.modeling_utils")
+
+    def drop_load_report(record: Any) -> bool:
+        return "LOAD REPORT" not in str(record.getMessage())
+
+    modeling_logger.addFilter(drop_load_report)
+    try:
+        yield
+    finally:
+        modeling_logger.removeFilter(drop_load_report)
+
+
+def check_checkpoint_path(path: str | os.PathLike | None) -> str:
+    """Return ``path`` as a string if it is a checkpoint directory; raise a clear error otherwise."""
+    if path is None or str(path) == "":
+        raise ValueError(
+            "No model given: pass --model_name_or_path (a CIM pre-training checkpoint, an exported encoder, "
+            "or a local ViT/ResNet checkpoint directory)."
+        )
+    path = str(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"Checkpoint {path!r} does not exist (no internet access is assumed: use a local directory).")
+    if not os.path.isdir(path):
+        raise NotADirectoryError(f"Checkpoint {path!r} is a file; expected a checkpoint directory with config.json.")
+    _read_config_dict(path)
+    return path
+
+
+def checkpoint_kind(path: str | os.PathLike) -> tuple[str, str]:
+    """Return ``(kind, encoder_type)`` for a checkpoint directory.
+
+    ``kind`` is ``"cim"`` for a CIM pre-training checkpoint and ``"stock"`` for a plain transformers ViT / ResNet
+    checkpoint (an exported encoder or a classification model); ``encoder_type`` is ``"vit"`` or ``"resnet"``.
+    """
+    config_dict = _read_config_dict(str(path))
+    model_type = config_dict.get("model_type")
+    if model_type == "cim":
+        encoder = config_dict.get("encoder_config") or {}
+        encoder_type = encoder.get("model_type", "vit")
+        if encoder_type not in SUPPORTED_ENCODER_TYPES:
+            raise ValueError(f"CIM checkpoint {path!r} has an unsupported encoder type {encoder_type!r}.")
+        return "cim", encoder_type
+    if model_type in SUPPORTED_ENCODER_TYPES:
+        return "stock", model_type
+    raise ValueError(
+        f"Checkpoint {path!r} has model_type {model_type!r}; supported: 'cim', 'vit', 'resnet'."
+    )
+
+
+def encoder_config_from_checkpoint(path: str | os.PathLike) -> PreTrainedConfig:
+    """The stock ``ViTConfig`` / ``ResNetConfig`` of the encoder stored in ``path`` (CIM or stock checkpoint)."""
+    config_dict = _read_config_dict(str(path))
+    if config_dict.get("model_type") == "cim":
+        encoder = config_dict.get("encoder_config")
+        if not isinstance(encoder, dict):
+            raise ValueError(f"CIM checkpoint {path!r} has no `encoder_config` in its config.json.")
+        encoder = dict(encoder)
+        encoder.setdefault("model_type", "vit")
+        return _config_from_dict(encoder)
+    return _config_from_dict(config_dict)
+
+
+def image_stats_from_checkpoint(path: str | os.PathLike) -> tuple[list[float], list[float]] | None:
+    """``(image_mean, image_std)`` of the checkpoint's image processor (else of a CIM config), or None."""
+    processor_file = os.path.join(str(path), "preprocessor_config.json")
+    if not os.path.isfile(processor_file):
+        config_dict = _read_config_dict(str(path))
+        mean, std = config_dict.get("image_mean"), config_dict.get("image_std")
+        if config_dict.get("model_type") == "cim" and mean is not None and std is not None:
+            return [float(m) for m in mean], [float(s) for s in std]
+        return None
+    try:
+        from transformers import AutoImageProcessor
+
+        processor = AutoImageProcessor.from_pretrained(str(path))
+        mean, std = processor.image_mean, processor.image_std
+    except Exception:  # an unknown processor class: read the numbers directly
+        with open(processor_file, encoding="utf-8") as f:
+            data = json.load(f)
+        mean, std = data.get("image_mean"), data.get("image_std")
+    if mean is None or std is None:
+        return None
+    if isinstance(mean, (int, float)):
+        mean = [mean] * 3
+    if isinstance(std, (int, float)):
+        std = [std] * 3
+    return [float(m) for m in mean], [float(s) for s in std]
+
+
+__all__ = [
+    "CHECKPOINT_COMPLETE_MARKER",
+    "SUPPORTED_ENCODER_TYPES",
+    "check_checkpoint_path",
+    "checkpoint_kind",
+    "encoder_config_from_checkpoint",
+    "image_stats_from_checkpoint",
+    "is_complete_checkpoint",
+    "last_complete_checkpoint",
+    "load_weights_strictly",
+    "loads_through_from_pretrained",
+    "quiet_loading",
+]
