@@ -53,7 +53,6 @@ from transformers_cim.data import (
     count_shards,
     find_image_column,
     find_label_column,
-    load_image_dataset,
     prepare_dataset,
 )
 from transformers_cim.export import make_image_processor
@@ -63,6 +62,7 @@ from transformers_cim.finetune import (
     load_encoder_for_classification,
 )
 from transformers_cim.metrics import load_top_k_accuracy
+from transformers_cim.script_args import DataSourceArguments
 from transformers_cim.training_utils import fetch_batches_per_process
 
 
@@ -99,25 +99,15 @@ class ModelArguments:
 
 
 @dataclass
-class DataTrainingArguments:
-    """Where the labelled images come from (one source; none = the scikit-image sample photos)."""
+class DataTrainingArguments(DataSourceArguments):
+    """Where the labelled images come from (the shared `DataSourceArguments`: one source; none = the scikit-image
+    sample photos) and how they are prepared."""
 
-    dataset_name: str | None = field(default=None, metadata={"help": "A Hub dataset id or a local Hub-layout dir."})
-    dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration."})
-    train_dir: str | None = field(default=None, metadata={"help": "Image folder, one sub-folder per class."})
-    validation_dir: str | None = field(default=None, metadata={"help": "Validation image folder (same classes)."})
-    train_files: list[str] | None = field(default=None, metadata={"help": "Training data files (parquet, ...)."})
-    validation_files: list[str] | None = field(default=None, metadata={"help": "Validation data files."})
-    image_column_name: str | None = field(default=None, metadata={"help": "Image column; auto-detected if unset."})
     label_column_name: str | None = field(default=None, metadata={"help": "Label column; auto-detected if unset."})
     train_val_split: float | None = field(default=0.15, metadata={
         "help": "Fraction of the training set held out for validation when there is no validation split "
                 "(0 = no evaluation)."})
-    streaming: bool = field(default=False, metadata={
-        "help": "Stream the dataset (needs --max_steps, a ClassLabel label column and a validation split)."})
     shuffle_buffer_size: int = field(default=10_000, metadata={"help": "Shuffle buffer of a streamed dataset."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use only this many training images."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only this many validation images."})
     crop_min_scale: float = field(default=0.08, metadata={"help": "Smallest area fraction of the training crop."})
     crop_pct: float = field(default=0.875, metadata={"help": "Evaluation: resize to image_size/crop_pct, center-crop."})
     min_image_size: int = field(default=16, metadata={"help": "Images with a shorter side are skipped."})
@@ -162,18 +152,7 @@ def parse_arguments(argv: list[str] | None = None):
 # Data
 # ------------------------------------------------------------------------------------------------------------
 def _load(data_args: DataTrainingArguments, model_args: ModelArguments, split: str):
-    return load_image_dataset(
-        dataset_name=data_args.dataset_name,
-        dataset_config_name=data_args.dataset_config_name,
-        train_dir=data_args.train_dir,
-        train_files=data_args.train_files,
-        validation_dir=data_args.validation_dir,
-        validation_files=data_args.validation_files,
-        split=split,
-        streaming=data_args.streaming,
-        cache_dir=model_args.cache_dir,
-        token=model_args.token,
-    )
+    return data_args.load_split(split, cache_dir=model_args.cache_dir, token=model_args.token)
 
 
 def _has_source(data_args: DataTrainingArguments) -> bool:

@@ -39,10 +39,10 @@ from transformers_cim.data import (
     check_num_workers,
     decode_image,
     find_image_column,
-    load_image_dataset,
     prepare_dataset,
 )
 from transformers_cim.modelcard import build_model_card, write_model_card
+from transformers_cim.script_args import DataSourceArguments
 from transformers_cim.streaming import ResumableImageStream
 from transformers_cim.trainer import CIMTrainer, SaveOnSignalCallback
 from transformers_cim.training_utils import fetch_batches_per_process
@@ -93,22 +93,12 @@ class ModelArguments:
 
 
 @dataclass
-class DataTrainingArguments:
-    """Where the images come from and how they are prepared."""
+class DataTrainingArguments(DataSourceArguments):
+    """Where the images come from (the shared `DataSourceArguments`) and how they are prepared."""
 
-    dataset_name: str | None = field(default=None, metadata={"help": "A Hub dataset id or a local Hub-layout dir."})
-    dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration."})
-    train_dir: str | None = field(default=None, metadata={"help": "A folder of images (sub-folders allowed)."})
-    validation_dir: str | None = field(default=None, metadata={"help": "A folder of validation images."})
-    train_files: list[str] | None = field(default=None, metadata={"help": "Parquet (or other) training files."})
-    validation_files: list[str] | None = field(default=None, metadata={"help": "Validation files."})
-    image_column_name: str | None = field(default=None, metadata={"help": "Image column; auto-detected if unset."})
-    streaming: bool = field(default=False, metadata={"help": "Stream the dataset (requires --max_steps)."})
     shuffle_buffer_size: int = field(default=10_000, metadata={
         "help": "Shuffle buffer of a streamed dataset, per data reader (each worker of each process holds its own, of "
                 "encoded images)."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use only this many training images."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only this many validation images."})
     view_scale: list[float] = field(default_factory=lambda: [0.5, 1.0], metadata={
         "help": "Random-resized-crop scale range of the search view (recipe: 0.5 1.0).", "nargs": 2})
     min_image_size: int = field(default=32, metadata={"help": "Images with a shorter side are skipped."})
@@ -232,12 +222,7 @@ def build_model(model_args: ModelArguments, config: CIMConfig) -> CIMForPreTrain
 
 
 def load_split(data_args: DataTrainingArguments, model_args: ModelArguments, split: str):
-    return load_image_dataset(
-        dataset_name=data_args.dataset_name, dataset_config_name=data_args.dataset_config_name,
-        train_dir=data_args.train_dir, train_files=data_args.train_files, validation_dir=data_args.validation_dir,
-        validation_files=data_args.validation_files, split=split, streaming=data_args.streaming,
-        cache_dir=model_args.cache_dir, token=model_args.token,
-    )
+    return data_args.load_split(split, cache_dir=model_args.cache_dir, token=model_args.token)
 
 
 def preflight_images(raw_ds, image_column: str, min_size: int, count: int = PREFLIGHT_IMAGES) -> list:
