@@ -55,7 +55,6 @@ from transformers_cim.data import (
     find_label_column,
     prepare_dataset,
 )
-from transformers_cim.export import make_image_processor
 from transformers_cim.finetune import (
     ClassificationTrainer,
     LinearProbeForImageClassification,
@@ -247,7 +246,7 @@ def _subset(ds, n: int | None, seed: int, streaming: bool):
 
 
 def build_datasets(data_args: DataTrainingArguments, model_args: ModelArguments, training_args: TrainingArguments,
-                   mean, std):
+                   train_transform: RandomResizedCropFlip, eval_transform: ResizeCenterCrop):
     """Train / eval datasets (transformed lazily), the class names and the column names."""
     train_raw = _load(data_args, model_args, "train")
     image_column = find_image_column(train_raw, data_args.image_column_name)
@@ -287,10 +286,6 @@ def build_datasets(data_args: DataTrainingArguments, model_args: ModelArguments,
     if eval_raw is not None:
         eval_raw = _subset(eval_raw, data_args.max_eval_samples, training_args.seed, data_args.streaming)
 
-    size = model_args.image_size
-    train_transform = RandomResizedCropFlip(size=size, scale=(data_args.crop_min_scale, 1.0), hflip=True,
-                                            mean=mean, std=std)
-    eval_transform = ResizeCenterCrop(size=size, crop_pct=data_args.crop_pct, mean=mean, std=std)
     if data_args.streaming:
         train_ds = prepare_dataset(train_raw, image_column, build_classification_transform(
             image_column, label_column, train_transform, data_args.min_image_size))
@@ -416,7 +411,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     stats = image_stats_from_checkpoint(path)
     mean, std = stats if stats is not None else (list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD))
-    train_ds, eval_ds, names, _, _ = build_datasets(data_args, model_args, training_args, mean, std)
+    train_transform = RandomResizedCropFlip(size=model_args.image_size, scale=(data_args.crop_min_scale, 1.0),
+                                            hflip=True, mean=mean, std=std)
+    eval_transform = ResizeCenterCrop(size=model_args.image_size, crop_pct=data_args.crop_pct, mean=mean, std=std)
+    train_ds, eval_ds, names, _, _ = build_datasets(data_args, model_args, training_args, train_transform,
+                                                    eval_transform)
     if data_args.streaming:
         # each process reads its own stream batches (see fetch_batches_per_process); workers must divide the shards
         fetch_batches_per_process(training_args)
@@ -434,7 +433,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = load_encoder_for_classification(path, len(names), id2label, label2id, model_args.image_size, **load_kwargs)
     if model_args.linear_probe:
         model = LinearProbeForImageClassification(model)
-    image_processor = make_image_processor(encoder_type, model_args.image_size, mean, std, crop_pct=data_args.crop_pct)
+    image_processor = eval_transform.image_processor()  # pipeline() users get the evaluated pixels
 
     preprocess_logits, compute_metrics = make_metric_functions(len(names))
     trainer = ClassificationTrainer(

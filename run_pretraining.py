@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import datasets
 import torch
 import transformers
-from transformers import HfArgumentParser, TrainingArguments, ViTImageProcessorPil
+from transformers import HfArgumentParser, TrainingArguments
 
 from transformers_cim import CIMConfig, CIMForPreTraining
 from transformers_cim.checkpoints import CHECKPOINT_COMPLETE_MARKER, is_complete_checkpoint, last_complete_checkpoint
@@ -337,13 +337,13 @@ def main(argv: list[str] | None = None) -> dict:
     preflight = preflight_images(raw_train, image_column, data_args.min_image_size)
     config = build_config(model_args, quickstart)
     train_ds = prepare_train_dataset(raw_train, image_column, config, data_args, training_args)
+    eval_transform = ResizeCenterCrop(config.image_size, mean=config.image_mean, std=config.image_std)
     eval_ds = None
     if training_args.do_eval:
         raw_eval = load_split(data_args, model_args, "validation")
         if data_args.max_eval_samples:
             raw_eval = raw_eval.take(data_args.max_eval_samples) if data_args.streaming else raw_eval.select(
                 range(min(data_args.max_eval_samples, len(raw_eval))))
-        eval_transform = ResizeCenterCrop(config.image_size, mean=config.image_mean, std=config.image_std)
         eval_ds = prepare_dataset(raw_eval, image_column,
                                   build_pretraining_transform(image_column, eval_transform, data_args.min_image_size))
     if data_args.streaming:
@@ -357,8 +357,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     transformers.set_seed(training_args.seed)  # a fresh model's initial weights follow --seed (Trainer seeds later)
     model = build_model(model_args, config)
-    image_processor = ViTImageProcessorPil(size={"height": config.image_size, "width": config.image_size},
-                                        image_mean=list(config.image_mean), image_std=list(config.image_std))
+    image_processor = eval_transform.image_processor()
     visualization = VisualizationCallback(preview_batch(preflight, config, data_args.num_visualize_images),
                                           every_steps=data_args.visualize_every_steps)
     on_signal = SaveOnSignalCallback()

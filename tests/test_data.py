@@ -273,6 +273,22 @@ def test_resize_center_crop():
         ResizeCenterCrop(crop_pct=1.5)
 
 
+@pytest.mark.parametrize("size, crop_pct, image_size", [(32, 0.875, (72, 78)), (32, 0.875, (97, 61)),
+                                                         (48, 1.0, (123, 77)), (224, 0.875, (300, 200))])
+def test_saved_image_processor_computes_the_eval_transform(tmp_path, size, crop_pct, image_size):
+    """What `pipeline()` / `AutoImageProcessor` users get is the evaluated view: same resize (bicubic), same crop
+    offsets (72 x 78 -> 36 x 39: 7 rows to cut, 3 above), same normalisation."""
+    from transformers import AutoImageProcessor
+
+    transform = ResizeCenterCrop(size, crop_pct=crop_pct, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    transform.image_processor().save_pretrained(tmp_path)
+    processor = AutoImageProcessor.from_pretrained(tmp_path)
+    rng = np.random.default_rng(size + image_size[0])
+    image = Image.fromarray(rng.integers(0, 256, (image_size[1], image_size[0], 3), dtype=np.uint8))
+    pixels = processor(image, return_tensors="pt")["pixel_values"][0]
+    torch.testing.assert_close(pixels, transform(image), rtol=0, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # columns
 # ---------------------------------------------------------------------------------------------------------------

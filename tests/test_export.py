@@ -71,7 +71,7 @@ def test_exported_vit_config_is_stock(vit_export):
     processor = AutoImageProcessor.from_pretrained(out)
     assert list(processor.image_mean) == pytest.approx([0.5, 0.4, 0.3])  # the CIM config's statistics
     assert list(processor.image_std) == pytest.approx([0.2, 0.25, 0.3])
-    assert processor.size["height"] == 32
+    assert processor.crop_size == {"height": 32, "width": 32}  # the evaluation transform: resize, centre crop
     assert not any(name.endswith(".py") for name in os.listdir(out))
 
 
@@ -125,7 +125,7 @@ def test_export_resnet(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(exported(x).pooler_output, model.resnet(x).pooler_output, rtol=0, atol=0)
     processor = AutoImageProcessor.from_pretrained(tmp_path / "encoder")
-    assert processor.size == {"shortest_edge": 64}
+    assert processor.size == {"shortest_edge": 73} and processor.crop_size == {"height": 64, "width": 64}
     assert pipeline("image-classification", model=str(tmp_path / "encoder"))(_image(1))
 
 

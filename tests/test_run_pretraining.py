@@ -172,7 +172,7 @@ def check_artifacts(output_dir: str) -> None:
     assert any(k.startswith("target_encoder.") for k in saved)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     processor = AutoImageProcessor.from_pretrained(output_dir)
-    assert processor.size["height"] == processor.size["width"] == 32
+    assert processor.crop_size == {"height": 32, "width": 32}  # the evaluation transform: resize, centre crop
     pixels = processor(Image.new("RGB", (50, 40), (120, 30, 200)), return_tensors="pt")["pixel_values"]
     assert pixels.shape == (1, 3, 32, 32)
     with torch.no_grad():

@@ -19,7 +19,6 @@ import sys
 from collections.abc import Sequence
 
 from transformers import ResNetModel, ViTModel
-from transformers.image_processing_utils import BaseImageProcessor
 
 from .checkpoints import (
     check_checkpoint_path,
@@ -28,37 +27,7 @@ from .checkpoints import (
     image_stats_from_checkpoint,
     quiet_loading,
 )
-from .data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
-
-def make_image_processor(
-    encoder_type: str,
-    image_size: int,
-    image_mean: Sequence[float] | None = None,
-    image_std: Sequence[float] | None = None,
-    crop_pct: float = 0.875,
-) -> BaseImageProcessor:
-    """A stock image processor that ``AutoImageProcessor`` loads offline without torchvision.
-
-    ViT: ``ViTImageProcessor`` (resize to ``image_size`` x ``image_size``). ResNet: ``ConvNextImageProcessor``
-    (resize the short side to ``image_size / crop_pct``, centre crop ``image_size``), as stock ResNet checkpoints do.
-    The PIL back-ends are used when available: they save under the stock class names.
-    """
-    mean = list(image_mean) if image_mean is not None else list(IMAGENET_DEFAULT_MEAN)
-    std = list(image_std) if image_std is not None else list(IMAGENET_DEFAULT_STD)
-    if encoder_type == "resnet":
-        try:
-            from transformers import ConvNextImageProcessorPil as processor_cls
-        except ImportError:  # older transformers
-            from transformers import ConvNextImageProcessor as processor_cls
-        return processor_cls(
-            size={"shortest_edge": int(image_size)}, crop_pct=crop_pct, image_mean=mean, image_std=std, resample=3
-        )
-    try:
-        from transformers import ViTImageProcessorPil as processor_cls
-    except ImportError:
-        from transformers import ViTImageProcessor as processor_cls
-    return processor_cls(size={"height": int(image_size), "width": int(image_size)}, image_mean=mean, image_std=std, resample=3)
+from .data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ResizeCenterCrop
 
 
 def _model_card(source: str, encoder_type: str, config) -> str:
@@ -86,9 +55,9 @@ def export_encoder(cim_checkpoint_dir: str | os.PathLike, output_dir: str | os.P
     """Write the online encoder of ``cim_checkpoint_dir`` to ``output_dir`` as a stock checkpoint; return the path.
 
     The weights are the ``vit.`` (ViT family, as a ``ViTModel`` without pooler) or ``resnet.`` (``ResNetModel``)
-    entries of the CIM checkpoint; the target encoder and decoder are dropped. The image processor keeps the
-    checkpoint's mean / std when it has one, else ImageNet's. A stock ViT / ResNet checkpoint is accepted too
-    (its encoder is re-saved).
+    entries of the CIM checkpoint; the target encoder and decoder are dropped. The image processor computes the
+    evaluation transform (`ResizeCenterCrop`, crop_pct 0.875) with the checkpoint's mean / std when it has one, else
+    ImageNet's. A stock ViT / ResNet checkpoint is accepted too (its encoder is re-saved).
     """
     source = check_checkpoint_path(cim_checkpoint_dir)
     output_dir = os.fspath(output_dir)
@@ -134,7 +103,7 @@ def export_encoder(cim_checkpoint_dir: str | os.PathLike, output_dir: str | os.P
         image_size = source_config.get("image_size", 224) if source_config.get("model_type") == "cim" else 224
     if isinstance(image_size, (list, tuple)):
         image_size = image_size[0]
-    make_image_processor(encoder_type, int(image_size), mean, std).save_pretrained(output_dir)
+    ResizeCenterCrop(int(image_size), mean=mean, std=std).image_processor().save_pretrained(output_dir)
     with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as f:
         f.write(_model_card(source, encoder_type, config))
     return output_dir
@@ -164,4 +133,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["export_encoder", "main", "make_image_processor"]
+__all__ = ["export_encoder", "main"]

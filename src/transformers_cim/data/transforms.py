@@ -1,6 +1,6 @@
 """The image transforms, written with Pillow and numpy only (no torchvision): :class:`RandomResizedCropFlip` (the
-search view) and :class:`ResizeCenterCrop` (evaluation), and the ImageNet mean / std every default in this package
-uses."""
+search view) and :class:`ResizeCenterCrop` (evaluation, and the image processor saved with every checkpoint, which
+reproduces it), and the ImageNet mean / std every default in this package uses."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 import PIL.Image
 import torch
+from transformers import ViTImageProcessorPil
 
 from .decoding import to_rgb
 
@@ -117,9 +118,19 @@ class ResizeCenterCrop:
         image = to_rgb(image)
         new_w, new_h = self.resized_shape(image.width, image.height)
         image = image.resize((new_w, new_h), PIL.Image.Resampling.BICUBIC)
-        left, top = int(round((new_w - self.size) / 2.0)), int(round((new_h - self.size) / 2.0))
+        left, top = (new_w - self.size) // 2, (new_h - self.size) // 2  # as the image processor's centre crop
         image = image.crop((left, top, left + self.size, top + self.size))
         return to_normalized_tensor(image, self.mean, self.std)
+
+    def image_processor(self) -> ViTImageProcessorPil:
+        """The stock image processor that computes this transform (what `pipeline()` and `AutoImageProcessor` users
+        get): resize the shorter side to ``int(size / crop_pct)`` (bicubic), centre-crop ``size``, normalise. It saves
+        as a plain ``ViTImageProcessor`` config, loadable without custom code for ViT and ResNet models alike."""
+        return ViTImageProcessorPil(
+            do_resize=True, size={"shortest_edge": int(self.size / self.crop_pct)}, resample=PIL.Image.Resampling.BICUBIC,
+            do_center_crop=True, crop_size={"height": self.size, "width": self.size},
+            image_mean=self.mean.flatten().tolist(), image_std=self.std.flatten().tolist(),
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(size={self.size}, crop_pct={self.crop_pct})"
