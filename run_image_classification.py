@@ -2,8 +2,9 @@
 """Fine-tune or linear-probe a CIM (or any ViT / ResNet) checkpoint for image classification; report top-1/top-5.
 
 The model can be a CIM pre-training checkpoint (its online encoder is used), an encoder exported with
-``cim-export-encoder``, or any local ViT / ResNet checkpoint. The result is a stock ``ViTForImageClassification``
-(or ``ResNetForImageClassification``) checkpoint with its image processor, loadable with no custom code.
+``cim-export-encoder``, or any ViT / ResNet checkpoint, as a local directory or a Hub model id. The result is a stock
+``ViTForImageClassification`` (or ``ResNetForImageClassification``) checkpoint with its image processor (which computes
+the evaluation transform), loadable with no custom code.
 
 Quick start (offline; the scikit-image sample photos when no dataset is given):
 
@@ -35,10 +36,10 @@ import transformers
 from transformers import EvalPrediction, HfArgumentParser, TrainingArguments
 
 from transformers_cim.checkpoints import (
-    check_checkpoint_path,
     checkpoint_kind,
     image_stats_from_checkpoint,
     last_complete_checkpoint,
+    resolve_checkpoint_path,
 )
 from transformers_cim.data import (
     IMAGENET_DEFAULT_MEAN,
@@ -76,7 +77,8 @@ class ModelArguments:
     """The checkpoint to start from and the fine-tuning recipe."""
 
     model_name_or_path: str | None = field(default=None, metadata={
-        "help": "Required. A CIM pre-training checkpoint, an exported encoder or a local ViT/ResNet checkpoint."})
+        "help": "Required. A CIM pre-training checkpoint, an exported encoder or a ViT/ResNet checkpoint: a local "
+                "directory or a Hub model id (downloaded, or from the Hub cache when HF_HUB_OFFLINE=1)."})
     image_size: int = field(default=224, metadata={
         "help": "Training / evaluation resolution. For ViT, the position embeddings are interpolated (bicubic) "
                 "when it differs from the checkpoint's."})
@@ -93,8 +95,8 @@ class ModelArguments:
         "help": "Label smoothing (training only). Default: 0.1 for fine-tuning, 0 for linear probing."})
     attn_implementation: str | None = field(default="sdpa", metadata={
         "help": "ViT attention: eager, sdpa or flash_attention_2."})
-    cache_dir: str | None = field(default=None, metadata={"help": "Where datasets are cached."})
-    token: str | None = field(default=None, metadata={"help": "Hub token for private datasets."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where datasets and Hub models are cached."})
+    token: str | None = field(default=None, metadata={"help": "Hub token for private datasets and models."})
 
 
 @dataclass
@@ -391,7 +393,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
 
-    path = check_checkpoint_path(model_args.model_name_or_path)
+    path = resolve_checkpoint_path(model_args.model_name_or_path, cache_dir=model_args.cache_dir, token=model_args.token)
     _, encoder_type = checkpoint_kind(path)
     apply_recipe_defaults(model_args, encoder_type)
     if data_args.streaming and training_args.max_steps <= 0:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from transformers import ResNetConfig, TrainerCallback
@@ -70,6 +72,29 @@ class _StopAtStep(TrainerCallback):
         if state.global_step == self.step:
             control.should_training_stop = True
         return control
+
+
+@pytest.fixture
+def offline_hub_cache(tmp_path, monkeypatch):
+    """Factory: `offline_hub_cache(folder, "org/name")` puts a copy of a checkpoint folder in a temporary Hub cache
+    (the `HF_HUB_CACHE` layout: models--org--name/snapshots/<commit>/..., refs/main), with the Hub offline."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub-cache"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read at import time by huggingface_hub
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+
+    def publish(folder, repo_id: str) -> str:
+        commit = "0123456789abcdef0123456789abcdef01234567"
+        repo = cache / f"models--{repo_id.replace('/', '--')}"
+        shutil.copytree(folder, repo / "snapshots" / commit)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(commit)
+        return str(repo / "snapshots" / commit)
+
+    return publish
 
 
 @pytest.fixture

@@ -142,6 +142,19 @@ def test_cli_help_and_errors(tmp_path, capsys):
     assert main([str(tmp_path / "noweights"), str(tmp_path / "out")]) == 1
 
 
+def test_export_from_a_hub_id_in_the_offline_cache(vit_export, offline_hub_cache, tmp_path, capsys):
+    root, _ = vit_export
+    snapshot = offline_hub_cache(root / "cim", "someone/cim-tiny")
+    assert main(["someone/cim-tiny", str(tmp_path / "encoder")]) == 0
+    exported = AutoModel.from_pretrained(tmp_path / "encoder")
+    cim = CIMForPreTraining.from_pretrained(snapshot)
+    torch.testing.assert_close(exported.embeddings.position_embeddings, cim.vit.embeddings.position_embeddings)
+    # neither local nor cached: one sentence naming the id and the fix
+    assert main(["someone/not-downloaded", str(tmp_path / "other")]) == 1
+    message = capsys.readouterr().err
+    assert "'someone/not-downloaded'" in message and "Hub cache" in message and "hf download" in message
+
+
 def test_console_script_is_registered():
     from importlib.metadata import entry_points
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import (
@@ -422,6 +423,22 @@ def test_script_uses_train_val_split_and_image_files_with_mixup(tmp_path):
     assert "eval_top5_accuracy" not in results  # 3 classes: top-1 only
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["image_size"] == 48 and len(config["id2label"]) == 3
+
+
+def test_script_accepts_a_hub_id_from_the_offline_cache(tmp_path, color_data, offline_hub_cache):
+    torch.manual_seed(0)
+    ViTModel(tiny_vit_config(), add_pooling_layer=False).save_pretrained(tmp_path / "encoder")
+    offline_hub_cache(tmp_path / "encoder", "someone/vit-tiny")
+    args = _script_args(tmp_path, "someone/vit-tiny", num_train_epochs=1, eval_strategy="no")
+    results = run_image_classification.main([a for k, v in args.items() for a in (f"--{k}", str(v))])
+    assert 0.0 <= results["eval_accuracy"] <= 1.0
+    card = yaml.safe_load((tmp_path / "out" / "README.md").read_text().split("---\n")[1])
+    assert card["base_model"] == "someone/vit-tiny"
+    # an id neither local nor cached: one sentence naming the id and the fix
+    args["model_name_or_path"] = "someone/not-downloaded"
+    with pytest.raises(FileNotFoundError, match=r"'someone/not-downloaded' does not exist locally and is not in the "
+                                                r"Hub cache .*hf download someone/not-downloaded"):
+        run_image_classification.main([a for k, v in args.items() for a in (f"--{k}", str(v))])
 
 
 def test_script_errors(tmp_path):

@@ -4,10 +4,10 @@
   Trainer writes `trainer_state.json` last, so a run killed mid-save leaves a folder without it.
 - `load_weights_strictly` loads a `save_pretrained` checkpoint through `from_pretrained`, which converts the legacy
   key format that the Trainer's own `load_state_dict(strict=False)` would skip.
-- `check_checkpoint_path`, `checkpoint_kind`, `encoder_config_from_checkpoint` and `image_stats_from_checkpoint`
-  read a CIM pre-training checkpoint, an exported encoder or a stock ViT / ResNet checkpoint before any weight is
-  loaded (fine-tuning, export); `quiet_loading` silences `from_pretrained`'s report of the weights left out on
-  purpose.
+- `resolve_checkpoint_path` finds a checkpoint given as a local directory or a Hub model id; `checkpoint_kind`,
+  `encoder_config_from_checkpoint` and `image_stats_from_checkpoint` read a CIM pre-training checkpoint, an exported
+  encoder or a stock ViT / ResNet checkpoint before any weight is loaded (fine-tuning, export); `quiet_loading`
+  silences `from_pretrained`'s report of the weights left out on purpose.
 """
 
 from __future__ import annotations
@@ -20,6 +20,10 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+from huggingface_hub.utils import validate_repo_id
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel, ResNetConfig, ViTConfig
 from transformers.utils import logging
@@ -114,20 +118,48 @@ def quiet_loading(enabled: bool = True) -> Iterator[None]:
         modeling_logger.removeFilter(drop_load_report)
 
 
-def check_checkpoint_path(path: str | os.PathLike | None) -> str:
-    """Return ``path`` as a string if it is a checkpoint directory; raise a clear error otherwise."""
-    if path is None or str(path) == "":
+HUB_FILES = ["*.json", "*.safetensors"]  # config, image processor, weights (and their shard index)
+
+
+def resolve_checkpoint_path(name_or_path: str | os.PathLike | None, *, cache_dir: str | None = None,
+                            token: str | bool | None = None) -> str:
+    """The checkpoint directory of ``name_or_path``: a local directory as it is, else a Hub model id resolved with
+    ``huggingface_hub.snapshot_download`` (downloaded, or served from the local Hub cache, as transformers does;
+    cache only under ``HF_HUB_OFFLINE=1``). Raises a clear error when it is neither."""
+    if name_or_path is None or str(name_or_path) == "":
         raise ValueError(
-            "No model given: pass --model_name_or_path (a CIM pre-training checkpoint, an exported encoder, "
-            "or a local ViT/ResNet checkpoint directory)."
+            "No model given: pass --model_name_or_path (a CIM pre-training checkpoint, an exported encoder, or a "
+            "ViT/ResNet checkpoint: a local directory or a Hub model id)."
         )
-    path = str(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"Checkpoint {path!r} does not exist (no internet access is assumed: use a local directory).")
-    if not os.path.isdir(path):
+    path = os.fspath(name_or_path)
+    if os.path.isdir(path):
+        _read_config_dict(path)
+        return path
+    if os.path.exists(path):
         raise NotADirectoryError(f"Checkpoint {path!r} is a file; expected a checkpoint directory with config.json.")
-    _read_config_dict(path)
-    return path
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        raise FileNotFoundError(f"Checkpoint {path!r} does not exist (and is not a Hub model id).") from None
+    offline = hub_constants.HF_HUB_OFFLINE
+    kwargs = dict(cache_dir=cache_dir, token=token, local_files_only=offline)
+    try:
+        folder = snapshot_download(path, allow_patterns=HUB_FILES, **kwargs)
+        if not any(name.endswith(".safetensors") for name in os.listdir(folder)):  # an older repo: PyTorch weights
+            folder = snapshot_download(path, allow_patterns=["*.json", "*.bin"], **kwargs)
+    except LocalEntryNotFoundError:
+        reason = "HF_HUB_OFFLINE is set" if offline else "the Hub could not be reached"
+        raise FileNotFoundError(
+            f"Checkpoint {path!r} does not exist locally and is not in the Hub cache ({reason}): download it once with "
+            f"`hf download {path}` where the Hub is reachable, or pass a local checkpoint directory."
+        ) from None
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(
+            f"Checkpoint {path!r} does not exist: not a local directory, and no Hub model has that id (or it is "
+            "private or gated: log in with `hf auth login` or pass --token)."
+        ) from None
+    _read_config_dict(folder)
+    return folder
 
 
 def checkpoint_kind(path: str | os.PathLike) -> tuple[str, str]:
@@ -194,7 +226,6 @@ def image_stats_from_checkpoint(path: str | os.PathLike) -> tuple[list[float], l
 __all__ = [
     "CHECKPOINT_COMPLETE_MARKER",
     "SUPPORTED_ENCODER_TYPES",
-    "check_checkpoint_path",
     "checkpoint_kind",
     "encoder_config_from_checkpoint",
     "image_stats_from_checkpoint",
@@ -203,4 +234,5 @@ __all__ = [
     "load_weights_strictly",
     "loads_through_from_pretrained",
     "quiet_loading",
+    "resolve_checkpoint_path",
 ]

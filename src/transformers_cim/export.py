@@ -21,11 +21,11 @@ from collections.abc import Sequence
 from transformers import ResNetModel, ViTModel
 
 from .checkpoints import (
-    check_checkpoint_path,
     checkpoint_kind,
     encoder_config_from_checkpoint,
     image_stats_from_checkpoint,
     quiet_loading,
+    resolve_checkpoint_path,
 )
 from .data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ResizeCenterCrop
 
@@ -59,7 +59,7 @@ def export_encoder(cim_checkpoint_dir: str | os.PathLike, output_dir: str | os.P
     evaluation transform (`ResizeCenterCrop`, crop_pct 0.875) with the checkpoint's mean / std when it has one, else
     ImageNet's. A stock ViT / ResNet checkpoint is accepted too (its encoder is re-saved).
     """
-    source = check_checkpoint_path(cim_checkpoint_dir)
+    source = resolve_checkpoint_path(cim_checkpoint_dir)
     output_dir = os.fspath(output_dir)
     if os.path.abspath(source) == os.path.abspath(output_dir):
         raise ValueError("output_dir must differ from the CIM checkpoint directory.")
@@ -117,7 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "(stock config, no custom code) with an image processor, loadable by AutoModel and pipeline()."
         ),
     )
-    parser.add_argument("cim_checkpoint", help="CIM pre-training checkpoint directory (config.json model_type 'cim').")
+    parser.add_argument("cim_checkpoint", help="CIM pre-training checkpoint: a directory (config.json model_type 'cim') "
+                                               "or a Hub model id (downloaded, or from the Hub cache offline).")
     parser.add_argument("output_dir", help="Directory to write the exported encoder to.")
     args = parser.parse_args(argv)
     try:

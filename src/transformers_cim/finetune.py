@@ -32,12 +32,12 @@ from transformers.utils import logging
 
 from .checkpoints import (
     SUPPORTED_ENCODER_TYPES,
-    check_checkpoint_path,
     checkpoint_kind,
     encoder_config_from_checkpoint,
     load_weights_strictly,
     loads_through_from_pretrained,
     quiet_loading,
+    resolve_checkpoint_path,
 )
 from .training_utils import EpochToDatasetCallback, StepGenerators
 
@@ -96,12 +96,12 @@ def load_encoder_for_classification(
 ) -> ViTForImageClassification | ResNetForImageClassification:
     """Load an encoder checkpoint as a stock classification model with a freshly initialised head.
 
-    ``path`` may be a CIM pre-training checkpoint (the online encoder under ``vit.`` / ``resnet.`` is used, the
-    target encoder and decoder are ignored), an exported encoder (``ViTModel`` / ``ResNetModel``), or a stock
-    classification checkpoint (its head is replaced when the label count differs). For ViT, ``image_size``
-    different from the checkpoint's resizes the position embeddings (bicubic interpolation).
+    ``path`` (a directory or a Hub model id) may be a CIM pre-training checkpoint (the online encoder under ``vit.`` /
+    ``resnet.`` is used, the target encoder and decoder are ignored), an exported encoder (``ViTModel`` /
+    ``ResNetModel``), or a stock classification checkpoint (its head is replaced when the label count differs). For
+    ViT, ``image_size`` different from the checkpoint's resizes the position embeddings (bicubic interpolation).
     """
-    path = check_checkpoint_path(path)
+    path = resolve_checkpoint_path(path)
     if num_labels < 2:
         raise ValueError(f"Classification needs at least 2 classes, got num_labels={num_labels}.")
     kind, encoder_type = checkpoint_kind(path)
