@@ -61,7 +61,6 @@ from transformers_cim.finetune import (
     LinearProbeForImageClassification,
     load_encoder_for_classification,
 )
-from transformers_cim.metrics import load_top_k_accuracy
 from transformers_cim.script_args import DataSourceArguments
 from transformers_cim.training_utils import fetch_batches_per_process
 
@@ -304,25 +303,18 @@ def build_datasets(data_args: DataTrainingArguments, model_args: ModelArguments,
 # ------------------------------------------------------------------------------------------------------------
 # Metrics and model card
 # ------------------------------------------------------------------------------------------------------------
-def metric_ks(num_labels: int) -> list[int]:
-    return [1, 5] if num_labels >= 5 else [1]
-
-
 def make_metric_functions(num_labels: int):
-    """``(preprocess_logits_for_metrics, compute_metrics)`` using the bundled top-k accuracy metric (offline)."""
-    ks = metric_ks(num_labels)
-    max_k = max(ks)
-    metric = load_top_k_accuracy("ranked")
+    """``(preprocess_logits_for_metrics, compute_metrics)``: top-1 (``accuracy``) and, with 5 classes or more, top-5
+    accuracy (``top5_accuracy``). Only the 5 best class ids per image are gathered, not the logits."""
+    ks = [1, 5] if num_labels >= 5 else [1]
 
     def preprocess_logits_for_metrics(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if isinstance(logits, (tuple, list)):
-            logits = logits[0]
-        return logits.topk(max_k, dim=-1).indices
+        logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+        return logits.topk(max(ks), dim=-1).indices
 
     def compute_metrics(eval_pred: EvalPrediction) -> dict[str, float]:
-        predictions = np.asarray(eval_pred.predictions)
-        references = np.asarray(eval_pred.label_ids)
-        return metric.compute(predictions=predictions, references=references, k=ks)
+        hits = np.asarray(eval_pred.predictions) == np.asarray(eval_pred.label_ids)[:, None]  # j-th best == label
+        return {"accuracy" if k == 1 else f"top{k}_accuracy": float(hits[:, :k].any(axis=1).mean()) for k in ks}
 
     return preprocess_logits_for_metrics, compute_metrics
 
