@@ -145,22 +145,23 @@ def uses_default_data(data_args: DataTrainingArguments) -> bool:
 
 
 def apply_overrides(config: CIMConfig, overrides: str | None) -> None:
-    """Applies 'key=value,encoder.key=value' strings, parsing values as JSON when possible."""
-    if not overrides:
-        return
-    for item in overrides.split(","):
-        if "=" not in item:
+    """Applies --config_overrides 'key=value,encoder.key=value' with `PretrainedConfig.update_from_string`, once for
+    the CIM config and once for its encoder config (the `encoder.` keys); a value is read as the type of the field."""
+    updates = {"cim": [], "encoder": []}
+    for item in filter(None, (item.strip() for item in (overrides or "").split(","))):
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep:
             raise ValueError(f"--config_overrides item {item!r} is not key=value.")
-        key, raw = (s.strip() for s in item.split("=", 1))
+        updates["encoder" if key.startswith("encoder.") else "cim"].append((key.removeprefix("encoder."), value))
+    for target, items in ((config, updates["cim"]), (config.encoder_config, updates["encoder"])):
+        for key, _ in items:
+            if not hasattr(target, key):
+                raise ValueError(f"--config_overrides: {type(target).__name__} has no field {key!r}.")
         try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        target = config.encoder_config if key.startswith("encoder.") else config
-        key = key.removeprefix("encoder.")
-        if not hasattr(target, key):
-            raise ValueError(f"--config_overrides: {type(target).__name__} has no field {key!r}.")
-        setattr(target, key, value)
+            if items:
+                target.update_from_string(",".join(f"{key}={value}" for key, value in items))
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"--config_overrides: {type(target).__name__}: {err}") from None
 
 
 CLI_CONFIG_FIELDS = ("image_size", "context_size", "exemplar_size", "num_exemplars", "exemplar_scale",

@@ -223,6 +223,20 @@ def test_json_arguments_file(image_folder, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def test_config_overrides_typed_by_field_and_unknown_keys_named():
+    config = run_pretraining.CIMConfig.from_preset("vit-tiny-patch16")
+    run_pretraining.apply_overrides(config, "num_exemplars=4, encoder.num_hidden_layers=6,exemplar_augmentation=false")
+    assert (config.num_exemplars, config.encoder_config.num_hidden_layers, config.exemplar_augmentation) == (4, 6, False)
+    with pytest.raises(ValueError, match="CIMConfig has no field 'num_exemplar'"):
+        run_pretraining.apply_overrides(config, "num_exemplar=4")
+    with pytest.raises(ValueError, match="ViTConfig has no field 'layers'"):
+        run_pretraining.apply_overrides(config, "encoder.layers=4")
+    with pytest.raises(ValueError, match="'num_exemplars' is not key=value"):
+        run_pretraining.apply_overrides(config, "num_exemplars")
+    with pytest.raises(ValueError, match="--config_overrides: CIMConfig: invalid literal for int"):
+        run_pretraining.apply_overrides(config, "num_exemplars=four")
+
+
 def test_missing_train_dir(no_training, tmp_path):
     missing = str(tmp_path / "no-such-folder")
     with pytest.raises(FileNotFoundError, match="no-such-folder"):
