@@ -146,6 +146,7 @@ def test_export_from_a_hub_id_in_the_offline_cache(vit_export, offline_hub_cache
     root, _ = vit_export
     snapshot = offline_hub_cache(root / "cim", "someone/cim-tiny")
     assert main(["someone/cim-tiny", str(tmp_path / "encoder")]) == 0
+    assert "base_model: someone/cim-tiny\n" in (tmp_path / "encoder" / "README.md").read_text()
     exported = AutoModel.from_pretrained(tmp_path / "encoder")
     cim = CIMForPreTraining.from_pretrained(snapshot)
     torch.testing.assert_close(exported.embeddings.position_embeddings, cim.vit.embeddings.position_embeddings)

@@ -18,6 +18,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from huggingface_hub import ModelCard, ModelCardData
 from transformers import ResNetModel, ViTModel
 
 from .checkpoints import (
@@ -28,27 +29,24 @@ from .checkpoints import (
     resolve_checkpoint_path,
 )
 from .data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ResizeCenterCrop
+from .modelcard import card_with_metadata, encoder_description, write_model_card
 
 
-def _model_card(source: str, encoder_type: str, config) -> str:
-    if encoder_type == "vit":
-        arch = (
-            f"ViT (hidden {config.hidden_size}, {config.num_hidden_layers} layers, {config.num_attention_heads} heads, "
-            f"patch {config.patch_size}, image {config.image_size})"
-        )
-        feature = "the CLS token of `last_hidden_state`"
-    else:
-        arch = f"ResNet (depths {list(config.depths)}, hidden sizes {list(config.hidden_sizes)})"
-        feature = "`pooler_output`"
-    return (
-        "---\nlibrary_name: transformers\npipeline_tag: image-feature-extraction\n"
-        "tags:\n- cim\n- self-supervised\n- image-feature-extraction\n---\n\n"
+def _model_card(source: str, config) -> ModelCard:
+    """The exported encoder's card: what it is, where it came from (``base_model`` when that is a Hub id)."""
+    local = os.path.isdir(source)
+    data = ModelCardData(library_name="transformers", pipeline_tag="image-feature-extraction",
+                         tags=["cim", "self-supervised", "image-feature-extraction"],
+                         base_model=None if local else source)
+    name = os.path.basename(os.path.normpath(source)) if local else source
+    arch = encoder_description(config) + (f" at {config.image_size} px" if config.model_type == "vit" else "")
+    feature = "the CLS token of `last_hidden_state`" if config.model_type == "vit" else "`pooler_output`"
+    return card_with_metadata(data, (
         f"# CIM encoder\n\nThe online encoder of a CIM (Correlational Image Modeling) pre-training checkpoint "
-        f"(`{os.path.basename(os.path.normpath(source))}`), exported as a plain {arch}. "
-        f"No custom code is needed to load it; the usual image feature is {feature}.\n\n"
-        "```python\nfrom transformers import pipeline\n"
+        f"(`{name}`), exported as a plain {arch}. No custom code is needed to load it; the usual image feature is "
+        f"{feature}.\n\n```python\nfrom transformers import pipeline\n"
         "extractor = pipeline(\"image-feature-extraction\", model=\"PATH\")\n```\n"
-    )
+    ))
 
 
 def export_encoder(cim_checkpoint_dir: str | os.PathLike, output_dir: str | os.PathLike) -> str:
@@ -104,8 +102,7 @@ def export_encoder(cim_checkpoint_dir: str | os.PathLike, output_dir: str | os.P
     if isinstance(image_size, (list, tuple)):
         image_size = image_size[0]
     ResizeCenterCrop(int(image_size), mean=mean, std=std).image_processor().save_pretrained(output_dir)
-    with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as f:
-        f.write(_model_card(source, encoder_type, config))
+    write_model_card(output_dir, _model_card(os.fspath(cim_checkpoint_dir), config))
     return output_dir
 
 

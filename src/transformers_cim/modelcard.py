@@ -1,4 +1,5 @@
-"""Model cards for CIM pre-training checkpoints, written with huggingface_hub's ModelCard tooling."""
+"""Model cards for CIM pre-training checkpoints and exported encoders, written with huggingface_hub's ModelCard
+tooling (`ModelCardData` for the YAML header)."""
 
 from __future__ import annotations
 
@@ -9,17 +10,23 @@ from huggingface_hub import ModelCard, ModelCardData
 CARD_TAGS = ["self-supervised", "cim", "image-feature-extraction", "vision", "transformers-cim"]
 
 
-def _encoder_description(config) -> str:
-    enc = config.encoder_config
-    if config.encoder_type == "resnet":
+def encoder_description(encoder_config) -> str:
+    """One line on a stock ViT / ResNet config: widths, depth, heads, patch."""
+    enc = encoder_config
+    if enc.model_type == "resnet":
         return f"ResNet (depths {list(enc.depths)}, widths {list(enc.hidden_sizes)})"
     return (f"ViT (hidden {enc.hidden_size}, {enc.num_hidden_layers} layers, {enc.num_attention_heads} heads, "
             f"patch {enc.patch_size})")
 
 
+def card_with_metadata(data: ModelCardData, body: str) -> ModelCard:
+    """A model card: `data` as its YAML header, then the markdown `body`."""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+
+
 def _settings_table(config) -> str:
     rows = [
-        ("encoder", _encoder_description(config)),
+        ("encoder", encoder_description(config.encoder_config)),
         ("search view / context / exemplar", f"{config.image_size} / {config.context_size} / {config.exemplar_size} px"),
         ("exemplars per image", config.num_exemplars),
         ("exemplar scale / aspect / rotation", f"{config.exemplar_scale} / {[round(a, 3) for a in config.exemplar_aspect_ratio]} / "
@@ -47,11 +54,7 @@ def build_model_card(config, *, dataset_name: str, max_steps: int, train_images:
     head = "ViTForImageClassification" if config.encoder_type == "vit" else "ResNetForImageClassification"
     figure_md = f"\n![Predicted vs true correlation maps]({figure})\n\nColumns: context with the exemplar's outline, " \
                 "the exemplar, the true map, the predicted map.\n" if figure else ""
-    body = f"""---
-{data.to_yaml()}
----
-
-# CIM pre-trained encoder
+    body = f"""# CIM pre-trained encoder
 
 A vision encoder pre-trained without labels by **Correlational Image Modeling** (Li, Xie, Loy, CVPR 2023,
 arXiv 2303.12670) with transformers-cim: an online encoder learns to predict where
@@ -83,7 +86,7 @@ classifier = {head}.from_pretrained("{name}", num_labels=10)  # fine-tune
 Without installing transformers-cim: `AutoModel.from_pretrained("{name}", trust_remote_code=True)`.
 Fine-tune with `run_image_classification.py --model_name_or_path {name}`.
 """
-    return ModelCard(body)
+    return card_with_metadata(data, body)
 
 
 def write_model_card(output_dir: str, card: ModelCard) -> str:
@@ -92,4 +95,4 @@ def write_model_card(output_dir: str, card: ModelCard) -> str:
     return path
 
 
-__all__ = ["CARD_TAGS", "build_model_card", "write_model_card"]
+__all__ = ["CARD_TAGS", "build_model_card", "card_with_metadata", "encoder_description", "write_model_card"]
