@@ -29,6 +29,7 @@ from .checkpoints import (
     resolve_checkpoint_path,
 )
 from .data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ResizeCenterCrop
+from .features import GLOBAL_FEATURE_DESCRIPTIONS
 from .modelcard import card_with_metadata, encoder_description, write_model_card
 
 
@@ -40,11 +41,10 @@ def _model_card(source: str, config) -> ModelCard:
                          base_model=None if local else source)
     name = os.path.basename(os.path.normpath(source)) if local else source
     arch = encoder_description(config) + (f" at {config.image_size} px" if config.model_type == "vit" else "")
-    feature = "the CLS token of `last_hidden_state`" if config.model_type == "vit" else "`pooler_output`"
     return card_with_metadata(data, (
         f"# CIM encoder\n\nThe online encoder of a CIM (Correlational Image Modeling) pre-training checkpoint "
         f"(`{name}`), exported as a plain {arch}. No custom code is needed to load it; the usual image feature is "
-        f"{feature}.\n\n```python\nfrom transformers import pipeline\n"
+        f"{GLOBAL_FEATURE_DESCRIPTIONS[config.model_type]}.\n\n```python\nfrom transformers import pipeline\n"
         "extractor = pipeline(\"image-feature-extraction\", model=\"PATH\")\n```\n"
     ))
 

@@ -39,6 +39,7 @@ from .checkpoints import (
     quiet_loading,
     resolve_checkpoint_path,
 )
+from .features import global_feature_size, global_features
 from .training_utils import EpochToDatasetCallback, StepGenerators
 
 
@@ -275,10 +276,7 @@ class LinearProbeForImageClassification(nn.Module):
         self.encoder_type = model.config.model_type
         for param in self.model.parameters():
             param.requires_grad_(False)
-        in_features = (
-            model.config.hidden_size if self.encoder_type == "vit" else model.config.hidden_sizes[-1]
-        )
-        self.head = LinearProbeHead(in_features, model.config.num_labels, eps=eps)
+        self.head = LinearProbeHead(global_feature_size(model.config), model.config.num_labels, eps=eps)
         self.model.eval()
 
     def train(self, mode: bool = True) -> LinearProbeForImageClassification:
@@ -288,9 +286,7 @@ class LinearProbeForImageClassification(nn.Module):
 
     def extract_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            if self.encoder_type == "vit":
-                return self.model.vit(pixel_values).last_hidden_state[:, 0]
-            return self.model.resnet(pixel_values).pooler_output.flatten(1)
+            return global_features(self.model.base_model, pixel_values)
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> ImageClassifierOutput:
         features = self.extract_features(pixel_values)
