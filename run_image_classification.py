@@ -38,7 +38,6 @@ from transformers import EvalPrediction, HfArgumentParser, TrainingArguments
 from transformers_cim.checkpoints import (
     checkpoint_kind,
     image_stats_from_checkpoint,
-    last_complete_checkpoint,
     resolve_checkpoint_path,
 )
 from transformers_cim.data import (
@@ -61,7 +60,7 @@ from transformers_cim.finetune import (
     LinearProbeForImageClassification,
     load_encoder_for_classification,
 )
-from transformers_cim.script_args import DataSourceArguments
+from transformers_cim.script_args import DataSourceArguments, ResumableTrainingArguments
 from transformers_cim.training_utils import fetch_batches_per_process
 
 
@@ -114,7 +113,7 @@ class DataTrainingArguments(DataSourceArguments):
 
 
 @dataclass
-class ClassificationTrainingArguments(TrainingArguments):
+class ClassificationTrainingArguments(ResumableTrainingArguments):
     """`TrainingArguments` with fine-tuning defaults (AdamW, wd 0.05, cosine with 5% warm-up, per-epoch eval)."""
 
     base_learning_rate: float | None = field(default=None, metadata={
@@ -446,12 +445,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         mix_seed=training_args.seed,
     )
 
-    checkpoint = training_args.resume_from_checkpoint
-    if checkpoint is None and os.path.isdir(training_args.output_dir):
-        checkpoint = last_complete_checkpoint(training_args.output_dir)  # one cut off mid-save is skipped
-        if checkpoint is not None:
-            logger.info(f"Resuming from {checkpoint}.")
-    train_result = trainer.train(resume_from_checkpoint=checkpoint)
+    train_result = trainer.train(resume_from_checkpoint=training_args.checkpoint_to_resume(model))
     train_metrics = dict(train_result.metrics)
     if trainer.num_skipped_images:
         train_metrics["skipped_images"] = trainer.num_skipped_images

@@ -25,10 +25,9 @@ from dataclasses import dataclass, field
 import datasets
 import torch
 import transformers
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import HfArgumentParser
 
 from transformers_cim import CIMConfig, CIMForPreTraining
-from transformers_cim.checkpoints import CHECKPOINT_COMPLETE_MARKER, is_complete_checkpoint, last_complete_checkpoint
 from transformers_cim.configuration_cim import PRESET_NAMES
 from transformers_cim.data import (
     RandomResizedCropFlip,
@@ -42,7 +41,7 @@ from transformers_cim.data import (
     prepare_dataset,
 )
 from transformers_cim.modelcard import build_model_card, write_model_card
-from transformers_cim.script_args import DataSourceArguments
+from transformers_cim.script_args import DataSourceArguments, ResumableTrainingArguments
 from transformers_cim.streaming import ResumableImageStream
 from transformers_cim.trainer import CIMTrainer, SaveOnSignalCallback
 from transformers_cim.training_utils import fetch_batches_per_process
@@ -107,7 +106,7 @@ class DataTrainingArguments(DataSourceArguments):
 
 
 @dataclass
-class CIMTrainingArguments(TrainingArguments):
+class CIMTrainingArguments(ResumableTrainingArguments):
     """`TrainingArguments` with the CIM recipe's defaults (AdamW betas (0.9, 0.95), wd 0.05, warm-up 40/300, cosine,
     no gradient clipping)."""
 
@@ -282,24 +281,6 @@ def set_learning_rate(training_args: CIMTrainingArguments, explicit_lr: bool, qu
     training_args.learning_rate = training_args.base_learning_rate * total_batch / 256
 
 
-def resolve_checkpoint(training_args: CIMTrainingArguments) -> str | None:
-    """--resume_from_checkpoint PATH, or 'last'/'true' for the newest complete checkpoint in output_dir."""
-    resume = training_args.resume_from_checkpoint
-    if resume is None:
-        return None
-    if str(resume).lower() in ("last", "latest", "true"):
-        last = last_complete_checkpoint(training_args.output_dir)
-        if last is None:
-            raise FileNotFoundError(f"No complete checkpoint found in {training_args.output_dir} to resume from.")
-        return last
-    if not os.path.isdir(resume):
-        raise FileNotFoundError(f"--resume_from_checkpoint {resume} does not exist.")
-    if not is_complete_checkpoint(resume):
-        raise ValueError(f"--resume_from_checkpoint {resume} is incomplete (no {CHECKPOINT_COMPLETE_MARKER}: the run "
-                         "was probably killed while saving it). Resume from an earlier checkpoint or use 'last'.")
-    return resume
-
-
 def use_shards_per_rank(training_args: CIMTrainingArguments, num_shards: int) -> None:
     """Every process fetches its own batches from the stream (ResumableImageStream reads this process's whole shards
     when there are at least as many shards as processes, else every world_size-th record), never rank 0 reading
@@ -368,7 +349,7 @@ def main(argv: list[str] | None = None) -> dict:
     visualization.trainer = trainer
 
     results: dict = {}
-    train_result = trainer.train(resume_from_checkpoint=resolve_checkpoint(training_args))
+    train_result = trainer.train(resume_from_checkpoint=training_args.checkpoint_to_resume(model))
     if on_signal.received is not None:
         stop_after_signal(trainer, on_signal.received)
     trainer.save_model()
@@ -393,8 +374,8 @@ def stop_after_signal(trainer: CIMTrainer, signum: int) -> None:
     """Ends the run after SaveOnSignalCallback saved a checkpoint: exit status 128 + signal, as if killed by it,
     without the final model, metrics or card of a finished run."""
     checkpoint = os.path.join(trainer.args.output_dir, f"checkpoint-{trainer.state.global_step}")
-    logger.warning("Received %s: saved %s and stopped. Resume with the same command plus "
-                   "--resume_from_checkpoint last.", signal.Signals(signum).name, checkpoint)
+    logger.warning("Received %s: saved %s and stopped. Run the same command again to resume from it.",
+                   signal.Signals(signum).name, checkpoint)
     end_distributed(trainer)
     raise SystemExit(128 + signum)
 

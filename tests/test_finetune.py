@@ -441,6 +441,21 @@ def test_script_accepts_a_hub_id_from_the_offline_cache(tmp_path, color_data, of
         run_image_classification.main([a for k, v in args.items() for a in (f"--{k}", str(v))])
 
 
+def test_script_refuses_to_resume_a_pretraining_checkpoint(tmp_path, color_data):
+    """A checkpoint of another kind in output_dir is never resumed: one line naming it and the way out;
+    --overwrite_output_dir starts afresh."""
+    save_tiny_cim(str(tmp_path / "cim"))
+    save_tiny_cim(str(tmp_path / "out" / "checkpoint-7"))  # e.g. pre-training written to the same folder
+    (tmp_path / "out" / "checkpoint-7" / "trainer_state.json").write_text("{}")
+    args = _script_args(tmp_path, tmp_path / "cim", num_train_epochs=1, eval_strategy="no")
+    argv = [a for k, v in args.items() for a in (f"--{k}", str(v))]
+    with pytest.raises(ValueError, match=r"Cannot resume from \S*checkpoint-7: it holds a CIMForPreTraining and this "
+                                         r"run trains a ViTForImageClassification; pass --overwrite_output_dir"):
+        run_image_classification.main(argv)
+    results = run_image_classification.main(argv + ["--overwrite_output_dir"])
+    assert results["epoch"] == 1.0
+
+
 def test_script_errors(tmp_path):
     import datasets
 

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModelForPreTraining, TrainerCallback
 
 from transformers_cim import CIMForPreTraining
+from transformers_cim.checkpoints import last_complete_checkpoint
 from transformers_cim.trainer import NonFiniteLossError, cosine_momentum
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -355,7 +356,8 @@ def test_resume_continues_exactly(streaming, symmetric_folder, tmp_path, monkeyp
         run_pretraining.main(args(run_b))
     assert sorted(d for d in os.listdir(run_b) if d.startswith("checkpoint-")) == ["checkpoint-3"]
     assert [entry["step"] for entry in logged(run_b)] == [1, 2, 3]
-    results_b = run_pretraining.main(args(run_b, "--resume_from_checkpoint", "last"))
+    # map-style: run again as it was (the newest complete checkpoint in output_dir is resumed); streamed: with `last`
+    results_b = run_pretraining.main(args(run_b, *(["--resume_from_checkpoint", "last"] if streaming else [])))
     # the skipped-image count covers the whole run, not only the part after the resumption
     assert results_a["skipped_images"] == results_b["skipped_images"] == 2
     assert [e["skipped_images"] for e in logged(run_b)] == [e["skipped_images"] for e in logged(run_a)]
@@ -384,12 +386,30 @@ def test_resume_last_skips_a_half_written_checkpoint(tmp_path, caplog):
     (half_written / "model.safetensors").write_bytes(b"")  # killed before trainer_state.json was written
     cut_short.mkdir()
     (cut_short / "trainer_state.json").write_text('{"global_step": 6, "log_hi')  # killed while writing it
-    assert run_pretraining.last_complete_checkpoint(str(tmp_path)) == str(complete)
+    assert last_complete_checkpoint(str(tmp_path)) == str(complete)
     args = run_pretraining.CIMTrainingArguments(output_dir=str(tmp_path), resume_from_checkpoint="last")
-    assert run_pretraining.resolve_checkpoint(args) == str(complete)
+    assert args.checkpoint_to_resume() == str(complete)
+    args = run_pretraining.CIMTrainingArguments(output_dir=str(tmp_path))
+    assert args.checkpoint_to_resume() == str(complete)  # by default too
+    args = run_pretraining.CIMTrainingArguments(output_dir=str(tmp_path), overwrite_output_dir=True)
+    assert args.checkpoint_to_resume() is None
     args = run_pretraining.CIMTrainingArguments(output_dir=str(tmp_path), resume_from_checkpoint=str(half_written))
     with pytest.raises(ValueError, match="incomplete"):
-        run_pretraining.resolve_checkpoint(args)
+        args.checkpoint_to_resume()
+
+
+def test_a_checkpoint_of_another_model_in_output_dir_is_refused(image_folder, tmp_path, tiny_vit_config):
+    """A checkpoint that does not fit the model being trained (here: other sizes) is never resumed; the error names the
+    folder and the way out, and --overwrite_output_dir starts afresh."""
+    out = tmp_path / "out"
+    CIMForPreTraining(tiny_vit_config()).save_pretrained(out / "checkpoint-2")
+    (out / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"Cannot resume from \S*checkpoint-2: its weights do not fit this run's "
+                                         r"CIMForPreTraining .*--overwrite_output_dir"):
+        run_pretraining.main(base_args(out, "--train_dir", image_folder, steps=1))
+    run_pretraining.main(base_args(out, "--train_dir", image_folder, "--overwrite_output_dir", steps=1))
+    with open(out / "trainer_state.json") as f:
+        assert json.load(f)["global_step"] == 1
 
 
 def test_fsdp_is_refused_with_the_reason(no_training, image_folder, tmp_path, monkeypatch):

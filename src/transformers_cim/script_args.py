@@ -1,7 +1,8 @@
 """Command-line arguments that `run_pretraining.py` and `run_image_classification.py` share, declared once.
 
 Each script's `DataTrainingArguments` extends `DataSourceArguments` with its own fields (shuffle buffer, minimum image
-size, crops, ...); `HfArgumentParser` reads the inherited fields like its own.
+size, crops, ...), and its training arguments extend `ResumableTrainingArguments` (the resume rule); `HfArgumentParser`
+reads the inherited fields like its own.
 """
 
 from __future__ import annotations
@@ -9,7 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import datasets
+from torch import nn
+from transformers import TrainingArguments
 
+from .checkpoints import checkpoint_to_resume
 from .data import load_image_dataset
 
 
@@ -51,4 +55,19 @@ class DataSourceArguments:
         )
 
 
-__all__ = ["DataSourceArguments"]
+@dataclass
+class ResumableTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with the resume rule of both scripts (`transformers_cim.checkpoints.checkpoint_to_resume`):
+    a run resumes from the newest complete checkpoint in output_dir unless --overwrite_output_dir;
+    --resume_from_checkpoint PATH or `last` names one."""
+
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Start afresh even when output_dir holds checkpoints (by default the run resumes from the newest "
+                "complete one)."})
+
+    def checkpoint_to_resume(self, model: nn.Module | None = None) -> str | None:
+        """The checkpoint to pass to `Trainer.train`, or None; refuses one that `model` cannot continue from."""
+        return checkpoint_to_resume(self.output_dir, self.resume_from_checkpoint, self.overwrite_output_dir, model)
+
+
+__all__ = ["DataSourceArguments", "ResumableTrainingArguments"]

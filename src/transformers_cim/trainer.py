@@ -27,7 +27,7 @@ from transformers.utils import logging
 
 from .checkpoints import (
     CHECKPOINT_COMPLETE_MARKER,
-    last_complete_checkpoint,
+    checkpoint_to_resume,
     load_weights_strictly,
     loads_through_from_pretrained,
 )
@@ -311,12 +311,11 @@ class CIMTrainer(Trainer):
         logger.info("Resuming the stream where %s left it.", checkpoint)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if resume_from_checkpoint is False:
+            resume_from_checkpoint = None
+        elif resume_from_checkpoint is True:  # `last`, by the scripts' rule: the newest complete checkpoint
+            resume_from_checkpoint = checkpoint_to_resume(self.args.output_dir, True, model=unwrap_cim(self.model))
         checkpoint = resume_from_checkpoint
-        if isinstance(checkpoint, bool):
-            checkpoint = last_complete_checkpoint(self.args.output_dir) if checkpoint else None
-            if resume_from_checkpoint and checkpoint is None:
-                raise ValueError(f"No complete checkpoint found in {self.args.output_dir} to resume from.")
-            resume_from_checkpoint = checkpoint
         self.num_skipped_images = 0
         self.stream_position = StreamPosition()
         if checkpoint and os.path.isfile(self._skipped_images_file(checkpoint)):
