@@ -340,13 +340,11 @@ def main(argv: list[str] | None = None) -> dict:
     transformers.set_seed(training_args.seed)  # a fresh model's initial weights follow --seed (Trainer seeds later)
     model = build_model(model_args, config)
     image_processor = eval_transform.image_processor()
-    visualization = VisualizationCallback(preview_batch(preflight, config, data_args.num_visualize_images),
-                                          every_steps=data_args.visualize_every_steps)
     on_signal = SaveOnSignalCallback()
     trainer = CIMTrainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         data_collator=SkippingCollator(), processing_class=image_processor,
-                         callbacks=[visualization, on_signal])
-    visualization.trainer = trainer
+                         data_collator=SkippingCollator(), processing_class=image_processor, callbacks=[on_signal])
+    trainer.add_callback(VisualizationCallback(preview_batch(preflight, config, data_args.num_visualize_images),
+                                               every_steps=data_args.visualize_every_steps, trainer=trainer))
 
     results: dict = {}
     train_result = trainer.train(resume_from_checkpoint=training_args.checkpoint_to_resume(model))
@@ -410,7 +408,6 @@ def write_card(trainer: CIMTrainer, config: CIMConfig, data_args: DataTrainingAr
                             final_metrics=final_pretext_metrics(trainer, results), figure=figure,
                             repo_id=trainer.args.hub_model_id)
     write_model_card(trainer.args.output_dir, card)
-    trainer.model_card_written = True
 
 
 if __name__ == "__main__":

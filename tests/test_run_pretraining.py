@@ -201,6 +201,19 @@ def test_end_to_end_loss_falls_and_artifacts(source, streaming, image_folder, pa
         assert json.load(f)["skipped_images"] == 0
 
 
+def test_correlation_maps_reach_tensorboard(image_folder, tmp_path):
+    """The figure callback finds the Trainer's TensorBoard writer through the trainer it was built with."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    out = tmp_path / "out"
+    run_pretraining.main(base_args(out, "--train_dir", image_folder, "--report_to", "tensorboard",
+                                   "--visualize_every_steps", "1", steps=2))
+    runs = [root for root, _, files in os.walk(out / "runs") if any("tfevents" in f for f in files)]
+    assert len(runs) == 1
+    events = event_accumulator.EventAccumulator(runs[0], size_guidance={"images": 0})
+    events.Reload()
+    assert [event.step for event in events.Images("pretext/correlation_maps")] == [1, 2]
+
+
 def test_json_arguments_file(image_folder, tmp_path):
     out = tmp_path / "out"
     args = {"train_dir": image_folder, "output_dir": str(out), "config_name": "vit-tiny-patch16",

@@ -13,6 +13,7 @@ from transformers import TrainerCallback, TrainingArguments, ViTConfig
 
 from transformers_cim import CIMConfig, CIMForPreTraining
 from transformers_cim.data import SkippingCollator
+from transformers_cim.modelcard import build_model_card, has_cim_card, write_model_card
 from transformers_cim.trainer import (
     CIMTrainer,
     MomentumCallback,
@@ -261,6 +262,19 @@ def test_momentum_callback_is_added_once(tmp_path):
     trainer = CIMTrainer(model=model, args=training_args(tmp_path), train_dataset=rows(4),
                          data_collator=SkippingCollator(), callbacks=[MomentumCallback()])
     assert sum(isinstance(cb, MomentumCallback) for cb in trainer.callback_handler.callbacks) == 1
+
+
+def test_create_model_card_keeps_the_cim_card(tmp_path):
+    """`push_to_hub` calls create_model_card: the pre-training card in the output dir must survive it."""
+    trainer = make_trainer(tiny_model(), rows(4), tmp_path)
+    trainer.create_model_card()  # no CIM card yet: the Trainer writes its generic one
+    assert (tmp_path / "README.md").is_file() and not has_cim_card(str(tmp_path))
+    card = build_model_card(tiny_config(), dataset_name="photos", max_steps=1, train_images=None, final_metrics={},
+                            figure=None)
+    write_model_card(str(tmp_path), card)
+    written = (tmp_path / "README.md").read_text()
+    trainer.create_model_card()
+    assert (tmp_path / "README.md").read_text() == written
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -89,10 +89,17 @@ Fine-tune with `run_image_classification.py --model_name_or_path {name}`.
     return card_with_metadata(data, body)
 
 
+def has_cim_card(output_dir: str) -> bool:
+    """Whether `output_dir` holds a pre-training card of this package (README.md tagged `transformers-cim`)."""
+    path = os.path.join(output_dir, "README.md")
+    return os.path.isfile(path) and "transformers-cim" in (ModelCard.load(path).data.tags or [])
+
+
 def write_model_card(output_dir: str, card: ModelCard) -> str:
     path = os.path.join(output_dir, "README.md")
     card.save(path)
     return path
 
 
-__all__ = ["CARD_TAGS", "build_model_card", "card_with_metadata", "encoder_description", "write_model_card"]
+__all__ = ["CARD_TAGS", "build_model_card", "card_with_metadata", "encoder_description", "has_cim_card",
+           "write_model_card"]

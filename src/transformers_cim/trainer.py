@@ -31,6 +31,7 @@ from .checkpoints import (
     load_weights_strictly,
     loads_through_from_pretrained,
 )
+from .modelcard import has_cim_card
 from .modeling_cim import CIMForPreTraining
 from .pretext_metrics import correlation_iou, correlation_prior, prior_metrics
 from .streaming import STREAM_STATE_KEY, ResumableImageStream, StreamPosition
@@ -349,8 +350,9 @@ class CIMTrainer(Trainer):
         return super().evaluate(*args, **kwargs)
 
     def create_model_card(self, *args, **kwargs):
-        """Keeps the CIM model card written by the pre-training script instead of the generic one."""
-        if getattr(self, "model_card_written", False):
+        """Keeps the CIM model card the pre-training script wrote in the output directory (`push_to_hub` would
+        write the Trainer's generic card over it)."""
+        if has_cim_card(self.args.output_dir):
             return None
         return super().create_model_card(*args, **kwargs)
 

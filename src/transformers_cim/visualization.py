@@ -9,7 +9,7 @@ import os
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
 OUTLINE_COLOUR = (255, 64, 32)
 COLUMN_TITLES = ("context + exemplar box", "exemplar", "true map", "predicted map")
@@ -91,13 +91,15 @@ def _tensorboard_writer(callbacks) -> object | None:
 
 class VisualizationCallback(TrainerCallback):
     """Writes `correlation_maps.png` at the end of training (and `correlation_maps_step{N}.png` every
-    `every_steps` when > 0) into the output dir; also to TensorBoard when it is among `report_to`."""
+    `every_steps` when > 0) into the output dir; also to the TensorBoard writer of `trainer`, when given and
+    tensorboard is among its `report_to` (add the callback with `trainer.add_callback`)."""
 
-    def __init__(self, pixel_values: torch.Tensor, every_steps: int = 0, filename: str = "correlation_maps.png"):
+    def __init__(self, pixel_values: torch.Tensor, every_steps: int = 0, filename: str = "correlation_maps.png",
+                 trainer: Trainer | None = None):
         self.pixel_values = pixel_values
         self.every_steps = every_steps
         self.filename = filename
-        self.trainer = None  # set by the script so the TensorBoard writer can be found
+        self.trainer = trainer
 
     def _write(self, args, state, model, name: str) -> None:
         if not state.is_world_process_zero:
