@@ -22,7 +22,6 @@ import os
 import re
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,6 +39,7 @@ from .checkpoints import (
     resolve_checkpoint_path,
 )
 from .features import global_feature_size, global_features
+from .seeding import numpy_rng_from_torch
 from .training_utils import EpochToDatasetCallback, StepGenerators
 
 
@@ -321,9 +321,8 @@ def smooth_one_hot(labels: torch.Tensor, num_labels: int, label_smoothing: float
 
 
 def _sample_beta(alpha: float, generator: torch.Generator | None) -> float:
-    # torch has no generator-aware Beta sampler: seed a numpy Generator from the torch one.
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
-    return float(np.random.default_rng(seed).beta(alpha, alpha))
+    # torch has no generator-aware Beta sampler: a numpy generator keyed by the torch one
+    return float(numpy_rng_from_torch(generator).beta(alpha, alpha))
 
 
 def cutmix_box(

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import datasets
-import numpy as np
 import torch
 from datasets.distributed import split_dataset_by_node
 
 from .data.collate import decoded_row, register_batch_annotator, without_image_decoding
+from .seeding import numpy_rng
 
 STREAM_STATE_KEY = "stream_state"
 _ACTIVE_READER: "_Reader | None" = None  # the reader iterating in this process (one per worker process)
@@ -76,8 +76,8 @@ class _Reader:
         self.transform, self.min_size, self.buffer_size = transform, min_size, buffer_size
         self.max_age = self.MAX_AGE_BUFFERS * buffer_size
         self.role, self.num_roles, self.epoch, self.world_size = role, num_roles, epoch, world_size
-        self.shuffle_rng = np.random.default_rng([*seed_key, 0])
-        self.augment_rng = np.random.default_rng([*seed_key, 1])
+        self.shuffle_rng = numpy_rng(*seed_key, 0)
+        self.augment_rng = numpy_rng(*seed_key, 1)
         self.buffer: list[_Record] = []
         self._slot_of: dict[int, int] = {}  # seq -> index in buffer (while filling and replacing)
         self._arrival: deque[int] = deque()  # seqs in arrival order; those already yielded are dropped lazily

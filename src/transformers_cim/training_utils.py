@@ -8,11 +8,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from .seeding import torch_generator
 
 
 class StepGenerators:
@@ -28,10 +29,9 @@ class StepGenerators:
     def next(self, global_step: int, device: torch.device | str = "cpu") -> torch.Generator:
         if global_step != self._step:
             self._step, self._micro = global_step, 0
-        key = f"{self.seed}/{self._step}/{self._micro}/{self.process_index}"
+        generator = torch_generator(self.seed, self._step, self._micro, self.process_index, device=device)
         self._micro += 1
-        seed = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") & (2**63 - 1)
-        return torch.Generator(device=device).manual_seed(seed)
+        return generator
 
 
 class EpochToDatasetCallback(TrainerCallback):

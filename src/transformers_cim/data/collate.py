@@ -11,6 +11,7 @@ import datasets
 import numpy as np
 import torch
 
+from ..seeding import numpy_rng
 from .decoding import decode_image
 from .transforms import RandomResizedCropFlip
 
@@ -124,7 +125,7 @@ class SeededImageDataset(torch.utils.data.Dataset):
         self.epoch = int(epoch)
 
     def _row(self, value: Any, label: Any, index: int) -> dict:
-        row = decoded_row(value, self.transform, self.min_size, np.random.default_rng([self.seed, self.epoch, int(index)]))
+        row = decoded_row(value, self.transform, self.min_size, numpy_rng(self.seed, self.epoch, index))
         if self.label_column is not None:  # as ClassificationBatchTransform: a missing label marks the row invalid
             label = _as_label(label)
             row["cim_valid"] = row["cim_valid"] and label is not None

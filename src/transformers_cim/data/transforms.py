@@ -12,6 +12,7 @@ import PIL.Image
 import torch
 from transformers import ViTImageProcessorPil
 
+from ..seeding import numpy_rng_from_torch
 from .decoding import to_rgb
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
@@ -27,12 +28,6 @@ def to_normalized_tensor(image: PIL.Image.Image, mean: torch.Tensor, std: torch.
 
 def _stats(values: Sequence[float]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32).view(3, 1, 1)
-
-
-def _default_rng() -> np.random.Generator:
-    # Drawn from torch's RNG: seeded by Trainer's set_seed and re-seeded per data-loader worker by torch, so
-    # workers do not repeat each other's augmentations and runs are reproducible.
-    return np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
 
 
 class RandomResizedCropFlip:
@@ -81,7 +76,8 @@ class RandomResizedCropFlip:
         return (width - w) // 2, (height - h) // 2, w, h
 
     def __call__(self, image: PIL.Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
-        rng = rng if rng is not None else _default_rng()
+        # default: keyed by torch's RNG, seeded by the Trainer and per data-loader worker (workers differ, runs repeat)
+        rng = rng if rng is not None else numpy_rng_from_torch()
         image = to_rgb(image)
         left, top, w, h = self.get_params(image.width, image.height, rng)
         view = image.resize((self.size, self.size), PIL.Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
