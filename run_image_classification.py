@@ -17,11 +17,17 @@ Paper recipe (ViT-B/16, ImageNet-1K, 100 epochs; layer decay 0.65, Mixup 0.8, Cu
         --per_device_train_batch_size 128 --num_train_epochs 100 --bf16 --output_dir outputs/cim-vit-b-ft
 
 Linear probing (frozen encoder, BatchNorm + linear head on the CLS feature): add ``--linear_probe``.
+Stages, as in transformers' example scripts: ``--do_train``, ``--do_eval`` (alone: score a fine-tuned classifier as
+it is), ``--do_predict`` (``predictions.csv``: row, label, score for ``--test_dir`` / ``--test_files`` or a dataset's
+test split); with none of them given, the script trains and evaluates.
 Arguments may also come from one ``.json`` file: ``python run_image_classification.py args.json``.
+User errors (a missing path, a bad value, an empty dataset, a checkpoint of the wrong kind) end in one line on stderr
+and exit status 2.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -33,10 +39,11 @@ import datasets
 import numpy as np
 import torch
 import transformers
-from transformers import EvalPrediction, HfArgumentParser, TrainingArguments
+from transformers import EvalPrediction, TrainingArguments
 
 from transformers_cim.checkpoints import (
     checkpoint_kind,
+    encoder_config_from_checkpoint,
     image_stats_from_checkpoint,
     resolve_checkpoint_path,
 )
@@ -49,18 +56,26 @@ from transformers_cim.data import (
     SkippingCollator,
     available_splits,
     build_classification_transform,
+    build_pretraining_transform,
     check_num_workers,
     count_shards,
     find_image_column,
     find_label_column,
     prepare_dataset,
 )
+from transformers_cim.errors import UserPathError, UserValueError, exit_on_user_error
 from transformers_cim.finetune import (
     ClassificationTrainer,
     LinearProbeForImageClassification,
     load_encoder_for_classification,
 )
-from transformers_cim.script_args import DataSourceArguments, ResumableTrainingArguments
+from transformers_cim.modelcard import build_classification_card, card_license, write_model_card as write_card_file
+from transformers_cim.script_args import (
+    DataSourceArguments,
+    ResumableTrainingArguments,
+    ScriptArgumentParser,
+    set_learning_rate,
+)
 from transformers_cim.training_utils import fetch_batches_per_process
 
 
@@ -74,9 +89,25 @@ DEFAULT_DATASET_NAME = "scikit-image sample photos"
 class ModelArguments:
     """The checkpoint to start from and the fine-tuning recipe."""
 
+    _argument_group_name = "model and fine-tuning recipe"
+
     model_name_or_path: str | None = field(default=None, metadata={
         "help": "Required. A CIM pre-training checkpoint, an exported encoder or a ViT/ResNet checkpoint: a local "
                 "directory or a Hub model id (downloaded, or from the Hub cache when HF_HUB_OFFLINE=1)."})
+    model_revision: str = field(default="main", metadata={
+        "help": "The Hub revision (branch, tag or commit) of --model_name_or_path and --image_processor_name."})
+    image_processor_name: str | None = field(default=None, metadata={
+        "help": "An image processor (local folder or Hub id) whose mean / std normalise the images instead of the "
+                "checkpoint's; resizing stays --image_size with the bicubic resize + centre crop of the saved processor."})
+    ignore_mismatched_sizes: bool = field(default=False, metadata={
+        "help": "Re-initialise encoder weights whose shapes do not fit the checkpoint's config instead of stopping. "
+                "The classification head is always new when the label count differs."})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "Allow custom code from the Hub for --image_processor_name. (The model is always a stock ViT / ResNet "
+                "loaded without custom code, and datasets runs no dataset scripts.)"})
+    license: str | None = field(default=None, metadata={
+        "help": "Licence stated in the model card (a Hub licence id, e.g. apache-2.0, mit, cc-by-nc-4.0). Default: "
+                "the base checkpoint card's licence, else none stated."})
     image_size: int = field(default=224, metadata={
         "help": "Training / evaluation resolution. For ViT, the position embeddings are interpolated (bicubic) "
                 "when it differs from the checkpoint's."})
@@ -90,7 +121,7 @@ class ModelArguments:
     cutmix: float | None = field(default=None, metadata={
         "help": "CutMix alpha (0 = off). Default: 1.0 for fine-tuning, 0 for linear probing."})
     label_smoothing: float | None = field(default=None, metadata={
-        "help": "Label smoothing (training only). Default: 0.1 for fine-tuning, 0 for linear probing."})
+        "help": "Deprecated alias of --label_smoothing_factor (the Trainer's flag), with a warning."})
     attn_implementation: str | None = field(default="sdpa", metadata={
         "help": "ViT attention: eager, sdpa or flash_attention_2."})
     cache_dir: str | None = field(default=None, metadata={"help": "Where datasets and Hub models are cached."})
@@ -102,6 +133,11 @@ class DataTrainingArguments(DataSourceArguments):
     """Where the labelled images come from (the shared `DataSourceArguments`: one source; none = the scikit-image
     sample photos) and how they are prepared."""
 
+    _argument_group_name = "data"
+
+    test_dir: str | None = field(default=None, metadata={
+        "help": "A folder of images to predict with --do_predict (no labels needed). Default: a dataset's test split."})
+    test_files: list[str] | None = field(default=None, metadata={"help": "Data files to predict with --do_predict."})
     label_column_name: str | None = field(default=None, metadata={"help": "Label column; auto-detected if unset."})
     train_val_split: float | None = field(default=0.15, metadata={
         "help": "Fraction of the training set held out for validation when there is no validation split "
@@ -116,9 +152,14 @@ class DataTrainingArguments(DataSourceArguments):
 class ClassificationTrainingArguments(ResumableTrainingArguments):
     """`TrainingArguments` with fine-tuning defaults (AdamW, wd 0.05, cosine with 5% warm-up, per-epoch eval)."""
 
+    _argument_group_name = "training (the fine-tuning recipe's defaults)"
+
     base_learning_rate: float | None = field(default=None, metadata={
         "help": "lr = base_learning_rate * total batch / 256 unless --learning_rate is given. Default: 5e-4 "
                 "(fine-tuning, MAE/BEiT recipe) or 1e-3 (linear probing)."})
+    label_smoothing_factor: float | None = field(default=None, metadata={
+        "help": "Label smoothing (training only; with Mixup / CutMix, of the mixed targets). Default: 0.1 for "
+                "fine-tuning, 0 for linear probing."})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (none on norms/biases/tokens)."})
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
@@ -132,19 +173,21 @@ class ClassificationTrainingArguments(ResumableTrainingArguments):
 
 
 def parse_arguments(argv: list[str] | None = None):
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, ClassificationTrainingArguments))
+    """The three argument dataclasses and the set of argument names given explicitly (on the command line or in the
+    ``.json`` file), to tell a default from a value asked for."""
+    parser = ScriptArgumentParser((ModelArguments, DataTrainingArguments, ClassificationTrainingArguments))
     argv = sys.argv[1:] if argv is None else list(argv)
     if len(argv) == 1 and argv[0].endswith(".json"):
         path = os.path.abspath(argv[0])
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"Argument file {argv[0]!r} does not exist.")
+            raise UserPathError(f"Argument file {argv[0]!r} does not exist.")
         model_args, data_args, training_args = parser.parse_json_file(path)
         with open(path, encoding="utf-8") as f:
-            explicit_lr = "learning_rate" in json.load(f)
+            given = set(json.load(f))
     else:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-        explicit_lr = any(a.split("=")[0] == "--learning_rate" for a in argv)
-    return model_args, data_args, training_args, explicit_lr
+        given = {a.split("=")[0][2:].replace("-", "_") for a in argv if a.startswith("--")}
+    return model_args, data_args, training_args, given
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -195,7 +238,7 @@ def resolve_labels(ds, label_column: str, streaming: bool):
     if isinstance(feature, datasets.ClassLabel):
         return ds, list(feature.names)
     if streaming:
-        raise ValueError(
+        raise UserValueError(
             f"Label column {label_column!r} is not a ClassLabel ({feature!r}); streaming needs class names in the "
             "dataset features. Drop --streaming or use a dataset with a ClassLabel column."
         )
@@ -205,11 +248,11 @@ def resolve_labels(ds, label_column: str, streaming: bool):
     if isinstance(feature, datasets.Value) and ("int" in feature.dtype):
         values = [v for v in ds.unique(label_column) if v is not None]
         if not values:
-            raise ValueError(f"Label column {label_column!r} has no labels.")
+            raise UserValueError(f"Label column {label_column!r} has no labels.")
         if min(values) < 0:
-            raise ValueError(f"Label column {label_column!r} has negative labels {sorted(values)[:5]}.")
+            raise UserValueError(f"Label column {label_column!r} has negative labels {sorted(values)[:5]}.")
         return ds, [str(i) for i in range(max(values) + 1)]
-    raise ValueError(
+    raise UserValueError(
         f"Label column {label_column!r} has feature {feature!r}; expected class ids (ClassLabel or int) or strings."
     )
 
@@ -222,7 +265,7 @@ def align_validation_labels(eval_ds, label_column: str, names: list[str]):
             return eval_ds
         unknown = sorted(set(feature.names) - set(names))
         if unknown:
-            raise ValueError(f"The validation set has classes not in the training set: {unknown[:5]}.")
+            raise UserValueError(f"The validation set has classes not in the training set: {unknown[:5]}.")
         mapping = np.array([names.index(n) for n in feature.names], dtype=np.int64)
         new_feature = datasets.ClassLabel(names=names)
         return eval_ds.map(
@@ -232,7 +275,7 @@ def align_validation_labels(eval_ds, label_column: str, names: list[str]):
     if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
         unknown = sorted(set(eval_ds.unique(label_column)) - set(names))
         if unknown:
-            raise ValueError(f"The validation set has classes not in the training set: {unknown[:5]}.")
+            raise UserValueError(f"The validation set has classes not in the training set: {unknown[:5]}.")
         return eval_ds.cast_column(label_column, datasets.ClassLabel(names=names))
     return eval_ds
 
@@ -246,29 +289,38 @@ def _subset(ds, n: int | None, seed: int, streaming: bool):
 
 
 def build_datasets(data_args: DataTrainingArguments, model_args: ModelArguments, training_args: TrainingArguments,
-                   train_transform: RandomResizedCropFlip, eval_transform: ResizeCenterCrop):
-    """Train / eval datasets (transformed lazily), the class names and the column names."""
+                   train_transform: RandomResizedCropFlip, eval_transform: ResizeCenterCrop,
+                   class_names: list[str] | None = None):
+    """Train / eval datasets (transformed lazily), the class names, the column names and which images the eval set
+    is (a split name, or the share of the training set held out). `class_names` (those of a fine-tuned classifier
+    being evaluated) fixes the label ids; the dataset must have exactly these classes."""
     train_raw = _load(data_args, model_args, "train")
     image_column = find_image_column(train_raw, data_args.image_column_name)
     label_column = find_label_column(train_raw, data_args.label_column_name)
     if label_column is None:
         columns = list(train_raw.features) if train_raw.features is not None else train_raw.column_names
-        raise ValueError(f"No label column found among {columns}; name it with --label_column_name.")
+        raise UserValueError(f"No label column found among {columns}; name it with --label_column_name.")
     train_raw, names = resolve_labels(train_raw, label_column, data_args.streaming)
     if len(names) < 2:
-        raise ValueError(f"The training set has a single class ({names}); classification needs at least 2.")
+        raise UserValueError(f"The training set has a single class ({names}); classification needs at least 2.")
+    if class_names is not None and set(class_names) != set(names):
+        raise UserValueError(f"The checkpoint's classifier knows the classes {sorted(class_names)[:10]}, the dataset "
+                             f"has {sorted(names)[:10]}: evaluating it needs the same classes (or add --do_train).")
+    if class_names is not None and list(class_names) != names:
+        train_raw = align_validation_labels(train_raw, label_column, list(class_names))
+        names = list(class_names)
 
     eval_raw = None
     split = validation_split_name(data_args, model_args)
     if split is not None:
         eval_raw = _load(data_args, model_args, split)
         if label_column not in (eval_raw.features or {}):
-            raise ValueError(f"The validation split has no label column {label_column!r}.")
+            raise UserValueError(f"The validation split has no label column {label_column!r}.")
         if not data_args.streaming:
             eval_raw = align_validation_labels(eval_raw, label_column, names)
     elif data_args.train_val_split and data_args.train_val_split > 0:
         if data_args.streaming:
-            raise ValueError("--train_val_split needs a map-style dataset; give a validation split when streaming.")
+            raise UserValueError("--train_val_split needs a map-style dataset; give a validation split when streaming.")
         stratify = label_column if isinstance(train_raw.features[label_column], datasets.ClassLabel) else None
         try:
             parts = train_raw.train_test_split(test_size=data_args.train_val_split, seed=training_args.seed,
@@ -276,6 +328,7 @@ def build_datasets(data_args: DataTrainingArguments, model_args: ModelArguments,
         except ValueError:  # too few images per class to stratify
             parts = train_raw.train_test_split(test_size=data_args.train_val_split, seed=training_args.seed)
         train_raw, eval_raw = parts["train"], parts["test"]
+        split = f"{data_args.train_val_split:.0%} of train, held out"
         logger.info(f"No validation split: held out {len(eval_raw)} training images ({data_args.train_val_split:.0%}).")
     else:
         logger.warning("No validation split and --train_val_split 0: no evaluation.")
@@ -296,7 +349,7 @@ def build_datasets(data_args: DataTrainingArguments, model_args: ModelArguments,
     if eval_raw is not None:
         eval_ds = prepare_dataset(eval_raw, image_column, build_classification_transform(
             image_column, label_column, eval_transform, data_args.min_image_size))
-    return train_ds, eval_ds, names, image_column, label_column
+    return train_ds, eval_ds, names, image_column, label_column, split
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -318,44 +371,62 @@ def make_metric_functions(num_labels: int):
     return preprocess_logits_for_metrics, compute_metrics
 
 
-def write_model_card(trainer: ClassificationTrainer, model_args: ModelArguments, dataset_name: str,
-                     eval_metrics: dict[str, float] | None) -> None:
-    """Trainer's model card (model-index: image-classification, dataset, top-1) plus top-5 and the recipe."""
-    from huggingface_hub import EvalResult, ModelCard
-
-    kwargs = dict(tasks="image-classification", dataset=dataset_name, dataset_tags=dataset_name,
-                  tags=["image-classification", "cim", "linear-probe" if model_args.linear_probe else "fine-tuned"])
-    if not os.path.isdir(model_args.model_name_or_path):
-        kwargs["finetuned_from"] = model_args.model_name_or_path
-    trainer.create_model_card(**kwargs)
+def write_model_card(trainer: ClassificationTrainer, model_args: ModelArguments, data_args: DataTrainingArguments,
+                     checkpoint_dir: str, num_labels: int, eval_split: str | None, results: dict[str, Any]) -> None:
+    """The fine-tuned model's card: the checkpoint (path or Hub id, `base_model` when a Hub id) it was fine-tuned
+    from, the data, the recipe as run and the results; the licence given, else the base checkpoint's, else none."""
     if not trainer.is_world_process_zero():
         return
-    path = os.path.join(trainer.args.output_dir, "README.md")
-    card = ModelCard.load(path)
-    top5 = (eval_metrics or {}).get("eval_top5_accuracy")
-    results = list(card.data.eval_results or [])
-    if top5 is not None:
-        for result in [r for r in results if r.metric_type == "accuracy"]:
-            results.append(EvalResult(
-                task_type=result.task_type, task_name=result.task_name, dataset_type=result.dataset_type,
-                dataset_name=result.dataset_name, dataset_config=result.dataset_config,
-                dataset_split=result.dataset_split, dataset_args=result.dataset_args,
-                metric_type="top_5_accuracy", metric_name="Top 5 Accuracy", metric_value=float(top5)))
-        card.data.eval_results = results
-    mode = "linear probing (frozen encoder)" if model_args.linear_probe else "end-to-end fine-tuning"
-    card.text += (
-        f"\n## Recipe\n\n{mode} of `{os.path.basename(os.path.normpath(model_args.model_name_or_path))}` at "
-        f"{model_args.image_size} px with `run_image_classification.py` (transformers-cim): AdamW, layer decay "
-        f"{trainer.layer_decay}, Mixup {trainer.mixup_alpha}, CutMix {trainer.cutmix_alpha}, label smoothing "
-        f"{trainer.label_smoothing}.\n"
-    )
-    card.save(path)
+    args = trainer.args
+    total_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    warmup, scheduler = args.warmup_steps, args.lr_scheduler_type
+    recipe = {
+        "mode": "linear probe (frozen encoder)" if model_args.linear_probe else "end-to-end fine-tuning",
+        "image size": f"{model_args.image_size} px; evaluation: shorter side to "
+                      f"{round(model_args.image_size / data_args.crop_pct)} px (bicubic), centre crop",
+        "optimizer steps (epochs)": f"{trainer.state.global_step} ({trainer.state.epoch or 0:g})",
+        "total batch": total_batch,
+        "peak learning rate": f"{args.learning_rate:.4g}, {getattr(scheduler, 'value', scheduler)} schedule, warm-up "
+                              f"{warmup:g}{' of the run' if 0 < warmup < 1 else ' steps'}",
+        "optimizer": f"AdamW (betas {args.adam_beta1}, {args.adam_beta2}), weight decay {args.weight_decay} "
+                     "(none on norms, biases, tokens)",
+        "layer decay": trainer.layer_decay,
+        "Mixup / CutMix": f"{trainer.mixup_alpha} / {trainer.cutmix_alpha}",
+        "label smoothing (--label_smoothing_factor)": trainer.label_smoothing,
+        "seed": args.seed,
+    }
+    card = build_classification_card(
+        model_name=os.path.basename(os.path.normpath(args.output_dir)), base=model_args.model_name_or_path,
+        base_is_hub_id=not os.path.isdir(model_args.model_name_or_path), encoder_config=encoder_config_from_checkpoint(
+            checkpoint_dir), linear_probe=model_args.linear_probe, dataset_name=dataset_display_name(data_args),
+        eval_split=eval_split, num_labels=num_labels, recipe=recipe, results=results,
+        license=model_args.license or card_license(checkpoint_dir))
+    write_card_file(args.output_dir, card)
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Main
 # ------------------------------------------------------------------------------------------------------------
-def apply_recipe_defaults(model_args: ModelArguments, encoder_type: str) -> None:
+STAGES = ("do_train", "do_eval", "do_predict")
+
+
+def choose_stages(training_args: ClassificationTrainingArguments, given: set[str]) -> None:
+    """Like transformers' example scripts: train only with --do_train, evaluate only with --do_eval, predict only
+    with --do_predict. With none of the three given, the script trains and evaluates (--do_train --do_eval)."""
+    asked = given & set(STAGES)
+    if not asked:
+        training_args.do_train, training_args.do_eval, training_args.do_predict = True, True, False
+        logger.info("No --do_train / --do_eval / --do_predict given: training and evaluating (--do_train --do_eval).")
+    for name in set(STAGES) - asked if asked else ():
+        setattr(training_args, name, False)  # e.g. do_eval, which TrainingArguments turns on with an eval_strategy
+    if not training_args.do_eval:
+        training_args.eval_strategy = transformers.IntervalStrategy.NO
+    if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
+        raise UserValueError("Nothing to do: --do_train, --do_eval and --do_predict are all off.")
+
+
+def apply_recipe_defaults(model_args: ModelArguments, training_args: ClassificationTrainingArguments,
+                          encoder_type: str) -> None:
     probe = model_args.linear_probe
     if model_args.layer_decay is None:
         model_args.layer_decay = 0.65 if (encoder_type == "vit" and not probe) else 1.0
@@ -363,67 +434,151 @@ def apply_recipe_defaults(model_args: ModelArguments, encoder_type: str) -> None
         model_args.mixup = 0.0 if probe else 0.8
     if model_args.cutmix is None:
         model_args.cutmix = 0.0 if probe else 1.0
-    if model_args.label_smoothing is None:
-        model_args.label_smoothing = 0.0 if probe else 0.1
-    for name in ("mixup", "cutmix", "label_smoothing"):
-        if getattr(model_args, name) < 0:
-            raise ValueError(f"--{name} must be >= 0, got {getattr(model_args, name)}.")
+    if model_args.label_smoothing is not None:  # the deprecated alias of the Trainer's flag
+        factor = training_args.label_smoothing_factor
+        if factor is not None and factor != model_args.label_smoothing:
+            raise UserValueError(f"--label_smoothing {model_args.label_smoothing} and --label_smoothing_factor {factor} "
+                                 "disagree; give --label_smoothing_factor only.")
+        logger.warning("--label_smoothing is deprecated: use --label_smoothing_factor (the Trainer's flag), which "
+                       "is what the run uses and the model card reports.")
+        training_args.label_smoothing_factor = model_args.label_smoothing
+    if training_args.label_smoothing_factor is None:
+        training_args.label_smoothing_factor = 0.0 if probe else 0.1
+    for name, value in (("mixup", model_args.mixup), ("cutmix", model_args.cutmix),
+                        ("label_smoothing_factor", training_args.label_smoothing_factor)):
+        if value < 0:
+            raise UserValueError(f"--{name} must be >= 0, got {value}.")
     if not 0 < model_args.layer_decay <= 1:
-        raise ValueError(f"--layer_decay must be in (0, 1], got {model_args.layer_decay}.")
-    if model_args.label_smoothing >= 1:
-        raise ValueError(f"--label_smoothing must be < 1, got {model_args.label_smoothing}.")
+        raise UserValueError(f"--layer_decay must be in (0, 1], got {model_args.layer_decay}.")
+    if training_args.label_smoothing_factor >= 1:
+        raise UserValueError(f"--label_smoothing_factor must be < 1, got {training_args.label_smoothing_factor}.")
+
+
+def fine_tuned_class_names(path: str) -> list[str] | None:
+    """The class names, in label-id order, of a fine-tuned classifier checkpoint (a stock `...ForImageClassification`),
+    or None for any other checkpoint (a CIM pre-training checkpoint or an encoder: its head would be new)."""
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    if not any(a.endswith("ForImageClassification") for a in config.get("architectures") or []):
+        return None
+    id2label = config.get("id2label") or {}
+    return [str(id2label[key]) for key in sorted(id2label, key=int)] or None
+
+
+def image_statistics(model_args: ModelArguments, checkpoint_dir: str) -> tuple[list[float], list[float]]:
+    """Normalisation mean / std: --image_processor_name's, else the checkpoint's, else ImageNet's."""
+    if model_args.image_processor_name:
+        from transformers import AutoImageProcessor
+
+        try:
+            processor = AutoImageProcessor.from_pretrained(
+                model_args.image_processor_name, revision=model_args.model_revision, cache_dir=model_args.cache_dir,
+                token=model_args.token, trust_remote_code=model_args.trust_remote_code)
+        except OSError as err:
+            raise UserPathError(f"--image_processor_name {model_args.image_processor_name!r}: {err}") from None
+        mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
+        if mean is None or std is None:
+            raise UserValueError(f"--image_processor_name {model_args.image_processor_name!r} has no image_mean / "
+                                 "image_std to normalise with.")
+        logger.info(f"Normalising with the mean {mean} and std {std} of {model_args.image_processor_name}.")
+        return list(mean), list(std)
+    stats = image_stats_from_checkpoint(checkpoint_dir)
+    return stats if stats is not None else (list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD))
+
+
+@torch.no_grad()
+def write_predictions(model: torch.nn.Module, test_ds, names: list[str], args: ClassificationTrainingArguments,
+                      path: str) -> int:
+    """Predicts every test row in order and writes ``row,label,score`` (top-1 class and its softmax probability) to
+    `path`; a row whose image could not be used gets an empty label and score. Returns the number of rows."""
+    loader = torch.utils.data.DataLoader(test_ds, batch_size=args.per_device_eval_batch_size,
+                                         num_workers=args.dataloader_num_workers)
+    parameter = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    count = 0
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["row", "label", "score"])
+        for batch in loader:
+            pixel_values = batch["pixel_values"].to(device=parameter.device, dtype=parameter.dtype)
+            scores, ids = model(pixel_values=pixel_values).logits.float().softmax(-1).max(-1)
+            for valid, score, index in zip(batch["cim_valid"].tolist(), scores.tolist(), ids.tolist()):
+                writer.writerow([count, names[index], f"{score:.6f}"] if valid else [count, "", ""])
+                count += 1
+    model.train(was_training)
+    return count
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    model_args, data_args, training_args, explicit_lr = parse_arguments(argv)
+    model_args, data_args, training_args, given = parse_arguments(argv)
 
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
                         handlers=[logging.StreamHandler(sys.stdout)])
     log_level = training_args.get_process_log_level()
-    logger.setLevel(log_level)
+    logger.setLevel(logging.INFO if training_args.should_log else log_level)  # this script's lines on the main process
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
 
-    path = resolve_checkpoint_path(model_args.model_name_or_path, cache_dir=model_args.cache_dir, token=model_args.token)
+    choose_stages(training_args, given)
+    path = resolve_checkpoint_path(model_args.model_name_or_path, cache_dir=model_args.cache_dir, token=model_args.token,
+                                   revision=model_args.model_revision)
     _, encoder_type = checkpoint_kind(path)
-    apply_recipe_defaults(model_args, encoder_type)
-    if data_args.streaming and training_args.max_steps <= 0:
-        raise ValueError("--streaming needs --max_steps (a streamed dataset has no length).")
+    apply_recipe_defaults(model_args, training_args, encoder_type)
+    if data_args.streaming and training_args.max_steps <= 0 and training_args.do_train:
+        raise UserValueError("--streaming needs --max_steps (a streamed dataset has no length).")
+    class_names = None
+    if not training_args.do_train:  # evaluate / predict the checkpoint as it is: its head must be trained
+        class_names = fine_tuned_class_names(path)
+        if class_names is None:
+            raise UserValueError(f"{model_args.model_name_or_path} is not a fine-tuned classifier (its classification "
+                                 "head would be new, hence random): evaluating or predicting with it needs --do_train.")
+        if model_args.linear_probe:
+            logger.warning("--linear_probe is ignored without --do_train: the checkpoint is evaluated as it is.")
+            model_args.linear_probe = False
 
-    total_batch = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
-                   * training_args.world_size)
-    if not explicit_lr:
-        base = training_args.base_learning_rate
-        if base is None:
-            base = 1e-3 if model_args.linear_probe else 5e-4
-        training_args.learning_rate = base * total_batch / 256
-    logger.info(f"Learning rate {training_args.learning_rate:.3g} (total batch {total_batch}); "
-                f"layer decay {model_args.layer_decay}, mixup {model_args.mixup}, cutmix {model_args.cutmix}, "
-                f"label smoothing {model_args.label_smoothing}, linear probe {model_args.linear_probe}.")
+    base = training_args.base_learning_rate
+    if base is None:
+        base = 1e-3 if model_args.linear_probe else 5e-4
+    if training_args.do_train:
+        logger.info(set_learning_rate(training_args, base, "learning_rate" in given))
+        logger.info(f"Layer decay {model_args.layer_decay}, mixup {model_args.mixup}, cutmix {model_args.cutmix}, "
+                    f"label smoothing {training_args.label_smoothing_factor}, linear probe {model_args.linear_probe}.")
     transformers.set_seed(training_args.seed)
 
-    stats = image_stats_from_checkpoint(path)
-    mean, std = stats if stats is not None else (list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD))
+    mean, std = image_statistics(model_args, path)
     train_transform = RandomResizedCropFlip(size=model_args.image_size, scale=(data_args.crop_min_scale, 1.0),
                                             hflip=True, mean=mean, std=std)
     eval_transform = ResizeCenterCrop(size=model_args.image_size, crop_pct=data_args.crop_pct, mean=mean, std=std)
-    train_ds, eval_ds, names, _, _ = build_datasets(data_args, model_args, training_args, train_transform,
-                                                    eval_transform)
-    if data_args.streaming:
+    train_ds, eval_ds, names, _, _, eval_split = build_datasets(
+        data_args, model_args, training_args, train_transform, eval_transform, class_names)
+    test_ds = None
+    if training_args.do_predict:  # opened now: a missing test split fails before training
+        test_raw = _load(data_args, model_args, "test")
+        test_column = find_image_column(test_raw, data_args.image_column_name)
+        test_ds = prepare_dataset(test_raw, test_column, build_pretraining_transform(test_column, eval_transform,
+                                                                                     data_args.min_image_size))
+    if not training_args.do_train:
+        train_ds = None
+    if data_args.streaming and train_ds is not None:
         # each process reads its own stream batches (see fetch_batches_per_process); workers must divide the shards
         fetch_batches_per_process(training_args)
         shards = max(1, count_shards(train_ds) // max(1, training_args.world_size))
         training_args.dataloader_num_workers = check_num_workers(training_args.dataloader_num_workers, shards)
     id2label = dict(enumerate(names))
     label2id = {name: i for i, name in id2label.items()}
-    if eval_ds is None and training_args.eval_strategy != "no":
-        training_args.eval_strategy = transformers.IntervalStrategy.NO
+    if eval_ds is None and training_args.do_eval:
+        logger.warning("No evaluation set (no validation split and --train_val_split 0): --do_eval is ignored.")
         training_args.do_eval = False
+        training_args.eval_strategy = transformers.IntervalStrategy.NO
+    if not training_args.do_eval:
+        eval_ds = None
 
     load_kwargs = {}
     if encoder_type == "vit" and model_args.attn_implementation:
         load_kwargs["attn_implementation"] = model_args.attn_implementation
-    model = load_encoder_for_classification(path, len(names), id2label, label2id, model_args.image_size, **load_kwargs)
+    model = load_encoder_for_classification(path, len(names), id2label, label2id, model_args.image_size,
+                                            ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, **load_kwargs)
     if model_args.linear_probe:
         model = LinearProbeForImageClassification(model)
     image_processor = eval_transform.image_processor()  # pipeline() users get the evaluated pixels
@@ -441,41 +596,52 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         layer_decay=model_args.layer_decay,
         mixup_alpha=model_args.mixup,
         cutmix_alpha=model_args.cutmix,
-        label_smoothing=model_args.label_smoothing,
         mix_seed=training_args.seed,
     )
 
-    train_result = trainer.train(resume_from_checkpoint=training_args.checkpoint_to_resume(model))
-    train_metrics = dict(train_result.metrics)
-    if trainer.num_skipped_images:
-        train_metrics["skipped_images"] = trainer.num_skipped_images
-    trainer.log_metrics("train", train_metrics)
-    trainer.save_metrics("train", train_metrics)
-    trainer.save_state()
+    results: dict[str, Any] = {}
+    if training_args.do_train:
+        train_result = trainer.train(resume_from_checkpoint=training_args.checkpoint_to_resume(model))
+        train_metrics = dict(train_result.metrics)
+        if trainer.num_skipped_images:
+            train_metrics["skipped_images"] = trainer.num_skipped_images
+        trainer.log_metrics("train", train_metrics)
+        trainer.save_metrics("train", train_metrics)
+        trainer.save_state()
+        results.update(train_metrics)
 
-    results: dict[str, Any] = dict(train_metrics)
-    eval_metrics = None
-    if eval_ds is not None:
+    if training_args.do_eval:
         eval_metrics = trainer.evaluate()
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
         results.update(eval_metrics)
 
+    final = trainer.accelerator.unwrap_model(model)
     if model_args.linear_probe:
         # fold BatchNorm + Linear into the stock classifier: the saved model is a plain ViT/ResNet classifier
         final = model.to_classification_model()
-        if trainer.is_world_process_zero():
-            final.config.architectures = [type(final).__name__]
-            final.save_pretrained(training_args.output_dir)
-            image_processor.save_pretrained(training_args.output_dir)
-    else:
-        final = trainer.accelerator.unwrap_model(model)
+    if training_args.do_train:
         final.config.architectures = [type(final).__name__]
-        trainer.save_model()  # model + image processor (processing_class)
-    write_model_card(trainer, model_args, dataset_display_name(data_args), eval_metrics)
-    logger.info(f"Saved the {type(final).__name__} and its image processor to {training_args.output_dir}.")
+        if model_args.linear_probe:
+            if trainer.is_world_process_zero():
+                final.save_pretrained(training_args.output_dir)
+                image_processor.save_pretrained(training_args.output_dir)
+        else:
+            trainer.save_model()  # model + image processor (processing_class)
+        write_model_card(trainer, model_args, data_args, path, len(names), eval_split if training_args.do_eval
+                         else None, results)
+        logger.info(f"Saved the {type(final).__name__} and its image processor to {training_args.output_dir}.")
+
+    if training_args.do_predict and trainer.is_world_process_zero():
+        os.makedirs(training_args.output_dir, exist_ok=True)
+        predictions = os.path.join(training_args.output_dir, "predictions.csv")
+        count = write_predictions(final, test_ds, names, training_args, predictions)
+        logger.info(f"Wrote {count} predictions (row, label, score) to {predictions}.")
+        results["predictions_file"] = predictions
+    if training_args.push_to_hub and training_args.do_train:
+        trainer.push_to_hub(commit_message="Fine-tuned classifier, image processor and model card")
     return results
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

@@ -20,12 +20,11 @@ import logging
 import os
 import signal
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import datasets
 import torch
 import transformers
-from transformers import HfArgumentParser
 
 from transformers_cim import CIMConfig, CIMForPreTraining
 from transformers_cim.configuration_cim import PRESET_NAMES
@@ -40,8 +39,14 @@ from transformers_cim.data import (
     find_image_column,
     prepare_dataset,
 )
+from transformers_cim.errors import UserPathError, UserValueError, exit_on_user_error
 from transformers_cim.modelcard import build_model_card, write_model_card
-from transformers_cim.script_args import DataSourceArguments, ResumableTrainingArguments
+from transformers_cim.script_args import (
+    DataSourceArguments,
+    ResumableTrainingArguments,
+    ScriptArgumentParser,
+    set_learning_rate,
+)
 from transformers_cim.streaming import ResumableImageStream
 from transformers_cim.trainer import CIMTrainer, SaveOnSignalCallback
 from transformers_cim.training_utils import fetch_batches_per_process
@@ -60,7 +65,9 @@ PREFLIGHT_IMAGES = 16
 
 @dataclass
 class ModelArguments:
-    """Which model to pre-train, and the CIM settings that override its config."""
+    """Which model to pre-train."""
+
+    _argument_group_name = "model"
 
     model_name_or_path: str | None = field(default=None, metadata={
         "help": "A CIM checkpoint to continue from, or a ViT/ResNet checkpoint to initialise the encoder with."})
@@ -70,6 +77,17 @@ class ModelArguments:
     config_overrides: str | None = field(default=None, metadata={
         "help": "Comma-separated key=value CIM config overrides; `encoder.` keys go to the encoder config, e.g. "
                 "'num_exemplars=4,encoder.num_hidden_layers=6'."})
+    attn_implementation: str | None = field(default="sdpa", metadata={"help": "eager, sdpa or flash_attention_2."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded datasets/models are cached."})
+    token: str | None = field(default=None, metadata={"help": "Hub token for private data or pushing."})
+
+
+@dataclass
+class CIMArguments:
+    """The CIM settings that override the config's (unset: the config's value)."""
+
+    _argument_group_name = "CIM (each overrides the config's value)"
+
     image_size: int | None = field(default=None, metadata={"help": "Search-view side (default 224)."})
     context_size: int | None = field(default=None, metadata={"help": "Context side m (default 160)."})
     exemplar_size: int | None = field(default=None, metadata={"help": "Exemplar side n (default 64)."})
@@ -86,14 +104,13 @@ class ModelArguments:
     momentum_end: float | None = field(default=None, metadata={"help": "EMA momentum at the last step (1.0)."})
     contrastive_loss_weight: float | None = field(default=None, metadata={"help": "Global contrastive loss weight (0)."})
     target_encoder_mode: str | None = field(default=None, metadata={"help": "ema (paper) or shared."})
-    attn_implementation: str | None = field(default="sdpa", metadata={"help": "eager, sdpa or flash_attention_2."})
-    cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded datasets/models are cached."})
-    token: str | None = field(default=None, metadata={"help": "Hub token for private data or pushing."})
 
 
 @dataclass
 class DataTrainingArguments(DataSourceArguments):
     """Where the images come from (the shared `DataSourceArguments`) and how they are prepared."""
+
+    _argument_group_name = "data"
 
     shuffle_buffer_size: int = field(default=10_000, metadata={
         "help": "Shuffle buffer of a streamed dataset, per data reader (each worker of each process holds its own, of "
@@ -109,6 +126,8 @@ class DataTrainingArguments(DataSourceArguments):
 class CIMTrainingArguments(ResumableTrainingArguments):
     """`TrainingArguments` with the CIM recipe's defaults (AdamW betas (0.9, 0.95), wd 0.05, warm-up 40/300, cosine,
     no gradient clipping)."""
+
+    _argument_group_name = "training (the CIM recipe's defaults)"
 
     base_learning_rate: float = field(default=1.5e-4, metadata={
         "help": "lr = base_learning_rate * total batch / 256 (ignored when --learning_rate is given)."})
@@ -127,16 +146,18 @@ class CIMTrainingArguments(ResumableTrainingArguments):
 
 
 def parse_arguments(argv: list[str] | None = None):
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, CIMTrainingArguments))
+    parser = ScriptArgumentParser((ModelArguments, DataTrainingArguments, CIMArguments, CIMTrainingArguments))
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 1 and argv[0].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(os.path.abspath(argv[0]))
+        if not os.path.isfile(argv[0]):
+            raise UserPathError(f"Argument file {argv[0]!r} does not exist.")
+        model_args, data_args, cim_args, training_args = parser.parse_json_file(os.path.abspath(argv[0]))
         with open(argv[0]) as f:
             explicit_lr = "learning_rate" in json.load(f)
     else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+        model_args, data_args, cim_args, training_args = parser.parse_args_into_dataclasses(args=argv)
         explicit_lr = any(a.split("=")[0] == "--learning_rate" for a in argv)
-    return model_args, data_args, training_args, explicit_lr
+    return model_args, data_args, cim_args, training_args, explicit_lr
 
 
 def uses_default_data(data_args: DataTrainingArguments) -> bool:
@@ -150,31 +171,31 @@ def apply_overrides(config: CIMConfig, overrides: str | None) -> None:
     for item in filter(None, (item.strip() for item in (overrides or "").split(","))):
         key, sep, value = (part.strip() for part in item.partition("="))
         if not sep:
-            raise ValueError(f"--config_overrides item {item!r} is not key=value.")
+            raise UserValueError(f"--config_overrides item {item!r} is not key=value.")
         updates["encoder" if key.startswith("encoder.") else "cim"].append((key.removeprefix("encoder."), value))
     for target, items in ((config, updates["cim"]), (config.encoder_config, updates["encoder"])):
         for key, _ in items:
             if not hasattr(target, key):
-                raise ValueError(f"--config_overrides: {type(target).__name__} has no field {key!r}.")
+                raise UserValueError(f"--config_overrides: {type(target).__name__} has no field {key!r}.")
         try:
             if items:
                 target.update_from_string(",".join(f"{key}={value}" for key, value in items))
         except (ValueError, TypeError) as err:
-            raise ValueError(f"--config_overrides: {type(target).__name__}: {err}") from None
+            raise UserValueError(f"--config_overrides: {type(target).__name__}: {err}") from None
 
 
-CLI_CONFIG_FIELDS = ("image_size", "context_size", "exemplar_size", "num_exemplars", "exemplar_scale",
-                     "exemplar_aspect_ratio", "exemplar_max_rotation", "exemplar_augmentation", "decoder_hidden_size",
-                     "decoder_num_attention_heads", "decoder_num_layers", "loss_type", "momentum_start",
-                     "momentum_end", "contrastive_loss_weight", "target_encoder_mode")
+CLI_CONFIG_FIELDS = tuple(f.name for f in fields(CIMArguments))  # each a CIMConfig field of the same name
 
 
-def build_config(model_args: ModelArguments, quickstart: bool) -> CIMConfig:
+def build_config(model_args: ModelArguments, cim_args: CIMArguments, quickstart: bool) -> CIMConfig:
     """The CIM config: preset / path / checkpoint, then CLI fields, then --config_overrides; validated."""
     if model_args.config_name and os.path.exists(model_args.config_name):
         config = CIMConfig.from_pretrained(model_args.config_name)
     elif model_args.config_name:
-        config = CIMConfig.from_preset(model_args.config_name)
+        try:
+            config = CIMConfig.from_preset(model_args.config_name)
+        except ValueError as err:
+            raise UserValueError(f"--config_name: {err}") from None
     elif model_args.model_name_or_path and _is_cim_checkpoint(model_args.model_name_or_path):
         config = CIMConfig.from_pretrained(model_args.model_name_or_path)
     elif quickstart:
@@ -184,12 +205,15 @@ def build_config(model_args: ModelArguments, quickstart: bool) -> CIMConfig:
     else:
         config = CIMConfig.from_preset("vit-base-patch16")
     for name in CLI_CONFIG_FIELDS:
-        value = getattr(model_args, name)
+        value = getattr(cim_args, name)
         if value is not None:
             setattr(config, name, value)
     apply_overrides(config, model_args.config_overrides)
-    # rebuild so every value goes through the config's validation (clear ValueError on a bad combination)
-    return CIMConfig.from_dict(config.to_dict())
+    # rebuild so every value goes through the config's validation (clear error on a bad combination)
+    try:
+        return CIMConfig.from_dict(config.to_dict())
+    except ValueError as err:
+        raise UserValueError(f"Invalid CIM configuration: {err}") from None
 
 
 def _is_cim_checkpoint(path: str) -> bool:
@@ -207,7 +231,7 @@ def build_model(model_args: ModelArguments, config: CIMConfig) -> CIMForPreTrain
         config._attn_implementation = attn
         return CIMForPreTraining(config)
     if not os.path.exists(model_args.model_name_or_path) and "/" not in model_args.model_name_or_path:
-        raise FileNotFoundError(f"--model_name_or_path {model_args.model_name_or_path!r} is neither a local "
+        raise UserPathError(f"--model_name_or_path {model_args.model_name_or_path!r} is neither a local "
                                 "directory nor a Hub id.")
     if _is_cim_checkpoint(model_args.model_name_or_path):
         return CIMForPreTraining.from_pretrained(model_args.model_name_or_path, config=config, attn_implementation=attn)
@@ -240,8 +264,10 @@ def preflight_images(raw_ds, image_column: str, min_size: int, count: int = PREF
             images.append(image)
         if seen >= count:
             break
+    if seen == 0:
+        raise UserValueError("The training data is empty: no rows to pre-train on. Check the data source.")
     if not images:
-        raise ValueError(f"None of the first {seen} values of column {image_column!r} is a usable image (undecodable "
+        raise UserValueError(f"None of the first {seen} values of column {image_column!r} is a usable image (undecodable "
                          f"or shorter side < --min_image_size={min_size}). Check --image_column_name and the data, or "
                          "lower --min_image_size.")
     return images
@@ -270,15 +296,12 @@ def prepare_train_dataset(raw_ds, image_column: str, config: CIMConfig, data_arg
                               seed=training_args.seed)
 
 
-def set_learning_rate(training_args: CIMTrainingArguments, explicit_lr: bool, quickstart: bool) -> None:
-    if explicit_lr:
-        return
-    if quickstart:
+def choose_learning_rate(training_args: CIMTrainingArguments, explicit_lr: bool, quickstart: bool) -> str:
+    """Sets the learning rate (given, the quick start's, or base x total batch / 256); returns the line saying so."""
+    if quickstart and not explicit_lr:
         training_args.learning_rate = QUICKSTART_LEARNING_RATE
-        return
-    total_batch = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
-                   * training_args.world_size)
-    training_args.learning_rate = training_args.base_learning_rate * total_batch / 256
+        return f"lr = {QUICKSTART_LEARNING_RATE:.4g} (the quick start's; --learning_rate sets it)"
+    return set_learning_rate(training_args, training_args.base_learning_rate, explicit_lr)
 
 
 def use_shards_per_rank(training_args: CIMTrainingArguments, num_shards: int) -> None:
@@ -295,7 +318,7 @@ def use_shards_per_rank(training_args: CIMTrainingArguments, num_shards: int) ->
 def refuse_fsdp(training_args: CIMTrainingArguments) -> None:
     """FSDP is refused with a clear error: see the README's "Multi-GPU and multi-node" section."""
     if training_args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
-        raise ValueError(
+        raise UserValueError(
             "CIM pre-training does not support FSDP yet: the EMA update (target <- m*target + (1-m)*online) must "
             "run on matching shards of the online and target encoders, and that has not been built or tested "
             "under FSDP. Use DDP (plain `accelerate launch` or `torchrun`), which replicates both encoders."
@@ -303,7 +326,7 @@ def refuse_fsdp(training_args: CIMTrainingArguments) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, training_args, explicit_lr = parse_arguments(argv)
+    model_args, data_args, cim_args, training_args, explicit_lr = parse_arguments(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     refuse_fsdp(training_args)
@@ -311,13 +334,13 @@ def main(argv: list[str] | None = None) -> dict:
     if quickstart and training_args.max_steps <= 0 and training_args.num_train_epochs == 3.0:
         training_args.max_steps = QUICKSTART_MAX_STEPS
     if data_args.streaming and training_args.max_steps <= 0:
-        raise ValueError("A streamed dataset has no length: pass --max_steps.")
+        raise UserValueError("A streamed dataset has no length: pass --max_steps.")
 
     # data first: a wrong path or column fails here, before a model is built
     raw_train = load_split(data_args, model_args, "train")
     image_column = find_image_column(raw_train.features or raw_train.column_names, data_args.image_column_name)
     preflight = preflight_images(raw_train, image_column, data_args.min_image_size)
-    config = build_config(model_args, quickstart)
+    config = build_config(model_args, cim_args, quickstart)
     train_ds = prepare_train_dataset(raw_train, image_column, config, data_args, training_args)
     eval_transform = ResizeCenterCrop(config.image_size, mean=config.image_mean, std=config.image_std)
     eval_ds = None
@@ -332,10 +355,10 @@ def main(argv: list[str] | None = None) -> dict:
         use_shards_per_rank(training_args, train_ds.source.num_shards)
         training_args.dataloader_num_workers = check_num_workers(training_args.dataloader_num_workers,
                                                                  train_ds.num_shards)
-    set_learning_rate(training_args, explicit_lr, quickstart)
-    logger.info("Training %s on %s (image column %r), lr %.3g", config.encoder_type,
+    logger.info("Training %s on %s (image column %r)", config.encoder_type,
                 data_args.dataset_name or data_args.train_dir or data_args.train_files or "the embedded photos",
-                image_column, training_args.learning_rate)
+                image_column)
+    logger.info(choose_learning_rate(training_args, explicit_lr, quickstart))
 
     transformers.set_seed(training_args.seed)  # a fresh model's initial weights follow --seed (Trainer seeds later)
     model = build_model(model_args, config)
@@ -411,4 +434,4 @@ def write_card(trainer: CIMTrainer, config: CIMConfig, data_args: DataTrainingAr
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

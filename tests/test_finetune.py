@@ -518,3 +518,121 @@ def test_script_resume_continues_exactly_with_random_crops_and_mixup(tmp_path, c
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=key)
     # and not trivially: the weights moved after checkpoint-3
     assert at_step_3.keys() == a.keys() and any(not torch.equal(at_step_3[k], a[k]) for k in a)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# What each flag does (the first-hour issue)
+# ------------------------------------------------------------------------------------------------------------
+def _argv(args: dict) -> list[str]:
+    argv = []
+    for key, value in args.items():
+        if value is None:
+            continue
+        argv += [f"--{key}"] if value is True else [f"--{key}", str(value)]
+    return argv
+
+
+def test_script_trains_evaluates_and_predicts_only_when_asked(tmp_path, color_data):
+    """--do_train alone trains without evaluating; --do_eval alone scores the fine-tuned classifier without training
+    it; --do_predict writes row, label, score for the test images; a checkpoint with no trained head is refused."""
+    save_tiny_cim(str(tmp_path / "cim"))
+    args = _script_args(tmp_path, tmp_path / "cim", num_train_epochs=1, do_train=True)
+    results = run_image_classification.main(_argv(args))
+    assert "train_loss" in results and not any(key.startswith("eval_") for key in results)
+    history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
+    assert not any("eval_loss" in entry for entry in history)  # eval_strategy epoch, but no --do_eval
+    weights = (tmp_path / "out" / "model.safetensors").read_bytes()
+
+    args = _script_args(tmp_path, tmp_path / "out", output_dir=str(tmp_path / "scored"), do_eval=True, do_predict=True,
+                        test_dir=str(color_data / "validation"))
+    results = run_image_classification.main(_argv(args))
+    assert 0.0 <= results["eval_accuracy"] <= 1.0 and "train_loss" not in results
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == weights
+    assert not (tmp_path / "scored" / "model.safetensors").exists()  # nothing trained, nothing saved
+    with open(tmp_path / "scored" / "predictions.csv") as f:
+        rows = f.read().splitlines()
+    assert rows[0] == "row,label,score" and len(rows) == 1 + 4 * len(COLORS)
+    for index, row in enumerate(rows[1:]):
+        number, label, score = row.split(",")
+        assert int(number) == index and label in COLORS and 0.0 < float(score) <= 1.0
+
+    with pytest.raises(ValueError, match=r"is not a fine-tuned classifier .* needs --do_train"):
+        run_image_classification.main(_argv(_script_args(tmp_path, tmp_path / "cim", do_eval=True)))
+
+
+def test_script_label_smoothing_factor_is_used_and_carded(tmp_path, color_data, monkeypatch, caplog):
+    """The Trainer's --label_smoothing_factor is what the loss uses and the card reports; the script's old
+    --label_smoothing is an alias with a warning, refused when it disagrees."""
+    save_tiny_cim(str(tmp_path / "cim"))
+    seen = []
+
+    class Recording(run_image_classification.ClassificationTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen.append(self)
+
+    monkeypatch.setattr(run_image_classification, "ClassificationTrainer", Recording)
+    base = _script_args(tmp_path, tmp_path / "cim", num_train_epochs=1, eval_strategy="no")
+    run_image_classification.main(_argv({**base, "label_smoothing_factor": 0.3}))
+    assert seen[-1].label_smoothing == 0.3
+    assert "| label smoothing (--label_smoothing_factor) | 0.3 |" in (tmp_path / "out" / "README.md").read_text()
+
+    with caplog.at_level("WARNING", logger="run_image_classification"):
+        run_image_classification.main(_argv({**base, "label_smoothing": 0.2, "overwrite_output_dir": True}))
+    assert seen[-1].label_smoothing == 0.2 and "--label_smoothing is deprecated" in caplog.text
+    with pytest.raises(ValueError, match="--label_smoothing 0.2 and --label_smoothing_factor 0.3 disagree"):
+        run_image_classification.main(_argv({**base, "label_smoothing": 0.2, "label_smoothing_factor": 0.3}))
+
+
+def test_script_card_names_the_base_recipe_results_and_licence(tmp_path, color_data):
+    save_tiny_cim(str(tmp_path / "cim"))
+    args = _script_args(tmp_path, tmp_path / "cim", num_train_epochs=1, eval_strategy="no")
+    results = run_image_classification.main(_argv(args))
+
+    text = (tmp_path / "out" / "README.md").read_text()
+    header = yaml.safe_load(text.split("---\n")[1])
+    assert "trained from scratch" not in text
+    assert f"from the local checkpoint `{tmp_path / 'cim'}`" in text  # a local path: named, no base_model
+    assert "base_model" not in header and "license" not in header  # no licence stated anywhere: none invented
+    assert "| peak learning rate | 0.003, cosine schedule" in text and "| layer decay | 0.9 |" in text
+    assert f"| eval_accuracy | {results['eval_accuracy']:.4f} |" in text
+    accuracy = [m for m in header["model-index"][0]["results"][0]["metrics"] if m["type"] == "accuracy"]
+    assert accuracy[0]["value"] == pytest.approx(results["eval_accuracy"])
+
+    (tmp_path / "cim" / "README.md").write_text("---\nlicense: mit\n---\n\n# a CIM checkpoint\n")
+    run_image_classification.main(_argv({**args, "overwrite_output_dir": True}))
+    assert yaml.safe_load((tmp_path / "out" / "README.md").read_text().split("---\n")[1])["license"] == "mit"
+    run_image_classification.main(_argv({**args, "overwrite_output_dir": True, "license": "cc-by-4.0"}))
+    assert yaml.safe_load((tmp_path / "out" / "README.md").read_text().split("---\n")[1])["license"] == "cc-by-4.0"
+
+
+def test_script_revision_image_processor_and_trust_remote_code(tmp_path, color_data, offline_hub_cache):
+    from transformers import AutoImageProcessor, ViTImageProcessor
+
+    torch.manual_seed(0)
+    ViTModel(tiny_vit_config(), add_pooling_layer=False).save_pretrained(tmp_path / "encoder")
+    snapshot = offline_hub_cache(tmp_path / "encoder", "someone/vit-tiny")
+    ViTImageProcessor(image_mean=[0.1, 0.2, 0.3], image_std=[0.4, 0.5, 0.6]).save_pretrained(tmp_path / "processor")
+    args = _script_args(tmp_path, "someone/vit-tiny", num_train_epochs=1, eval_strategy="no",
+                        model_revision=os.path.basename(snapshot), image_processor_name=str(tmp_path / "processor"),
+                        trust_remote_code=True)
+    run_image_classification.main(_argv(args))
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "out")
+    assert list(processor.image_mean) == pytest.approx([0.1, 0.2, 0.3])
+    assert list(processor.image_std) == pytest.approx([0.4, 0.5, 0.6])
+    with pytest.raises(FileNotFoundError, match="'someone/vit-tiny' at revision 'v2' does not exist locally"):
+        run_image_classification.main(_argv({**args, "model_revision": "v2"}))
+
+
+def test_ignore_mismatched_sizes_reinitialises_encoder_weights(tmp_path, caplog):
+    torch.manual_seed(0)
+    ViTModel(tiny_vit_config(), add_pooling_layer=False).save_pretrained(tmp_path / "encoder")
+    config = json.loads((tmp_path / "encoder" / "config.json").read_text())
+    config["intermediate_size"] = 48  # the saved MLP weights are 64 wide
+    (tmp_path / "encoder" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="encoder weights of the wrong shape.*--ignore_mismatched_sizes"):
+        load_encoder_for_classification(tmp_path / "encoder", 3)
+    with caplog.at_level("WARNING"):
+        model = load_encoder_for_classification(tmp_path / "encoder", 3, ignore_mismatched_sizes=True)
+    assert model.vit.layers[0].mlp.fc1.weight.shape == (48, 32)
+    assert "Re-initialised" in caplog.text

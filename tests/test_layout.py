@@ -17,7 +17,7 @@ SCRIPTS = ("run_pretraining.py", "run_image_classification.py")
 LAYERS = {
     "geometry": ["pretext"],
     "model and data": ["__init__", "configuration_cim", "modeling_cim", "pretext_metrics", "checkpoints", "data",
-                       "knn", "modelcard", "features", "seeding"],
+                       "knn", "modelcard", "features", "seeding", "errors"],
     "training glue": ["training_utils", "streaming", "trainer", "finetune", "export", "visualization",
                       "script_args"],
 }

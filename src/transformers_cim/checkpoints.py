@@ -25,12 +25,19 @@ from typing import Any
 
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import snapshot_download
-from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+from huggingface_hub.errors import (
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from huggingface_hub.utils import validate_repo_id
 from safetensors import safe_open
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel, ResNetConfig, ViTConfig
 from transformers.utils import logging
+
+from .errors import UserPathError, UserValueError
 
 logger = logging.get_logger(__name__)
 
@@ -83,16 +90,16 @@ def checkpoint_to_resume(output_dir: str, resume_from_checkpoint: str | bool | N
     explicit = bool(resume) and str(resume).lower() not in LAST_CHECKPOINT_NAMES
     if explicit:
         if not os.path.isdir(resume):
-            raise FileNotFoundError(f"--resume_from_checkpoint {resume} does not exist.")
+            raise UserPathError(f"--resume_from_checkpoint {resume} does not exist.")
         if not is_complete_checkpoint(resume):
-            raise ValueError(f"--resume_from_checkpoint {resume} is incomplete (no {CHECKPOINT_COMPLETE_MARKER}: the "
+            raise UserValueError(f"--resume_from_checkpoint {resume} is incomplete (no {CHECKPOINT_COMPLETE_MARKER}: the "
                              "run was probably killed while saving it). Resume from an earlier checkpoint or use "
                              "'last'.")
         checkpoint = resume
     elif resume:
         checkpoint = last_complete_checkpoint(output_dir)
         if checkpoint is None:
-            raise FileNotFoundError(f"No complete checkpoint found in {output_dir} to resume from.")
+            raise UserPathError(f"No complete checkpoint found in {output_dir} to resume from.")
     else:
         checkpoint = None if overwrite_output_dir else last_complete_checkpoint(output_dir)
         if checkpoint is None:
@@ -101,7 +108,7 @@ def checkpoint_to_resume(output_dir: str, resume_from_checkpoint: str | bool | N
     if reason is not None:
         way_out = "pass a checkpoint of this model" if explicit else (
             "pass --overwrite_output_dir to start afresh there, or use another --output_dir")
-        raise ValueError(f"Cannot resume from {checkpoint}: {reason}; {way_out}.")
+        raise UserValueError(f"Cannot resume from {checkpoint}: {reason}; {way_out}.")
     if not resume:
         logger.warning("Resuming from %s, the newest complete checkpoint in the output directory "
                        "(--overwrite_output_dir starts afresh instead).", checkpoint)
@@ -165,7 +172,7 @@ def load_weights_strictly(model: PreTrainedModel, checkpoint: str) -> None:
 def _read_config_dict(path: str) -> dict[str, Any]:
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"{path!r} has no config.json: it is not a transformers checkpoint directory.")
+        raise UserPathError(f"{path!r} has no config.json: it is not a transformers checkpoint directory.")
     with open(config_file, encoding="utf-8") as f:
         return json.load(f)
 
@@ -177,7 +184,7 @@ def _config_from_dict(config_dict: dict[str, Any]) -> PreTrainedConfig:
         return ViTConfig.from_dict(config_dict)
     if model_type == "resnet":
         return ResNetConfig.from_dict(config_dict)
-    raise ValueError(
+    raise UserValueError(
         f"Unsupported encoder model_type {model_type!r}: expected one of {SUPPORTED_ENCODER_TYPES} "
         "(or a CIM checkpoint, model_type 'cim', whose encoder is one of them)."
     )
@@ -202,16 +209,17 @@ def quiet_loading(enabled: bool = True) -> Iterator[None]:
         modeling_logger.removeFilter(drop_load_report)
 
 
-HUB_FILES = ["*.json", "*.safetensors"]  # config, image processor, weights (and their shard index)
+HUB_FILES = ["*.json", "*.safetensors", "README.md"]  # config, image processor, weights (and shard index), card
 
 
 def resolve_checkpoint_path(name_or_path: str | os.PathLike | None, *, cache_dir: str | None = None,
-                            token: str | bool | None = None) -> str:
+                            token: str | bool | None = None, revision: str | None = None) -> str:
     """The checkpoint directory of ``name_or_path``: a local directory as it is, else a Hub model id resolved with
-    ``huggingface_hub.snapshot_download`` (downloaded, or served from the local Hub cache, as transformers does;
-    cache only under ``HF_HUB_OFFLINE=1``). Raises a clear error when it is neither."""
+    ``huggingface_hub.snapshot_download`` at ``revision`` (a branch, tag or commit; default the main branch),
+    downloaded or served from the local Hub cache, as transformers does (cache only under ``HF_HUB_OFFLINE=1``).
+    Raises a clear error when it is neither."""
     if name_or_path is None or str(name_or_path) == "":
-        raise ValueError(
+        raise UserValueError(
             "No model given: pass --model_name_or_path (a CIM pre-training checkpoint, an exported encoder, or a "
             "ViT/ResNet checkpoint: a local directory or a Hub model id)."
         )
@@ -220,25 +228,29 @@ def resolve_checkpoint_path(name_or_path: str | os.PathLike | None, *, cache_dir
         _read_config_dict(path)
         return path
     if os.path.exists(path):
-        raise NotADirectoryError(f"Checkpoint {path!r} is a file; expected a checkpoint directory with config.json.")
+        raise UserPathError(f"Checkpoint {path!r} is a file; expected a checkpoint directory with config.json.")
     try:
         validate_repo_id(path)
     except HFValidationError:
-        raise FileNotFoundError(f"Checkpoint {path!r} does not exist (and is not a Hub model id).") from None
+        raise UserPathError(f"Checkpoint {path!r} does not exist (and is not a Hub model id).") from None
     offline = hub_constants.HF_HUB_OFFLINE
-    kwargs = dict(cache_dir=cache_dir, token=token, local_files_only=offline)
+    kwargs = dict(cache_dir=cache_dir, token=token, local_files_only=offline, revision=revision)
     try:
         folder = snapshot_download(path, allow_patterns=HUB_FILES, **kwargs)
         if not any(name.endswith(".safetensors") for name in os.listdir(folder)):  # an older repo: PyTorch weights
-            folder = snapshot_download(path, allow_patterns=["*.json", "*.bin"], **kwargs)
+            folder = snapshot_download(path, allow_patterns=["*.json", "*.bin", "README.md"], **kwargs)
     except LocalEntryNotFoundError:
         reason = "HF_HUB_OFFLINE is set" if offline else "the Hub could not be reached"
-        raise FileNotFoundError(
-            f"Checkpoint {path!r} does not exist locally and is not in the Hub cache ({reason}): download it once with "
-            f"`hf download {path}` where the Hub is reachable, or pass a local checkpoint directory."
+        at = f" at revision {revision!r}" if revision not in (None, "main") else ""
+        raise UserPathError(
+            f"Checkpoint {path!r}{at} does not exist locally and is not in the Hub cache ({reason}): download it once "
+            f"with `hf download {path}` where the Hub is reachable, or pass a local checkpoint directory."
         ) from None
+    except RevisionNotFoundError:
+        raise UserPathError(f"Checkpoint {path!r} has no revision {revision!r} on the Hub (--model_revision): give a "
+                            "branch, tag or commit it has.") from None
     except RepositoryNotFoundError:
-        raise FileNotFoundError(
+        raise UserPathError(
             f"Checkpoint {path!r} does not exist: not a local directory, and no Hub model has that id (or it is "
             "private or gated: log in with `hf auth login` or pass --token)."
         ) from None
@@ -258,11 +270,11 @@ def checkpoint_kind(path: str | os.PathLike) -> tuple[str, str]:
         encoder = config_dict.get("encoder_config") or {}
         encoder_type = encoder.get("model_type", "vit")
         if encoder_type not in SUPPORTED_ENCODER_TYPES:
-            raise ValueError(f"CIM checkpoint {path!r} has an unsupported encoder type {encoder_type!r}.")
+            raise UserValueError(f"CIM checkpoint {path!r} has an unsupported encoder type {encoder_type!r}.")
         return "cim", encoder_type
     if model_type in SUPPORTED_ENCODER_TYPES:
         return "stock", model_type
-    raise ValueError(
+    raise UserValueError(
         f"Checkpoint {path!r} has model_type {model_type!r}; supported: 'cim', 'vit', 'resnet'."
     )
 
@@ -273,7 +285,7 @@ def encoder_config_from_checkpoint(path: str | os.PathLike) -> PreTrainedConfig:
     if config_dict.get("model_type") == "cim":
         encoder = config_dict.get("encoder_config")
         if not isinstance(encoder, dict):
-            raise ValueError(f"CIM checkpoint {path!r} has no `encoder_config` in its config.json.")
+            raise UserValueError(f"CIM checkpoint {path!r} has no `encoder_config` in its config.json.")
         encoder = dict(encoder)
         encoder.setdefault("model_type", "vit")
         return _config_from_dict(encoder)

@@ -29,6 +29,7 @@ from .checkpoints import (
     resolve_checkpoint_path,
 )
 from .data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ResizeCenterCrop
+from .errors import UserValueError
 from .features import GLOBAL_FEATURE_DESCRIPTIONS
 from .modelcard import card_with_metadata, encoder_description, write_model_card
 
@@ -60,7 +61,7 @@ def export_encoder(cim_checkpoint_dir: str | os.PathLike, output_dir: str | os.P
     source = resolve_checkpoint_path(cim_checkpoint_dir)
     output_dir = os.fspath(output_dir)
     if os.path.abspath(source) == os.path.abspath(output_dir):
-        raise ValueError("output_dir must differ from the CIM checkpoint directory.")
+        raise UserValueError("output_dir must differ from the CIM checkpoint directory.")
     _, encoder_type = checkpoint_kind(source)
     config = encoder_config_from_checkpoint(source)
     config.architectures = None
@@ -75,7 +76,7 @@ def export_encoder(cim_checkpoint_dir: str | os.PathLike, output_dir: str | os.P
             model, info = ResNetModel.from_pretrained(source, config=config, output_loading_info=True)
     if info["missing_keys"] or info["mismatched_keys"]:
         problems = sorted(info["missing_keys"]) + [str(k) for k in info["mismatched_keys"]]
-        raise ValueError(
+        raise UserValueError(
             f"{source!r} does not hold a complete {type(model).__name__} under the prefix "
             f"{model.base_model_prefix!r}: missing or mismatched {problems[:5]}"
         )

@@ -38,7 +38,9 @@ from .checkpoints import (
     quiet_loading,
     resolve_checkpoint_path,
 )
+from .errors import UserValueError
 from .features import global_feature_size, global_features
+from .modelcard import has_cim_card
 from .seeding import numpy_rng_from_torch
 from .training_utils import EpochToDatasetCallback, StepGenerators
 
@@ -70,7 +72,7 @@ def resize_vit_position_embeddings(model: nn.Module, image_size: int) -> bool:
         return False
     patch_size = patch.patch_size if isinstance(patch.patch_size, (tuple, list)) else (patch.patch_size,) * 2
     if image_size % patch_size[0] or image_size % patch_size[1]:
-        raise ValueError(f"image_size {image_size} is not a multiple of the patch size {tuple(patch_size)}.")
+        raise UserValueError(f"image_size {image_size} is not a multiple of the patch size {tuple(patch_size)}.")
     num_patches = (image_size // patch_size[0]) * (image_size // patch_size[1])
     pos = embeddings.position_embeddings
     dummy = pos.new_zeros(1, num_patches + 1, pos.shape[-1])
@@ -93,6 +95,7 @@ def load_encoder_for_classification(
     id2label: dict[int, str] | None = None,
     label2id: dict[str, int] | None = None,
     image_size: int | None = None,
+    ignore_mismatched_sizes: bool = False,
     **from_pretrained_kwargs: Any,
 ) -> ViTForImageClassification | ResNetForImageClassification:
     """Load an encoder checkpoint as a stock classification model with a freshly initialised head.
@@ -101,10 +104,12 @@ def load_encoder_for_classification(
     ``resnet.`` is used, the target encoder and decoder are ignored), an exported encoder (``ViTModel`` /
     ``ResNetModel``), or a stock classification checkpoint (its head is replaced when the label count differs). For
     ViT, ``image_size`` different from the checkpoint's resizes the position embeddings (bicubic interpolation).
+    Encoder weights whose shapes do not fit the checkpoint's config are refused, unless ``ignore_mismatched_sizes``
+    (then they are re-initialised, with a warning).
     """
     path = resolve_checkpoint_path(path)
     if num_labels < 2:
-        raise ValueError(f"Classification needs at least 2 classes, got num_labels={num_labels}.")
+        raise UserValueError(f"Classification needs at least 2 classes, got num_labels={num_labels}.")
     kind, encoder_type = checkpoint_kind(path)
     config = encoder_config_from_checkpoint(path)
     if id2label is None:
@@ -126,14 +131,18 @@ def load_encoder_for_classification(
         )
     missing = sorted(k for k in info["missing_keys"] if not k.startswith("classifier"))
     if missing:
-        raise ValueError(
+        raise UserValueError(
             f"{path!r} ({kind} checkpoint) is missing {len(missing)} encoder weights, e.g. {missing[:3]}: "
             f"expected the encoder under the prefix {prefix!r} or at the top level."
         )
     mismatched = [k for k in info["mismatched_keys"]
                   if not (k[0] if isinstance(k, (tuple, list)) else str(k)).startswith("classifier")]
+    if mismatched and not ignore_mismatched_sizes:
+        raise UserValueError(f"{path!r} has encoder weights of the wrong shape: {mismatched[:3]}; "
+                             "--ignore_mismatched_sizes re-initialises them instead.")
     if mismatched:
-        raise ValueError(f"{path!r} has encoder weights of the wrong shape: {mismatched[:3]}")
+        logger.warning(f"Re-initialised {len(mismatched)} encoder weight(s) of {path} whose shapes did not fit "
+                       f"(--ignore_mismatched_sizes): {mismatched[:5]}")
     if encoder_type == "vit" and image_size is not None:
         if resize_vit_position_embeddings(model, int(image_size)):
             logger.info(f"Interpolated the position embeddings of {path} to {image_size} px.")
@@ -393,7 +402,7 @@ class ClassificationTrainer(Trainer):
     """``Trainer`` with a layer-decay AdamW optimizer and training-time Mixup / CutMix / label smoothing.
 
     Extra keyword arguments: ``layer_decay`` (1.0 = off), ``mixup_alpha``, ``cutmix_alpha`` (0 = off),
-    ``label_smoothing`` (falls back to ``args.label_smoothing_factor``), ``mix_seed`` (Mixup / CutMix draws come from
+    ``label_smoothing`` (default: ``args.label_smoothing_factor``, the Trainer's flag), ``mix_seed`` (Mixup / CutMix draws come from
     a generator per (seed, step, micro-batch), so a resumed run mixes as the uninterrupted one did; default: the
     global torch RNG). Evaluation always uses the
     plain cross-entropy of the model. A ``num_skipped`` entry in a batch (undecodable images dropped by the
@@ -406,7 +415,7 @@ class ClassificationTrainer(Trainer):
         layer_decay: float = 1.0,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
-        label_smoothing: float = 0.0,
+        label_smoothing: float | None = None,
         mix_seed: int | None = None,
         **kwargs: Any,
     ):
@@ -414,7 +423,7 @@ class ClassificationTrainer(Trainer):
         self.layer_decay = float(layer_decay)
         self.mixup_alpha = float(mixup_alpha)
         self.cutmix_alpha = float(cutmix_alpha)
-        self.label_smoothing = float(label_smoothing or self.args.label_smoothing_factor or 0.0)
+        self.label_smoothing = float(self.args.label_smoothing_factor if label_smoothing is None else label_smoothing)
         # we apply label smoothing ourselves, during training only
         self.label_smoother = None
         # Mixup/CutMix draws per (seed, step, micro-batch): a resumed run mixes as the uninterrupted one did
@@ -451,6 +460,13 @@ class ClassificationTrainer(Trainer):
                 or self.is_fsdp_enabled:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         load_weights_strictly(model, resume_from_checkpoint)
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """Keeps the card `run_image_classification.py` wrote (what the model was fine-tuned from, the recipe, the
+        results): `push_to_hub` would write the Trainer's generic card over it."""
+        if has_cim_card(self.args.output_dir):
+            return None
+        return super().create_model_card(*args, **kwargs)
 
     def _load_best_model(self) -> None:
         checkpoint = self.state.best_model_checkpoint

@@ -1,11 +1,11 @@
-"""Model cards for CIM pre-training checkpoints and exported encoders, written with huggingface_hub's ModelCard
-tooling (`ModelCardData` for the YAML header)."""
+"""Model cards for CIM pre-training checkpoints, fine-tuned classifiers and exported encoders, written with
+huggingface_hub's ModelCard tooling (`ModelCardData` for the YAML header)."""
 
 from __future__ import annotations
 
 import os
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 CARD_TAGS = ["self-supervised", "cim", "image-feature-extraction", "vision", "transformers-cim"]
 
@@ -40,13 +40,32 @@ def _settings_table(config) -> str:
     return "\n".join(["| setting | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
 
 
+def is_hub_id(name: str | None) -> bool:
+    """Whether a model or dataset name is a Hub id (``owner/name``) rather than a local path."""
+    return bool(name) and "/" in name and not os.path.exists(name) and not os.path.isabs(name) \
+        and name.count("/") == 1 and not name.startswith(".")
+
+
+def card_license(checkpoint_dir: str | None) -> str | None:
+    """The licence stated in the card (README.md metadata) of a checkpoint folder, or None."""
+    path = os.path.join(checkpoint_dir, "README.md") if checkpoint_dir else None
+    if not path or not os.path.isfile(path):
+        return None
+    try:
+        return ModelCard.load(path, ignore_metadata_errors=True).data.license or None
+    except Exception:  # noqa: BLE001 - an unreadable card states no licence
+        return None
+
+
 def build_model_card(config, *, dataset_name: str, max_steps: int, train_images: int | None,
-                     final_metrics: dict[str, float], figure: str | None, repo_id: str | None = None) -> ModelCard:
-    """A card saying what was trained, on what, for how long, how well, and how to load it."""
-    datasets = [dataset_name] if dataset_name and "/" in dataset_name and not os.path.exists(dataset_name) else None
+                     final_metrics: dict[str, float], figure: str | None, repo_id: str | None = None,
+                     license: str | None = None) -> ModelCard:
+    """A card saying what was trained, on what, for how long, how well, and how to load it. `license` (a Hub licence
+    id) is stated only when given."""
+    datasets = [dataset_name] if is_hub_id(dataset_name) else None
     data = ModelCardData(
         library_name="transformers", pipeline_tag="image-feature-extraction", tags=CARD_TAGS,
-        license="apache-2.0", datasets=datasets,
+        license=license, datasets=datasets,
     )
     name = repo_id or "this checkpoint"
     metrics = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
@@ -89,8 +108,70 @@ Fine-tune with `run_image_classification.py --model_name_or_path {name}`.
     return card_with_metadata(data, body)
 
 
+def build_classification_card(*, model_name: str, base: str, encoder_config, linear_probe: bool, dataset_name: str,
+                              eval_split: str | None, num_labels: int, recipe: dict[str, object],
+                              results: dict[str, float], license: str | None = None,
+                              base_is_hub_id: bool | None = None) -> ModelCard:
+    """The card of a fine-tuned (or linear-probed) classifier: what it was fine-tuned from (`base`: a checkpoint path
+    or a Hub id, which also becomes `base_model` in the metadata), on what, with which recipe, and its results (top-1
+    and top-5 in the model-index when evaluated). `license` is stated only when given; `base_is_hub_id` defaults to
+    what `base` looks like."""
+    hub_base = is_hub_id(base) if base_is_hub_id is None else base_is_hub_id
+    metrics = [("accuracy", "Top-1 accuracy", results.get("eval_accuracy")),
+               ("top_5_accuracy", "Top-5 accuracy", results.get("eval_top5_accuracy"))]
+    eval_results = [EvalResult(task_type="image-classification", dataset_type=dataset_name, dataset_name=dataset_name,
+                               dataset_split=eval_split, metric_type=kind, metric_name=name, metric_value=float(value))
+                    for kind, name, value in metrics if value is not None] or None
+    data = ModelCardData(
+        library_name="transformers", pipeline_tag="image-classification", license=license,
+        base_model=base if hub_base else None, datasets=[dataset_name] if is_hub_id(dataset_name) else None,
+        tags=["image-classification", "cim", "transformers-cim", "linear-probe" if linear_probe else "fine-tuned"],
+        model_name=model_name, eval_results=eval_results,
+    )
+    source = f"[`{base}`](https://huggingface.co/{base})" if hub_base else f"the local checkpoint `{base}`"
+    mode = "a linear probe (frozen encoder, BatchNorm + linear head)" if linear_probe else "end-to-end fine-tuning"
+    recipe_rows = "\n".join(f"| {key} | {value} |" for key, value in recipe.items())
+    shown = {key: value for key, value in results.items()
+             if key in ("eval_accuracy", "eval_top5_accuracy", "eval_loss", "train_loss", "epoch", "skipped_images")}
+    result_rows = "\n".join(f"| {key} | {value:.4f} |" if isinstance(value, float) and key != "epoch"
+                             else f"| {key} | {value:g} |" if isinstance(value, float) else f"| {key} | {value} |"
+                             for key, value in shown.items())
+    evaluated = f" (evaluated on the `{eval_split}` split)" if eval_split and "eval_accuracy" in results else \
+        " (not evaluated)"
+    body = f"""# {model_name}
+
+A {encoder_description(encoder_config)} image classifier ({num_labels} classes), trained by {mode} from {source}
+on `{dataset_name}` with `run_image_classification.py` of transformers-cim.
+
+## Results{evaluated}
+
+| metric | value |
+|---|---|
+{result_rows}
+
+## Recipe
+
+| setting | value |
+|---|---|
+{recipe_rows}
+
+## How to use
+
+```python
+from transformers import pipeline
+
+classifier = pipeline("image-classification", model="PATH_OR_REPO")
+```
+
+The saved image processor computes the evaluation transform (resize, centre crop), so the pipeline sees the pixels
+the reported accuracy was measured on.
+"""
+    return card_with_metadata(data, body)
+
+
 def has_cim_card(output_dir: str) -> bool:
-    """Whether `output_dir` holds a pre-training card of this package (README.md tagged `transformers-cim`)."""
+    """Whether `output_dir` holds a card of this package (README.md tagged `transformers-cim`), which the Trainer's
+    generic card must not replace."""
     path = os.path.join(output_dir, "README.md")
     return os.path.isfile(path) and "transformers-cim" in (ModelCard.load(path).data.tags or [])
 
@@ -101,5 +182,5 @@ def write_model_card(output_dir: str, card: ModelCard) -> str:
     return path
 
 
-__all__ = ["CARD_TAGS", "build_model_card", "card_with_metadata", "encoder_description", "has_cim_card",
-           "write_model_card"]
+__all__ = ["CARD_TAGS", "build_classification_card", "build_model_card", "card_license", "card_with_metadata",
+           "encoder_description", "has_cim_card", "is_hub_id", "write_model_card"]

@@ -7,11 +7,13 @@ reads the inherited fields like its own.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import get_type_hints
 
 import datasets
+import torch
 from torch import nn
-from transformers import TrainingArguments
+from transformers import HfArgumentParser, TrainingArguments
 
 from .checkpoints import checkpoint_to_resume
 from .data import load_image_dataset
@@ -52,22 +54,89 @@ class DataSourceArguments:
             streaming=self.streaming,
             cache_dir=cache_dir,
             token=token,
+            test_dir=getattr(self, "test_dir", None),  # fields of the classification script's arguments
+            test_files=getattr(self, "test_files", None),
         )
+
+
+def accelerator_available() -> bool:
+    """Whether torch sees an accelerator (CUDA, or any other that `torch.accelerator` knows) to pin memory for."""
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()
 
 
 @dataclass
 class ResumableTrainingArguments(TrainingArguments):
     """`TrainingArguments` with the resume rule of both scripts (`transformers_cim.checkpoints.checkpoint_to_resume`):
     a run resumes from the newest complete checkpoint in output_dir unless --overwrite_output_dir;
-    --resume_from_checkpoint PATH or `last` names one."""
+    --resume_from_checkpoint PATH or `last` names one. Data-loader memory is pinned only when torch sees an
+    accelerator (on a CPU-only machine pinning does nothing and torch warns about it)."""
 
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "Start afresh even when output_dir holds checkpoints (by default the run resumes from the newest "
                 "complete one)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.dataloader_pin_memory and not accelerator_available():
+            # pinned memory only speeds up copies to an accelerator; without one, torch warns on every data loader
+            self.dataloader_pin_memory = False
 
     def checkpoint_to_resume(self, model: nn.Module | None = None) -> str | None:
         """The checkpoint to pass to `Trainer.train`, or None; refuses one that `model` cannot continue from."""
         return checkpoint_to_resume(self.output_dir, self.resume_from_checkpoint, self.overwrite_output_dir, model)
 
 
-__all__ = ["DataSourceArguments", "ResumableTrainingArguments"]
+TRAINER_GROUP_TITLE = "Trainer arguments (transformers.TrainingArguments, after the script's own)"
+
+
+class ScriptArgumentParser(HfArgumentParser):
+    """`HfArgumentParser` whose ``--help`` lists the script's own arguments first, one titled group per dataclass (its
+    ``_argument_group_name``), and the Trainer's many flags last, in a group of their own.
+
+    The fields a `TrainingArguments` subclass declares or re-declares (with the recipe's defaults) form the training
+    group; the fields it inherits unchanged from `TrainingArguments` form the Trainer group."""
+
+    def __init__(self, dataclass_types, **kwargs):
+        kwargs.setdefault("usage", "%(prog)s [-h] [--ARGUMENT VALUE ...] | %(prog)s ARGUMENTS.json")
+        super().__init__(dataclass_types, **kwargs)
+
+    def _add_dataclass_arguments(self, dtype) -> None:
+        if not (isinstance(dtype, type) and issubclass(dtype, TrainingArguments)):
+            return super()._add_dataclass_arguments(dtype)
+        own = set()
+        for cls in dtype.__mro__:
+            if cls is TrainingArguments:
+                break
+            own.update(getattr(cls, "__annotations__", {}))
+        own_group = self.add_argument_group(getattr(dtype, "_argument_group_name", "training"))
+        trainer_group = self.add_argument_group(TRAINER_GROUP_TITLE)
+        type_hints = get_type_hints(dtype)
+        for dataclass_field in fields(dtype):
+            if not dataclass_field.init:
+                continue
+            dataclass_field.type = type_hints[dataclass_field.name]
+            group = own_group if dataclass_field.name in own else trainer_group
+            self._parse_dataclass_field(group, dataclass_field)
+
+
+def set_learning_rate(args: TrainingArguments, base_learning_rate: float | None, explicit: bool) -> str:
+    """Sets ``args.learning_rate = base_learning_rate x total batch / 256`` unless the learning rate was given
+    (`explicit`) or `base_learning_rate` is None (the learning rate is kept as it is); returns the one log line that
+    says where the learning rate came from, with each factor."""
+    if explicit or base_learning_rate is None:
+        origin = "--learning_rate as given" if explicit else "not scaled by the batch"
+        return f"lr = {args.learning_rate:.4g} ({origin})"
+    per_device, accumulation, processes = (args.per_device_train_batch_size, args.gradient_accumulation_steps,
+                                           args.world_size)
+    total_batch = per_device * accumulation * processes
+    args.learning_rate = base_learning_rate * total_batch / 256
+    return (f"lr = base_lr x total_batch / 256 = {base_learning_rate:.4g} x {total_batch} / 256 = "
+            f"{args.learning_rate:.4g} (total_batch = {per_device} per device x {accumulation} accumulation "
+            f"step(s) x {processes} process(es); --learning_rate sets it directly)")
+
+
+__all__ = ["DataSourceArguments", "ResumableTrainingArguments", "ScriptArgumentParser", "accelerator_available",
+           "set_learning_rate"]

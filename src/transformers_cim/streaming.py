@@ -28,6 +28,7 @@ import torch
 from datasets.distributed import split_dataset_by_node
 
 from .data.collate import decoded_row, register_batch_annotator, without_image_decoding
+from .errors import UserValueError
 from .seeding import numpy_rng
 
 STREAM_STATE_KEY = "stream_state"
@@ -244,7 +245,7 @@ class ResumableImageStream(torch.utils.data.IterableDataset):
                 raise ValueError(f"Not a stream state: no {key!r}.")
         saved_world = state.get("world_size", 1)
         if saved_world != self.world_size:
-            raise ValueError(f"The checkpoint's stream was read by {saved_world} process(es), this run has "
+            raise UserValueError(f"The checkpoint's stream was read by {saved_world} process(es), this run has "
                              f"{self.world_size}: resume with {saved_world} (each process's position is saved separately).")
         self._resume, self._epoch_offset = state, None
         self.epoch = state["epoch"]
@@ -253,7 +254,7 @@ class ResumableImageStream(torch.utils.data.IterableDataset):
         if self._resume is None or self._resume["epoch"] != self.epoch:
             return None
         if self._resume["num_roles"] != num_workers:
-            raise ValueError(
+            raise UserValueError(
                 f"The checkpoint's stream was read by {self._resume['num_roles']} dataloader worker(s) per process, this "
                 f"run uses {num_workers}: resume with --dataloader_num_workers {self._resume['num_roles']} (each "
                 "worker's position is saved separately)."
@@ -270,7 +271,7 @@ class ResumableImageStream(torch.utils.data.IterableDataset):
         source = self._rank_source()
         if num_workers > 1:
             if source.num_shards < num_workers:
-                raise ValueError(f"{num_workers} dataloader workers for {source.num_shards} shard(s) in this process: "
+                raise UserValueError(f"{num_workers} dataloader workers for {source.num_shards} shard(s) in this process: "
                                  "each worker reads whole shards, so use at most as many workers as shards.")
             # an uneven split gives some workers one shard more; they simply run longer
             source = source.shard(num_shards=num_workers, index=role, contiguous=True)

@@ -11,6 +11,7 @@ import datasets
 import numpy as np
 import torch
 
+from ..errors import UserValueError
 from ..seeding import numpy_rng
 from .decoding import decode_image
 from .transforms import RandomResizedCropFlip
@@ -149,7 +150,7 @@ def without_image_decoding(ds, image_column: str):
     if features is None:
         return ds
     if image_column not in features:
-        raise ValueError(f"Image column {image_column!r} not in the dataset; columns are {list(features)}.")
+        raise UserValueError(f"Image column {image_column!r} not in the dataset; columns are {list(features)}.")
     if isinstance(features[image_column], datasets.Image) and features[image_column].decode:
         return ds.cast_column(image_column, datasets.Image(decode=False))
     return ds

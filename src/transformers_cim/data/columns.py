@@ -7,6 +7,8 @@ from typing import Any
 
 import datasets
 
+from ..errors import UserValueError
+
 IMAGE_COLUMN_NAMES = ("image", "img", "pixel_values", "jpg", "jpeg", "png", "webp")
 LABEL_COLUMN_NAMES = ("label", "labels", "cls", "class", "target")
 
@@ -40,9 +42,9 @@ def find_image_column(column_names_or_features, requested: str | None = None) ->
     names, features = _names_and_features(column_names_or_features)
     if requested:
         if requested not in names:
-            raise ValueError(f"Image column {requested!r} not found; columns are {names}. Pick one of them.")
+            raise UserValueError(f"Image column {requested!r} not found; columns are {names}. Pick one of them.")
         if features is not None and not _is_image_feature(features[requested]):
-            raise ValueError(
+            raise UserValueError(
                 f"Column {requested!r} is not an image column (feature {features[requested]!r}); columns are {names}."
             )
         return requested
@@ -53,7 +55,7 @@ def find_image_column(column_names_or_features, requested: str | None = None) ->
     for candidate in IMAGE_COLUMN_NAMES:
         if candidate in names and (features is None or _is_image_feature(features[candidate])):
             return candidate
-    raise ValueError(f"No image column found among {names}; name it with the image column argument.")
+    raise UserValueError(f"No image column found among {names}; name it with the image column argument.")
 
 
 def find_label_column(column_names_or_features, requested: str | None = None) -> str | None:
@@ -64,7 +66,7 @@ def find_label_column(column_names_or_features, requested: str | None = None) ->
     names, features = _names_and_features(column_names_or_features)
     if requested:
         if requested not in names:
-            raise ValueError(f"Label column {requested!r} not found; columns are {names}. Pick one of them.")
+            raise UserValueError(f"Label column {requested!r} not found; columns are {names}. Pick one of them.")
         return requested
     if features is not None:
         for name in names:

@@ -14,7 +14,11 @@ import re
 from collections.abc import Sequence
 
 import datasets
+from datasets.data_files import EmptyDatasetError
+from datasets.exceptions import DataFilesNotFoundError, DatasetNotFoundError
 from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+from ..errors import UserPathError, UserValueError
 
 try:  # extension -> packaged builder table used by datasets itself (private; a fallback keeps us working)
     from datasets.packaged_modules import _EXTENSION_TO_MODULE
@@ -52,6 +56,8 @@ SKIMAGE_PHOTOS: tuple[tuple[str, str], ...] = (
 )
 
 IMAGE_FILE_EXTENSIONS = frozenset(ext.lower() for ext in ImageFolder.EXTENSIONS)
+# data files that can hold images (bytes or paths) in a Hub-layout dataset folder
+TABLE_FILE_EXTENSIONS = frozenset({".parquet", ".arrow", ".tar", ".json", ".jsonl", ".ndjson", ".csv", ".tsv"})
 _FILE_BUILDERS = frozenset({"imagefolder"} | {m for m, _ in _EXTENSION_TO_MODULE.values()})
 
 
@@ -96,20 +102,31 @@ def load_image_dataset(
     streaming: bool = False,
     cache_dir: str | None = None,
     token: str | None = None,
+    test_dir: str | None = None,
+    test_files: list[str] | None = None,
 ) -> datasets.Dataset | datasets.IterableDataset:
     """Open one split of an image dataset from exactly one source.
 
     Sources (give one): ``dataset_name`` (a Hub id or a local directory in Hub layout); ``train_dir`` /
     ``validation_dir`` (image folders, class sub-folders become labels); ``train_files`` / ``validation_files``
     (parquet, csv, json, arrow, tar or image files; the builder is chosen by extension). ``split="validation"``
-    selects the validation source. With no source, :func:`default_image_dataset` is returned (as an
+    selects the validation source; ``split="test"`` the ``test_dir`` / ``test_files`` (read on their own, so that
+    unlabelled test images never add a class to the training labels). With no source, :func:`default_image_dataset` is returned (as an
     ``IterableDataset`` when ``streaming``) whatever the split.
 
     Raises ``FileNotFoundError`` for a missing local path, ``ValueError`` for several sources, an image folder
     without images, unsupported file types or a split that does not exist - all before any data is prepared.
     """
-    train_files, validation_files = _as_list(train_files), _as_list(validation_files)
-    _check_single_source(dataset_name, train_dir, validation_dir, train_files, validation_files)
+    train_files, validation_files, test_files = _as_list(train_files), _as_list(validation_files), _as_list(test_files)
+    _check_single_source(dataset_name, train_dir or test_dir, validation_dir, train_files + test_files, validation_files)
+    if split == "test" and (test_dir or test_files):
+        if test_dir:
+            _check_image_dir("test_dir", test_dir)
+            data_files = {"test": [os.path.join(os.path.abspath(os.path.expanduser(test_dir)), "**")]}
+            return _load_split("imagefolder", None, data_files, split, streaming, cache_dir, token)
+        data_files = _checked_data_files(test_files, [], names=("test_files", "test"))
+        return _load_split(_builder_for_files(data_files["test"]), None, data_files, split, streaming, cache_dir,
+                           token)
     if dataset_name:
         _check_dataset_name(dataset_name)
         return _load_split(dataset_name, dataset_config_name, None, split, streaming, cache_dir, token)
@@ -141,7 +158,7 @@ def _check_single_source(dataset_name, train_dir, validation_dir, train_files, v
     }
     chosen = [name for name, is_given in given.items() if is_given]
     if len(chosen) > 1:
-        raise ValueError(
+        raise UserValueError(
             f"More than one data source given ({' and '.join(chosen)}). Give exactly one: dataset_name (Hub id or "
             "local Hub-layout directory), train_dir/validation_dir (image folders) or train_files/validation_files."
         )
@@ -155,13 +172,43 @@ def _looks_like_local_path(name: str) -> bool:
 
 
 def _check_dataset_name(dataset_name: str) -> None:
+    if os.path.isdir(dataset_name):
+        _check_local_dataset_dir(dataset_name)
+        return
     if "://" in dataset_name or os.path.exists(dataset_name):
         return
     if _looks_like_local_path(dataset_name):
-        raise FileNotFoundError(
+        raise UserPathError(
             f"dataset_name={dataset_name!r} looks like a local path but does not exist. Fix the path, or give a "
             "Hub id such as 'owner/name'."
         )
+
+
+def _check_local_dataset_dir(dataset_name: str) -> None:
+    """A local `dataset_name` folder must hold image files or data files (Hub layout) somewhere below it; otherwise
+    the error says which folder, what it holds and what was expected (datasets' own error is a traceback)."""
+    data_extensions = IMAGE_FILE_EXTENSIONS | TABLE_FILE_EXTENSIONS
+    files, folders = [], 0
+    for root, dirs, names in os.walk(dataset_name):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        folders += len(dirs)
+        for name in names:
+            if name.startswith("."):
+                continue
+            stem = name[:-3] if name.lower().endswith(".gz") else name
+            if os.path.splitext(stem)[1].lower() in data_extensions:
+                return
+            files.append(os.path.relpath(os.path.join(root, name), dataset_name))
+    if files:
+        shown = ", ".join(sorted(files)[:5]) + (", ..." if len(files) > 5 else "")
+        found = f"{len(files)} file(s) ({shown}) in {folders} sub-folder(s), none of them an image or a data file"
+    else:
+        found = f"no files ({folders} sub-folder(s))" if folders else "nothing: it is empty"
+    raise UserValueError(
+        f"dataset_name={dataset_name!r} is a local folder with no images: found {found}. Expected image files "
+        "(one sub-folder per class, e.g. cat/001.jpg, or train/ and validation/ folders of them) or the Hub's "
+        "parquet layout (e.g. data/train-00000-of-00001.parquet)."
+    )
 
 
 def _image_dir_data_files(train_dir: str | None, validation_dir: str | None) -> dict[str, list[str]]:
@@ -176,11 +223,11 @@ def _image_dir_data_files(train_dir: str | None, validation_dir: str | None) -> 
 def _check_image_dir(arg: str, directory: str) -> None:
     path = os.path.expanduser(directory)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{arg}={directory!r} does not exist. Point it at a folder of images.")
+        raise UserPathError(f"{arg}={directory!r} does not exist. Point it at a folder of images.")
     if not os.path.isdir(path):
-        raise NotADirectoryError(f"{arg}={directory!r} is not a directory; use train_files/validation_files for files.")
+        raise UserPathError(f"{arg}={directory!r} is not a directory; use train_files/validation_files for files.")
     if not _has_image_file(path):
-        raise ValueError(
+        raise UserValueError(
             f"{arg}={directory!r} contains no image files (looked for {', '.join(sorted(IMAGE_FILE_EXTENSIONS)[:8])}, "
             "...). Put the images there, one sub-folder per class (e.g. train/cat/001.jpg)."
         )
@@ -193,9 +240,10 @@ def _has_image_file(directory: str) -> bool:
     return False
 
 
-def _checked_data_files(train_files: list[str], validation_files: list[str]) -> dict[str, list[str]]:
+def _checked_data_files(train_files: list[str], validation_files: list[str],
+                        names: tuple[str, str] = ("train_files", "train")) -> dict[str, list[str]]:
     data_files = {}
-    sources = (("train_files", "train", train_files), ("validation_files", "validation", validation_files))
+    sources = ((*names, train_files), ("validation_files", "validation", validation_files))
     for arg, split, files in sources:
         if files:
             for f in files:
@@ -210,14 +258,14 @@ def _check_file_exists(arg: str, path: str) -> None:
     expanded = os.path.expanduser(path)
     exists = bool(glob.glob(expanded, recursive=True)) if glob.has_magic(expanded) else os.path.exists(expanded)
     if not exists:
-        raise FileNotFoundError(f"{arg} contains {path!r}, which does not exist (or matches no file). Fix the path.")
+        raise UserPathError(f"{arg} contains {path!r}, which does not exist (or matches no file). Fix the path.")
 
 
 def _builder_for_files(files: list[str]) -> str:
     """Packaged ``datasets`` builder for the files' extension (all files must share one builder)."""
     builders = {_builder_for_file(f) for f in files}
     if len(builders) > 1:
-        raise ValueError(f"train_files/validation_files mix formats ({sorted(builders)}); use one file type.")
+        raise UserValueError(f"train_files/validation_files mix formats ({sorted(builders)}); use one file type.")
     return builders.pop()
 
 
@@ -228,7 +276,7 @@ def _builder_for_file(path: str) -> str:
         return "imagefolder"
     module = _EXTENSION_TO_MODULE.get(ext)
     if module is None:
-        raise ValueError(
+        raise UserValueError(
             f"Cannot tell the format of {path!r} (extension {ext or 'none'!r}). Use parquet, arrow, csv, json(l), "
             "tar (webdataset) or image files."
         )
@@ -236,7 +284,12 @@ def _builder_for_file(path: str) -> str:
 
 
 def _load_split(path, name, data_files, split, streaming, cache_dir, token):
-    builder = datasets.load_dataset_builder(path, name, data_files=data_files, cache_dir=cache_dir, token=token)
+    try:
+        builder = datasets.load_dataset_builder(path, name, data_files=data_files, cache_dir=cache_dir, token=token)
+    except DatasetNotFoundError as err:
+        raise UserPathError(f"Dataset {path!r} could not be opened: {err}") from None
+    except (DataFilesNotFoundError, EmptyDatasetError) as err:
+        raise UserValueError(f"Dataset {path!r} holds no data files that datasets can read: {err}") from None
     _check_split(builder, split, path)
     if streaming:
         return builder.as_streaming_dataset(split=split)
@@ -257,4 +310,4 @@ def _check_split(builder: datasets.DatasetBuilder, split: str, source: str) -> N
     missing = [s for s in wanted if available and s not in available]
     if missing:
         hint = " (give validation_dir/validation_files for a validation split)" if source in _FILE_BUILDERS else ""
-        raise ValueError(f"Split {missing[0]!r} does not exist in {source!r}; available splits: {available}{hint}.")
+        raise UserValueError(f"Split {missing[0]!r} does not exist in {source!r}; available splits: {available}{hint}.")
