@@ -92,6 +92,23 @@ def test_exported_features_identical_to_cim_online_encoder(vit_export):
                                    cim.vit(x64, interpolate_pos_encoding=True).last_hidden_state, rtol=0, atol=0)
 
 
+def test_exported_vit_pooler_is_the_cls_token_not_random(vit_export):
+    """Loading the export reports no missing weight, and every output is defined: pooler_output is exactly the final
+    CLS token (an identity pooler), not a randomly initialised dense layer."""
+    root, out = vit_export
+    model, info = AutoModel.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"] and not info["unexpected_keys"]
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        outputs = model.eval()(x)
+        cim = CIMForPreTraining.from_pretrained(root / "cim").eval()
+        torch.testing.assert_close(outputs.pooler_output, outputs.last_hidden_state[:, 0], rtol=0, atol=0)
+        torch.testing.assert_close(outputs.pooler_output, cim.vit(x).last_hidden_state[:, 0], rtol=0, atol=0)
+    again = AutoModel.from_pretrained(out)  # a second load gives the same pooler: nothing is initialised at load
+    torch.testing.assert_close(again.pooler.dense.weight, torch.eye(32), rtol=0, atol=0)
+    assert "pooler_output" in (root / "encoder" / "README.md").read_text()
+
+
 def test_exported_encoder_loads_in_pipelines_offline(vit_export):
     _, out = vit_export
     image = _image()

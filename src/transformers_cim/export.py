@@ -18,6 +18,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+import torch
 from huggingface_hub import ModelCard, ModelCardData
 from transformers import ResNetModel, ViTModel
 
@@ -53,8 +54,11 @@ def _model_card(source: str, config) -> ModelCard:
 def export_encoder(cim_checkpoint_dir: str | os.PathLike, output_dir: str | os.PathLike) -> str:
     """Write the online encoder of ``cim_checkpoint_dir`` to ``output_dir`` as a stock checkpoint; return the path.
 
-    The weights are the ``vit.`` (ViT family, as a ``ViTModel`` without pooler) or ``resnet.`` (``ResNetModel``)
-    entries of the CIM checkpoint; the target encoder and decoder are dropped. The image processor computes the
+    The weights are the ``vit.`` (ViT family, as a ``ViTModel``) or ``resnet.`` (``ResNetModel``) entries of the CIM
+    checkpoint; the target encoder and decoder are dropped. No output of the export is random: a ViT's pooler is
+    saved as the identity on the final CLS token (``pooler.dense`` = identity matrix, zero bias, ``pooler_act``
+    ``linear``), so ``pooler_output`` is exactly ``last_hidden_state[:, 0]``, the feature probes and k-NN read; a
+    ResNet's pooler is its global average pooling. The image processor computes the
     evaluation transform (`ResizeCenterCrop`, crop_pct 0.875) with the checkpoint's mean / std when it has one, else
     ImageNet's. A stock ViT / ResNet checkpoint is accepted too (its encoder is re-saved).
     """
@@ -67,15 +71,20 @@ def export_encoder(cim_checkpoint_dir: str | os.PathLike, output_dir: str | os.P
     config.architectures = None
     if hasattr(config, "auto_map"):
         config.auto_map = None
+    if encoder_type == "vit":  # the pooler: identity on the CLS token (set below)
+        config.pooler_output_size, config.pooler_act = config.hidden_size, "linear"
     with quiet_loading():  # the target encoder and decoder weights are left out on purpose
         if encoder_type == "vit":
-            model, info = ViTModel.from_pretrained(
-                source, config=config, add_pooling_layer=False, output_loading_info=True
-            )
+            model, info = ViTModel.from_pretrained(source, config=config, output_loading_info=True)
         else:
             model, info = ResNetModel.from_pretrained(source, config=config, output_loading_info=True)
-    if info["missing_keys"] or info["mismatched_keys"]:
-        problems = sorted(info["missing_keys"]) + [str(k) for k in info["mismatched_keys"]]
+    missing = sorted(k for k in info["missing_keys"] if not k.startswith("pooler.") or encoder_type != "vit")
+    if encoder_type == "vit":
+        with torch.no_grad():
+            model.pooler.dense.weight.copy_(torch.eye(config.hidden_size))
+            model.pooler.dense.bias.zero_()
+    if missing or info["mismatched_keys"]:
+        problems = missing + [str(k) for k in info["mismatched_keys"]]
         raise UserValueError(
             f"{source!r} does not hold a complete {type(model).__name__} under the prefix "
             f"{model.base_model_prefix!r}: missing or mismatched {problems[:5]}"

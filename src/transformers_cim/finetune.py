@@ -17,6 +17,7 @@ The pieces here are used by ``run_image_classification.py`` and are usable on th
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -124,8 +125,12 @@ def load_encoder_for_classification(
         config.auto_map = None
     cls = ViTForImageClassification if encoder_type == "vit" else ResNetForImageClassification
     prefix = cls.base_model_prefix
-    # A CIM checkpoint also holds target_encoder.* and decoder.*: expected, so keep the load report quiet.
-    with quiet_loading(kind == "cim"):
+    # A CIM checkpoint also holds target_encoder.* and decoder.*, an exported encoder its pooler, and neither has a
+    # classifier: all expected (the head is new by design), so keep the load report quiet for them.
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        saved_architectures = json.load(f).get("architectures") or []
+    bare_encoder = any(a in ("ViTModel", "ResNetModel") for a in saved_architectures)
+    with quiet_loading(kind == "cim" or bare_encoder):
         model, info = cls.from_pretrained(
             path, config=config, ignore_mismatched_sizes=True, output_loading_info=True, **from_pretrained_kwargs
         )
