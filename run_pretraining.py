@@ -54,11 +54,14 @@ from transformers_cim.visualization import VisualizationCallback
 
 logger = logging.getLogger("run_pretraining")
 
-# The offline quick start: a ViT-Tiny-width encoder at reduced sizes so a run takes minutes on 2 CPU cores.
-QUICKSTART_CONFIG = dict(image_size=128, context_size=96, exemplar_size=32, num_exemplars=6,
-                         decoder_hidden_size=256, decoder_num_attention_heads=8)
-QUICKSTART_ENCODER = dict(patch_size=8, num_hidden_layers=6)
-QUICKSTART_MAX_STEPS = 300
+# The offline quick start: the smallest setting measured to learn its pretext task within minutes on 2 CPU cores
+# (README, "Does CIM learn its task?"): ViT-Tiny width with 2 layers, patch 8 (a 32 px exemplar is 4 x 4 tokens),
+# 96 px views, 64 px context, rotated exemplars, and the exemplars' photometric augmentation off: with it on, no
+# run of up to 1,000 steps got clearly below the constant prior. Every other setting is the authors'.
+QUICKSTART_CONFIG = dict(image_size=96, context_size=64, exemplar_size=32, num_exemplars=6,
+                         decoder_hidden_size=256, decoder_num_attention_heads=8, exemplar_augmentation=False)
+QUICKSTART_ENCODER = dict(patch_size=8, num_hidden_layers=2)
+QUICKSTART_MAX_STEPS = 2000
 QUICKSTART_LEARNING_RATE = 5e-4
 PREFLIGHT_IMAGES = 16
 

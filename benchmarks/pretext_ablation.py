@@ -202,7 +202,12 @@ def evaluate(model: CIMForPreTraining, config: CIMConfig, held_out: torch.Tensor
     centred = probs - probs.mean(dim=(0, 1), keepdim=True)
     truth = labels - labels.mean(dim=(0, 1), keepdim=True)
     follow = (centred * truth).sum() / (centred.norm() * truth.norm()).clamp(min=1e-8)
-    return {"loss": round(loss, 4), "prior_loss": round(prior_loss, 4), "loss_ratio": round(loss / prior_loss, 3),
+    # the same within each image (means over its K exemplars removed): an image-specific "where exemplars
+    # usually are on this image" map scores 0 here; only maps that move with the exemplar score
+    centred = probs - probs.mean(dim=1, keepdim=True)
+    truth = labels - labels.mean(dim=1, keepdim=True)
+    follow_within = (centred * truth).sum() / (centred.norm() * truth.norm()).clamp(min=1e-8)
+    return {"follow_within_image": round(float(follow_within), 3),"loss": round(loss, 4), "prior_loss": round(prior_loss, 4), "loss_ratio": round(loss / prior_loss, 3),
             "iou": round(sum(ious) / len(pixels), 4), "prior_iou": round(prior_iou, 4),
             "follow": round(float(follow), 3)}
 

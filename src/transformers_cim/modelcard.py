@@ -31,9 +31,12 @@ def _settings_table(config) -> str:
         ("exemplars per image", config.num_exemplars),
         ("exemplar scale / aspect / rotation", f"{config.exemplar_scale} / {[round(a, 3) for a in config.exemplar_aspect_ratio]} / "
                                                f"+-{config.exemplar_max_rotation} deg"),
+        ("exemplar boxes / antialiasing", f"{config.exemplar_box_mode} / {config.exemplar_antialias}"),
         ("exemplar photometric augmentation", config.exemplar_augmentation),
+        ("encoder init", config.encoder_init),
         ("decoder", f"{config.decoder_num_layers} x cross-attention, width {config.decoder_hidden_size}, "
-                    f"{config.decoder_num_attention_heads} heads"),
+                    f"{config.decoder_num_attention_heads} heads, "
+                    f"{'one shared' if config.decoder_shared_norm else 'separate'} input LayerNorm"),
         ("loss", f"{config.loss_type} (x{config.correlation_loss_weight}), contrastive x{config.contrastive_loss_weight}"),
         ("target encoder", f"{config.target_encoder_mode}, momentum {config.momentum_start} -> {config.momentum_end} (cosine)"),
     ]
@@ -87,6 +90,10 @@ rotated, rescaled and colour-distorted exemplars lie in a context image encoded 
 {_settings_table(config)}
 
 ## Final pretext metrics
+
+`prior_loss` / `prior_iou` score the best constant map (the mean true map under this run's box distribution,
+the same for every exemplar) on the same batches; `loss_to_prior` under 1 and a positive `pretext_iou_gain`
+mean the model locates each exemplar rather than where exemplars usually are.
 
 | metric | value |
 |---|---|
