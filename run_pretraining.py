@@ -121,7 +121,10 @@ class DataTrainingArguments(DataSourceArguments):
     view_scale: list[float] = field(default_factory=lambda: [0.5, 1.0], metadata={
         "help": "Random-resized-crop scale range of the search view (recipe: 0.5 1.0).", "nargs": 2})
     min_image_size: int = field(default=32, metadata={"help": "Images with a shorter side are skipped."})
-    visualize_every_steps: int = field(default=0, metadata={"help": "Also write the correlation-map figure every N steps."})
+    visualize_every_steps: int | None = field(default=None, metadata={
+        "help": "Also write the correlation-map figure every N steps (correlation_maps_stepN.png, and to the --report_to "
+                "trackers). Default: to the trackers about 10 times per run when --report_to names any, else only at "
+                "the end; 0: only at the end."})
     num_visualize_images: int = field(default=4, metadata={"help": "Images in the correlation-map figure."})
 
 

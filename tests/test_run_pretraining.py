@@ -214,6 +214,59 @@ def test_correlation_maps_reach_tensorboard(image_folder, tmp_path):
     assert [event.step for event in events.Images("pretext/correlation_maps")] == [1, 2]
 
 
+def test_any_tracker_gets_the_figure_and_pretext_metrics_without_extra_flags(image_folder, tmp_path):
+    """--report_to alone: the figure reaches the tracker about 10 times per run and at the last step (before the
+    tracker closes), with no extra files; the pretext metrics are logged next to the loss."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    out = tmp_path / "out"
+    run_pretraining.main(base_args(out, "--train_dir", image_folder, "--report_to", "tensorboard", "--logging_steps", "5",
+                                   steps=20))
+    runs = [root for root, _, files in os.walk(out / "runs") if any("tfevents" in f for f in files)]
+    events = event_accumulator.EventAccumulator(runs[0], size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    assert [event.step for event in events.Images("pretext/correlation_maps")] == list(range(2, 21, 2))
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/pretext_iou", "train/prior_iou", "train/loss_to_prior", "train/momentum"} <= scalars
+    assert [event.step for event in events.Scalars("train/pretext_iou")] == [5, 10, 15, 20]
+    assert sorted(f for f in os.listdir(out) if f.startswith("correlation_maps")) == ["correlation_maps.png"]
+
+
+def test_figure_goes_to_wandb_and_mlflow_like_trackers():
+    from PIL import Image as PILImage
+
+    from transformers_cim.visualization import log_figure_to_integrations
+
+    class FakeWandb:
+        logged = []
+
+        @staticmethod
+        def Image(image):
+            return ("wandb-image", image.size)
+
+        @classmethod
+        def log(cls, values):
+            cls.logged.append(values)
+
+    class FakeMlflow:
+        logged = []
+
+        @classmethod
+        def log_image(cls, image, key, step):
+            cls.logged.append((image.size, key, step))
+
+    class WandbCallback:
+        _wandb, _initialized = FakeWandb, True
+
+    class MLflowCallback:
+        _ml_flow, _initialized = FakeMlflow, True
+
+    grid = PILImage.new("RGB", (8, 6))
+    assert log_figure_to_integrations([WandbCallback(), MLflowCallback(), object()], grid, 7) == [
+        "WandbCallback", "MLflowCallback"]
+    assert FakeWandb.logged == [{"pretext/correlation_maps": ("wandb-image", (8, 6)), "train/global_step": 7}]
+    assert FakeMlflow.logged == [((8, 6), "pretext_correlation_maps", 7)]
+
+
 def test_json_arguments_file(image_folder, tmp_path):
     out = tmp_path / "out"
     args = {"train_dir": image_folder, "output_dir": str(out), "config_name": "vit-tiny-patch16",
