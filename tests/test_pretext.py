@@ -458,3 +458,33 @@ def test_augmentation_is_reproducible_per_sample(tiny_vit_config):
     b = augment_exemplars(images, config, gen(3))
     c = augment_exemplars(images, config, gen(4))
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# ------------------------------------------------------------------------------------------- low precision
+
+@pytest.mark.parametrize("mode", ["bf16 inputs", "bf16 autocast"])
+def test_pretext_geometry_stays_exact_in_low_precision(mode, tiny_vit_config, search_views):
+    """The sampling grid and the maps are computed in fp32 whatever the input dtype or autocast: the maps are
+    the fp32 maps bit for bit, and the exemplars are the fp32 exemplars up to bf16 rounding of the pixels."""
+    config = plain_config(tiny_vit_config)
+    x = search_views(batch=4)
+    reference = sample_pretext(x, config, generator=gen(30))
+    if mode == "bf16 inputs":
+        low = sample_pretext(x.bfloat16(), config, generator=gen(30))
+        assert low.exemplar_pixel_values.dtype == torch.bfloat16
+    else:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = sample_pretext(x, config, generator=gen(30))
+    assert torch.equal(low.correlation_labels, reference.correlation_labels)
+    assert torch.equal(low.exemplar_boxes, reference.exemplar_boxes)
+    error = (low.exemplar_pixel_values.float() - reference.exemplar_pixel_values).abs()
+    # bf16 keeps 8 significant bits: the rounding of the source and output pixels (<= 2 * 2**-8 of the largest
+    # value), never a shifted pixel (a 0.9 px shift, what a bf16 grid gives, moves values by ~0.5 here)
+    assert error.max() <= 2 * 2**-8 * x.abs().max()
+    # and the map still marks exactly the pixels the exemplar reads (the fp32 exactness test, in bf16)
+    boxes = reference.exemplar_boxes[:, :1]
+    maps = correlation_maps(boxes, 128)
+    inside = warp_exemplars(maps.bfloat16(), boxes, 8)
+    assert inside.dtype == torch.bfloat16
+    wide = (boxes[..., 2] > 0.3) & (boxes[..., 3] > 0.3)
+    assert torch.equal(inside[wide], torch.ones_like(inside[wide]))

@@ -197,8 +197,10 @@ def warp_exemplars(images: torch.Tensor, boxes: torch.Tensor, size: int, supersa
     """
     batch_size, num_exemplars = boxes.shape[:2]
     fine = size * supersample
-    grid = exemplar_sampling_grid(boxes.to(images.dtype), fine)
-    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    # geometry in fp32 whatever the image dtype: a bf16 grid is off by up to ~1 px against the fp32 true map
+    grid = exemplar_sampling_grid(boxes.float(), fine)
+    out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    out = out.to(images.dtype)
     out = out.view(batch_size, images.shape[1] * num_exemplars, fine, fine)
     if supersample > 1:
         out = F.avg_pool2d(out, supersample)
@@ -234,7 +236,9 @@ def resize_context(images: torch.Tensor, size: int, mode: str = "bicubic") -> to
     """The context: the search view resized to size x size ("bicubic" or "bilinear", antialiased)."""
     if images.shape[-1] == size and images.shape[-2] == size:
         return images
-    return F.interpolate(images, size=(size, size), mode=mode, align_corners=False, antialias=True)
+    # in fp32: the antialiased kernels have no bf16 CPU implementation
+    resized = F.interpolate(images.float(), size=(size, size), mode=mode, align_corners=False, antialias=True)
+    return resized.to(images.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -320,7 +324,9 @@ def sample_pretext(pixel_values: torch.Tensor, config, generator: torch.Generato
         boxes = sample_config_boxes(config, batch_size, config.num_exemplars, generator=generator,
                                     device=pixel_values.device)
     boxes = boxes.to(device=pixel_values.device, dtype=torch.float32)
-    exemplars = warp_exemplars(pixel_values, boxes, config.exemplar_size, exemplar_supersampling(config))
+    with torch.autocast(pixel_values.device.type, enabled=False):  # exact geometry under autocast too
+        exemplars = warp_exemplars(pixel_values, boxes, config.exemplar_size, exemplar_supersampling(config))
+        labels = correlation_maps(boxes, config.context_size)
     if config.exemplar_augmentation:
         mean = pixel_values.new_tensor(config.image_mean).view(1, 3, 1, 1)
         std = pixel_values.new_tensor(config.image_std).view(1, 3, 1, 1)
@@ -330,7 +336,7 @@ def sample_pretext(pixel_values: torch.Tensor, config, generator: torch.Generato
     return PretextBatch(
         context_pixel_values=resize_context(pixel_values, config.context_size, config.context_resample),
         exemplar_pixel_values=exemplars,
-        correlation_labels=correlation_maps(boxes, config.context_size),
+        correlation_labels=labels,
         exemplar_boxes=boxes,
     )
 
