@@ -648,3 +648,25 @@ def test_gradient_checkpointing_is_refused_for_resnet_with_the_reason(tiny_resne
     model = CIMForPreTraining(tiny_resnet_config())
     with pytest.raises(ValueError, match="not available for ResNet encoders"):
         model.gradient_checkpointing_enable()
+
+
+@pytest.mark.parametrize("shared_norm", [True, False])
+def test_decoder_shares_query_work_across_exemplars(shared_norm, tiny_vit_config):
+    """The first layer normalises and projects each image's context queries once and broadcasts them over
+    its K exemplars: the logits equal those of repeating the queries K times first."""
+    torch.manual_seed(0)
+    model = CIMForPreTraining(tiny_vit_config(decoder_shared_norm=shared_norm, decoder_num_layers=2)).eval()
+    decoder, hidden = model.decoder, model.config.encoder_hidden_size
+    context, exemplar = torch.randn(2, 10, hidden), torch.randn(2, 3, 5, hidden)
+    logits = decoder(context, exemplar)
+    queries = decoder.input_proj(context) + decoder.context_position_embedding(3, context.device, context.dtype)
+    queries = queries.repeat_interleave(3, dim=0)  # the per-exemplar way
+    kv = decoder.input_proj(exemplar.flatten(0, 1))
+    for layer in decoder.layers:
+        queries = layer(queries, kv)
+    grid = decoder.predictor(decoder.norm(queries)[:, 1:].transpose(1, 2).reshape(6, -1, 3, 3))
+    expected = torch.nn.functional.interpolate(grid, size=(48, 48), mode="bilinear", align_corners=True)
+    torch.testing.assert_close(logits, expected.view(2, 3, 48, 48), rtol=0, atol=1e-6)
+    # image b's exemplars see image b's queries only
+    swapped = decoder(context.flip(0), exemplar.flip(0))
+    torch.testing.assert_close(swapped, logits.flip(0), rtol=0, atol=1e-6)

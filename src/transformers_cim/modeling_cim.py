@@ -156,11 +156,12 @@ class CIMCrossAttention(nn.Module):
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, queries: torch.Tensor, keys_values: torch.Tensor) -> torch.Tensor:
-        q, k, v = self._heads(self.q_proj(queries)), self._heads(self.k_proj(keys_values)), self._heads(self.v_proj(keys_values))
+    def forward(self, query_states: torch.Tensor, keys_values: torch.Tensor) -> torch.Tensor:
+        """`query_states`: the queries already projected by `q_proj` (the decoder may share them across exemplars)."""
+        q, k, v = self._heads(query_states), self._heads(self.k_proj(keys_values)), self._heads(self.v_proj(keys_values))
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         out, _ = attention(self, q, k, v, None, scaling=self.scaling, dropout=0.0)  # (N, L, heads, head_dim)
-        return self.o_proj(out.reshape(queries.shape))
+        return self.o_proj(out.reshape(query_states.shape))
 
 
 class CIMDecoderLayer(nn.Module):
@@ -177,9 +178,15 @@ class CIMDecoderLayer(nn.Module):
         hidden = int(width * config.decoder_mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
 
-    def forward(self, queries: torch.Tensor, exemplar: torch.Tensor) -> torch.Tensor:
+    def forward(self, queries: torch.Tensor, exemplar: torch.Tensor, num_exemplars: int = 1) -> torch.Tensor:
+        """queries (N, Lc, D), exemplar (N * num_exemplars, Le, D). With num_exemplars > 1 the queries are one
+        image's, shared by its exemplars: their norm and projection run once per image, then are broadcast."""
         key_value_norm = self.key_value_norm or self.query_norm
-        x = queries + self.cross_attention(self.query_norm(queries), key_value_norm(exemplar))
+        query_states = self.cross_attention.q_proj(self.query_norm(queries))
+        if num_exemplars > 1:
+            query_states = query_states.repeat_interleave(num_exemplars, dim=0)  # image-major, like the exemplars
+            queries = queries.repeat_interleave(num_exemplars, dim=0)
+        x = queries + self.cross_attention(query_states, key_value_norm(exemplar))
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -208,11 +215,10 @@ class CIMCorrelationDecoder(nn.Module):
         batch, num_exemplars = exemplar_tokens.shape[:2]
         grid = int(math.isqrt(context_tokens.shape[1] - int(self.has_cls)))
         queries = self.input_proj(context_tokens)
-        queries = queries + self.context_position_embedding(grid, queries.device, queries.dtype)
-        queries = queries.repeat_interleave(num_exemplars, dim=0)  # (B*K, Lc, D), image-major like exemplars
-        exemplar = self.input_proj(exemplar_tokens.flatten(0, 1))
-        for layer in self.layers:
-            queries = layer(queries, exemplar)
+        queries = queries + self.context_position_embedding(grid, queries.device, queries.dtype)  # (B, Lc, D)
+        exemplar = self.input_proj(exemplar_tokens.flatten(0, 1))  # (B*K, Le, D)
+        for index, layer in enumerate(self.layers):  # the first layer broadcasts the queries to (B*K, Lc, D)
+            queries = layer(queries, exemplar, num_exemplars if index == 0 else 1)
         queries = self.norm(queries)[:, int(self.has_cls):]
         # contiguous: on CPU the 1x1 conv of the channels-last view rounds differently depending on the weight's
         # memory alignment, so a reloaded (mmap'd) checkpoint would not reproduce the logits bit for bit
