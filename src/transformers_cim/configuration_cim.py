@@ -16,6 +16,8 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig, ResNetConfig, ViTConfig
 from transformers.configuration_utils import SubConfigSpec
 
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 LOSS_TYPES = ("ce", "balanced_ce", "mse", "focal")
 TARGET_ENCODER_MODES = ("ema", "shared")
 EXEMPLAR_BOX_MODES = ("enclosing", "exact")
@@ -133,8 +135,8 @@ class CIMConfig(PreTrainedConfig):
     momentum_end: float = 1.0
     freeze_patch_embedding: bool = True
     use_sincos_position_embeddings: bool = True
-    image_mean: list[float] | tuple[float, float, float] = (0.485, 0.456, 0.406)
-    image_std: list[float] | tuple[float, float, float] = (0.229, 0.224, 0.225)
+    image_mean: list[float] | tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
+    image_std: list[float] | tuple[float, float, float] = IMAGENET_DEFAULT_STD
     initializer_range: float = 0.02
     encoder_init: str = "xavier"
     decoder_shared_norm: bool = True

@@ -12,11 +12,9 @@ import PIL.Image
 import torch
 from transformers import ViTImageProcessorPil
 
+from ..configuration_cim import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from ..seeding import numpy_rng_from_torch
 from .decoding import to_rgb
-
-IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 
 
 def to_normalized_tensor(image: PIL.Image.Image, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
