@@ -50,6 +50,18 @@ def rotated_half_extents(w: torch.Tensor, h: torch.Tensor, theta: torch.Tensor) 
     return 0.5 * (w * c + h * s), 0.5 * (w * s + h * c)
 
 
+def _sides_and_angles(shape: tuple[int, ...], scale: tuple[float, float], aspect_ratio: tuple[float, float],
+                      max_rotation_degrees: float, generator: torch.Generator | None,
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Box sides and angles: area fraction ~ U(scale), h/w log-uniform in `aspect_ratio`, theta ~ U(+-max)."""
+    area = _uniform(shape, scale[0], scale[1], generator, device)
+    log_ratio = _uniform(shape, math.log(aspect_ratio[0]), math.log(aspect_ratio[1]), generator, device)
+    max_rot = math.radians(max_rotation_degrees)
+    theta = _uniform(shape, -max_rot, max_rot, generator, device)
+    ratio = log_ratio.exp()
+    return (area / ratio).sqrt(), (area * ratio).sqrt(), theta
+
+
 def sample_exemplar_boxes(
     batch_size: int,
     num_exemplars: int,
@@ -68,12 +80,7 @@ def sample_exemplar_boxes(
     """
     device = torch.device(device)
     shape = (NUM_SAMPLING_TRIES, batch_size, num_exemplars)
-    area = _uniform(shape, scale[0], scale[1], generator, device)
-    log_ratio = _uniform(shape, math.log(aspect_ratio[0]), math.log(aspect_ratio[1]), generator, device)
-    max_rot = math.radians(max_rotation_degrees)
-    theta = _uniform(shape, -max_rot, max_rot, generator, device)
-    ratio = log_ratio.exp()
-    w, h = (area / ratio).sqrt(), (area * ratio).sqrt()
+    w, h, theta = _sides_and_angles(shape, scale, aspect_ratio, max_rotation_degrees, generator, device)
     half_x, half_y = rotated_half_extents(w, h, theta)
     fits = (half_x <= 0.5) & (half_y <= 0.5)
     # index of the first try that fits (0 when none fits; that one is shrunk below)
@@ -117,18 +124,14 @@ def sample_enclosing_boxes(
 
     An axis-aligned w x h box (area ~ U(scale), h/w log-uniform) is placed uniformly inside the view; the
     view is turned by theta about its centre; the exemplar is the axis-aligned bounding box of the sampled box
-    in the turned view, with the corners that fall outside the image pulled in along the rows to its edge
-    (so the exemplar holds image pixels only). Seen from the unturned view, that is a rectangle rotated by
+    in the turned view, with the corners that fall outside the image pulled in to its edge along the rows or
+    along the columns, whichever keeps the larger exemplar (so the exemplar holds image pixels only). Seen from the unturned view, that is a rectangle rotated by
     theta that encloses most of the sampled box and is larger and squarer than it.
     """
     device = torch.device(device)
     shape = (batch_size, num_exemplars)
-    area = _uniform(shape, scale[0], scale[1], generator, device)
-    log_ratio = _uniform(shape, math.log(aspect_ratio[0]), math.log(aspect_ratio[1]), generator, device)
-    max_rot = math.radians(max_rotation_degrees)
-    theta = _uniform(shape, -max_rot, max_rot, generator, device)
-    ratio = log_ratio.exp()
-    w, h = (area / ratio).sqrt().clamp(max=1.0), (area * ratio).sqrt().clamp(max=1.0)
+    w, h, theta = _sides_and_angles(shape, scale, aspect_ratio, max_rotation_degrees, generator, device)
+    w, h = w.clamp(max=1.0), h.clamp(max=1.0)
     px = w / 2 + (1.0 - w) * _uniform(shape, 0.0, 1.0, generator, device)
     py = h / 2 + (1.0 - h) * _uniform(shape, 0.0, 1.0, generator, device)
     cos, sin = theta.cos(), theta.sin()
