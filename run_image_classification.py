@@ -486,13 +486,19 @@ def image_statistics(model_args: ModelArguments, checkpoint_dir: str) -> tuple[l
     return stats if stats is not None else (list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD))
 
 
+def _collate_all_rows(rows: list[dict]) -> dict[str, torch.Tensor]:
+    """Every row of a prediction batch, in order, the unusable ones too (flagged by ``cim_valid``)."""
+    return {"pixel_values": torch.stack([torch.as_tensor(row["pixel_values"]) for row in rows]),
+            "cim_valid": torch.tensor([bool(row["cim_valid"]) for row in rows])}
+
+
 @torch.no_grad()
 def write_predictions(model: torch.nn.Module, test_ds, names: list[str], args: ClassificationTrainingArguments,
                       path: str) -> int:
     """Predicts every test row in order and writes ``row,label,score`` (top-1 class and its softmax probability) to
     `path`; a row whose image could not be used gets an empty label and score. Returns the number of rows."""
     loader = torch.utils.data.DataLoader(test_ds, batch_size=args.per_device_eval_batch_size,
-                                         num_workers=args.dataloader_num_workers)
+                                         num_workers=args.dataloader_num_workers, collate_fn=_collate_all_rows)
     parameter = next(model.parameters())
     was_training = model.training
     model.eval()
@@ -603,8 +609,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=training_args.checkpoint_to_resume(model))
         train_metrics = dict(train_result.metrics)
-        if trainer.num_skipped_images:
-            train_metrics["skipped_images"] = trainer.num_skipped_images
+        train_metrics["skipped_images"] = trainer.total_skipped_images()  # distinct images, all processes
         trainer.log_metrics("train", train_metrics)
         trainer.save_metrics("train", train_metrics)
         trainer.save_state()

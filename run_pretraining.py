@@ -381,9 +381,10 @@ def main(argv: list[str] | None = None) -> dict:
         stop_after_signal(trainer, on_signal.received)
     trainer.save_model()
     results.update(train_result.metrics)
-    results["skipped_images"] = trainer.total_skipped_images()  # summed over processes
+    results["skipped_images"] = trainer.total_skipped_images()  # distinct images, all processes
     if results["skipped_images"]:
-        logger.warning("Skipped %d undecodable or too-small images.", results["skipped_images"])
+        logger.warning("Skipped %d undecodable or too-small training images (each counted once; the first few are "
+                       "named above with the reason).", results["skipped_images"])
     if eval_ds is not None:
         results.update(trainer.evaluate())
     trainer.log_metrics("train", results)

@@ -222,7 +222,7 @@ def test_trainer_mixes_only_in_training(tmp_path):
     trainer = ClassificationTrainer(model=model, args=args, mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1,
                                     mix_seed=0)
     inputs = {"pixel_values": torch.randn(4, 3, 32, 32), "labels": torch.tensor([0, 1, 2, 0]),
-              "num_skipped": torch.tensor(2)}
+              "num_skipped": torch.tensor(2), "skipped_images": [("a.png", "undecodable"), ("row 7", "too small")]}
     model.eval()
     with torch.no_grad():
         eval_loss = trainer.compute_loss(model, dict(inputs))
@@ -232,7 +232,10 @@ def test_trainer_mixes_only_in_training(tmp_path):
     train_loss = trainer.compute_loss(model, dict(inputs))
     assert torch.isfinite(train_loss) and train_loss.requires_grad
     assert not torch.allclose(train_loss.detach(), plain)
-    assert trainer.num_skipped_images == 4
+    # training images only (not the evaluation's), each counted once however often met
+    assert trainer.num_skipped_images == 2
+    trainer.compute_loss(model, {**inputs, "skipped_images": [("a.png", "undecodable"), (None, "no image data")]})
+    assert trainer.num_skipped_images == 3 == trainer.total_skipped_images()
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -380,8 +380,23 @@ def corrupt_mix(rng: np.random.Generator) -> tuple[list, int]:
     return records, len(unusable)
 
 
+def test_skipped_images_are_counted_once_and_named(symmetric_folder, tmp_path, caplog):
+    """Two epochs over a folder with 2 unusable files of 24: skipped_images is 2 (images, not the 4 times they were
+    met), and the log names each file with the reason, at warning level."""
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING"):
+        results = run_pretraining.main(base_args(out, "--train_dir", symmetric_folder, steps=12))
+    assert results["skipped_images"] == 2
+    named = sorted(r.getMessage() for r in caplog.records
+                   if r.levelname == "WARNING" and r.getMessage().startswith("Skipped training image"))
+    assert len(named) == 2
+    assert named[0].startswith(f"Skipped training image {os.path.join(symmetric_folder, 'a', '05.png')}: too small "
+                               "(1x1 px, shorter side under 32)")
+    assert named[1].startswith(f"Skipped training image {os.path.join(symmetric_folder, 'b', '07.png')}: undecodable")
+
+
 @pytest.mark.parametrize("streaming", [True, False], ids=["streamed", "map"])
-def test_corrupt_records_are_skipped_and_counted(streaming, tmp_path):
+def test_corrupt_records_are_skipped_and_counted(streaming, tmp_path, caplog):
     records, unusable = corrupt_mix(np.random.default_rng(4))
     shards = [write_parquet(tmp_path / f"part-{k}.parquet", records[k * 20:(k + 1) * 20]) for k in range(2)]
     out = tmp_path / "out"
@@ -389,8 +404,16 @@ def test_corrupt_records_are_skipped_and_counted(streaming, tmp_path):
     args = base_args(out, "--train_files", *shards, "--logging_steps", "5", "--learning_rate", LEARNING_RATE, steps=10)
     if streaming:
         args += ["--streaming"]
-    results = run_pretraining.main(args)
+    with caplog.at_level("WARNING"):
+        results = run_pretraining.main(args)
     assert results["skipped_images"] == unusable == 6
+    # named by the file (the record that has a path), else by stream record or row, with the reason; first 5 only
+    named = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Skipped training image")]
+    assert len(named) == 5 and "counted, not logged" in named[-1]
+    reasons = ("undecodable (", "too small (", "empty (", "file not found")
+    assert all(any(f": {reason}" in m for reason in reasons) for m in named), named
+    by_number = "stream record " if streaming else "row "
+    assert sum(m.startswith(f"Skipped training image {by_number}") for m in named) >= 4
     with open(out / "all_results.json") as f:
         assert json.load(f)["skipped_images"] == 6
     entries = logged(out)

@@ -390,3 +390,25 @@ def test_pretext_generator_depends_on_step_and_micro_batch_only(tmp_path):
     assert torch.equal(draw(), first)
     assert not torch.equal(other_step, first)
     assert torch.equal(draw(), second)
+
+
+def test_skipped_images_counted_once_saved_and_restored(tmp_path, caplog):
+    from transformers_cim.training_utils import SkippedImages
+
+    skipped = SkippedImages(log_first=2)
+    with caplog.at_level("WARNING"):
+        skipped.add([("a.png", "undecodable (OSError: truncated)"), ("row 3", "too small (1x1 px)")])
+        skipped.add([("a.png", "undecodable (OSError: truncated)"), (None, "no image data"), ("row 9", "empty")])
+    assert skipped.local_count == skipped.total() == 4  # a.png once; the unnamed one each time it is met
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == ["Skipped training image a.png: undecodable (OSError: truncated)",
+                        "Skipped training image row 3: too small (1x1 px) (further skipped images are counted, not "
+                        "logged)"]
+    skipped.save(str(tmp_path / "s.json"))
+    restored = SkippedImages()
+    restored.load(str(tmp_path / "s.json"))
+    restored.add([("row 3", "too small"), ("row 4", "too small")])
+    assert restored.local_count == 5
+    (tmp_path / "old.json").write_text('{"num_skipped_images": 7}')  # a checkpoint of an older version: a count
+    restored.load(str(tmp_path / "old.json"))
+    assert restored.local_count == 7

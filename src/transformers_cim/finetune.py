@@ -43,7 +43,7 @@ from .errors import UserValueError
 from .features import global_feature_size, global_features
 from .modelcard import has_cim_card
 from .seeding import numpy_rng_from_torch
-from .training_utils import EpochToDatasetCallback, StepGenerators
+from .training_utils import EpochToDatasetCallback, SkippedImages, StepGenerators
 
 
 logger = logging.get_logger(__name__)
@@ -410,8 +410,9 @@ class ClassificationTrainer(Trainer):
     ``label_smoothing`` (default: ``args.label_smoothing_factor``, the Trainer's flag), ``mix_seed`` (Mixup / CutMix draws come from
     a generator per (seed, step, micro-batch), so a resumed run mixes as the uninterrupted one did; default: the
     global torch RNG). Evaluation always uses the
-    plain cross-entropy of the model. A ``num_skipped`` entry in a batch (undecodable images dropped by the
-    collator) is removed before the forward pass and counted in ``self.num_skipped_images``.
+    plain cross-entropy of the model. The collator's ``num_skipped`` / ``skipped_images`` entries (images it dropped)
+    are removed before the forward pass; the training images among them are counted once each in
+    ``self.skipped_images`` (see `SkippedImages`), which travels with the checkpoints.
     """
 
     def __init__(
@@ -434,12 +435,29 @@ class ClassificationTrainer(Trainer):
         # Mixup/CutMix draws per (seed, step, micro-batch): a resumed run mixes as the uninterrupted one did
         self._mix_generators = StepGenerators(mix_seed, self.args.process_index) if mix_seed is not None else None
         self.add_callback(EpochToDatasetCallback(self))
-        self._num_skipped: torch.Tensor | int = 0  # summed on the device: no host sync per step
+        self.skipped_images = SkippedImages()
 
     @property
     def num_skipped_images(self) -> int:
-        """Images dropped by the collator (undecodable / too small) in the batches seen so far."""
-        return int(self._num_skipped)
+        """Distinct training images dropped by the collator, as far as this process knows."""
+        return self.skipped_images.local_count
+
+    def total_skipped_images(self) -> int:
+        """Distinct training images dropped by all processes together (collective under distributed training)."""
+        return self.skipped_images.total(self.accelerator)
+
+    def _skipped_images_file(self, checkpoint: str) -> str:
+        return os.path.join(checkpoint, f"skipped_images_{self.args.process_index}.json")
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        self.skipped_images.save(self._skipped_images_file(output_dir))  # before trainer_state.json, like the RNG
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        self.skipped_images = SkippedImages()
+        if isinstance(resume_from_checkpoint, str):
+            self.skipped_images.load(self._skipped_images_file(resume_from_checkpoint))
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     @property
     def uses_soft_targets(self) -> bool:
@@ -487,9 +505,10 @@ class ClassificationTrainer(Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         inputs = dict(inputs)
-        skipped = inputs.pop("num_skipped", None)
-        if skipped is not None:
-            self._num_skipped = self._num_skipped + (skipped.detach().sum() if torch.is_tensor(skipped) else skipped)
+        inputs.pop("num_skipped", None)
+        skipped = inputs.pop("skipped_images", None)
+        if skipped and model.training:
+            self.skipped_images.add(skipped)
         inputs.pop("cim_valid", None)
         if not (model.training and self.uses_soft_targets and inputs.get("labels") is not None):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)

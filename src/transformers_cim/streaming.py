@@ -72,11 +72,12 @@ class _Reader:
     MAX_AGE_BUFFERS = 4  # max_age in buffer sizes
 
     def __init__(self, source: datasets.IterableDataset, image_column: str, transform: Callable, min_size: int,
-                 buffer_size: int, role: int, num_roles: int, epoch: int, seed_key: list[int], world_size: int = 1):
+                 buffer_size: int, role: int, num_roles: int, epoch: int, seed_key: list[int], world_size: int = 1,
+                 rank: int = 0):
         self.source, self.image_column = source, image_column
         self.transform, self.min_size, self.buffer_size = transform, min_size, buffer_size
         self.max_age = self.MAX_AGE_BUFFERS * buffer_size
-        self.role, self.num_roles, self.epoch, self.world_size = role, num_roles, epoch, world_size
+        self.role, self.num_roles, self.epoch, self.world_size, self.rank = role, num_roles, epoch, world_size, rank
         self.shuffle_rng = numpy_rng(*seed_key, 0)
         self.augment_rng = numpy_rng(*seed_key, 1)
         self.buffer: list[_Record] = []
@@ -103,7 +104,10 @@ class _Reader:
                 yield record
 
     def _decode(self, record: _Record) -> dict:
-        return decoded_row(record.value, self.transform, self.min_size, self.augment_rng)
+        # a record without a file name is named by its place in this reader's stream (the same in every pass)
+        where = f"stream record {record.seq} of reader {self.role}" + (f", process {self.rank}" if self.world_size > 1
+                                                                      else "")
+        return decoded_row(record.value, self.transform, self.min_size, self.augment_rng, where=where)
 
     def _oldest(self) -> _Record | None:
         if self.draining:
@@ -277,7 +281,8 @@ class ResumableImageStream(torch.utils.data.IterableDataset):
             source = source.shard(num_shards=num_workers, index=role, contiguous=True)
         source.set_epoch(self.epoch)
         reader = _Reader(source, self.image_column, self.transform, self.min_size, self.buffer_size, role,
-                         num_workers, self.epoch, [self.seed, self.rank, role, self.epoch], self.world_size)
+                         num_workers, self.epoch, [self.seed, self.rank, role, self.epoch], self.world_size,
+                         rank=self.rank)
         _ACTIVE_READER = reader
         try:
             yield from reader.rows(resume["roles"][role] if resume else None)

@@ -35,7 +35,7 @@ from .modelcard import has_cim_card
 from .modeling_cim import CIMForPreTraining
 from .pretext_metrics import correlation_iou, correlation_prior, prior_metrics
 from .streaming import STREAM_STATE_KEY, ResumableImageStream, StreamPosition
-from .training_utils import EpochToDatasetCallback, StepGenerators, fetch_batches_per_process
+from .training_utils import EpochToDatasetCallback, SkippedImages, StepGenerators, fetch_batches_per_process
 
 logger = logging.get_logger(__name__)
 
@@ -182,7 +182,7 @@ class CIMTrainer(Trainer):
         if not any(isinstance(cb, MomentumCallback) for cb in self.callback_handler.callbacks):
             self.add_callback(MomentumCallback())
         self.add_callback(EpochToDatasetCallback(self))
-        self.num_skipped_images = 0
+        self.skipped_images = SkippedImages()
         self._train_metrics = _MetricAccumulator()
         self._eval_metrics = _MetricAccumulator()
         self._pretext_generators = StepGenerators(self.args.seed, self.args.process_index)
@@ -200,11 +200,15 @@ class CIMTrainer(Trainer):
             self._correlation_prior = correlation_prior(config, generator=generator)
         return self._correlation_prior
 
+    @property
+    def num_skipped_images(self) -> int:
+        """Distinct training images skipped, as far as this process knows (see `SkippedImages`)."""
+        return self.skipped_images.local_count
+
     def total_skipped_images(self) -> int:
-        """Images skipped by all processes together (`num_skipped_images` counts this process only). Collective:
-        under distributed training every process must call it."""
-        count = torch.tensor(self.num_skipped_images, dtype=torch.long, device=self.args.device)
-        return int(self.accelerator.reduce(count, reduction="sum").item())
+        """Distinct training images skipped by all processes together, each counted once however often it was met.
+        Collective: under distributed training every process must call it."""
+        return self.skipped_images.total(self.accelerator)
 
     @property
     def momentum_callback(self) -> MomentumCallback:
@@ -219,13 +223,14 @@ class CIMTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
-        skipped = inputs.pop("num_skipped", None)
+        inputs.pop("num_skipped", None)
+        skipped = inputs.pop("skipped_images", None)
         snapshot = inputs.pop(STREAM_STATE_KEY, None)
         if snapshot is not None and model.training:
             self.stream_position.update(snapshot)
         inputs.pop("labels", None)
-        if skipped is not None and model.training:
-            self.num_skipped_images += int(skipped.sum()) if isinstance(skipped, torch.Tensor) else int(skipped)
+        if skipped and model.training:
+            self.skipped_images.add(skipped)
         if inputs["pixel_values"].shape[0] == 0:  # every image of this batch was undecodable
             zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
             return (zero, None) if return_outputs else zero
@@ -271,8 +276,7 @@ class CIMTrainer(Trainer):
         super()._save_rng_state(output_dir)
         # this process's skipped-image count and stream position travel with the checkpoint like its RNG state
         # (before trainer_state.json, which marks a checkpoint complete)
-        with open(self._skipped_images_file(output_dir), "w") as f:
-            json.dump({"num_skipped_images": self.num_skipped_images}, f)
+        self.skipped_images.save(self._skipped_images_file(output_dir))
         stream_state = self.stream_position.state_dict()
         if stream_state is not None:
             with open(self._stream_state_file(output_dir), "w") as f:
@@ -317,11 +321,10 @@ class CIMTrainer(Trainer):
         elif resume_from_checkpoint is True:  # `last`, by the scripts' rule: the newest complete checkpoint
             resume_from_checkpoint = checkpoint_to_resume(self.args.output_dir, True, model=unwrap_cim(self.model))
         checkpoint = resume_from_checkpoint
-        self.num_skipped_images = 0
+        self.skipped_images = SkippedImages()
         self.stream_position = StreamPosition()
-        if checkpoint and os.path.isfile(self._skipped_images_file(checkpoint)):
-            with open(self._skipped_images_file(checkpoint)) as f:
-                self.num_skipped_images = int(json.load(f)["num_skipped_images"])
+        if checkpoint:
+            self.skipped_images.load(self._skipped_images_file(checkpoint))
         if checkpoint and isinstance(self.train_dataset, ResumableImageStream):
             self._restore_stream(checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)

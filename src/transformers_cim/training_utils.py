@@ -4,16 +4,23 @@
   run draws what the uninterrupted one drew.
 - `EpochToDatasetCallback`: tells a seeded map-style training set which pass is starting.
 - `fetch_batches_per_process`: every process reads its own batches instead of accelerate's main-process dispatch.
+- `SkippedImages`: the training images the data pipeline could not use, each counted once, the first few logged.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+from collections.abc import Iterable
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.utils import logging
 
 from .seeding import torch_generator
+
+logger = logging.get_logger(__name__)
 
 
 class StepGenerators:
@@ -60,4 +67,75 @@ def fetch_batches_per_process(args: TrainingArguments, *, keep_explicit_choice: 
     args.accelerator_config.dispatch_batches = False
 
 
-__all__ = ["EpochToDatasetCallback", "StepGenerators", "fetch_batches_per_process"]
+class SkippedImages:
+    """The training images the data pipeline could not use (undecodable, too small, no label), each counted once
+    however often it is met (every epoch meets it again): by its file name, row or stream record
+    (`SkippingCollator`'s ``skipped_images``); one without any name is counted each time. The first `log_first`
+    (per process) are logged at warning level with the reason.
+
+    `add` takes a batch's list and needs no device sync; `total` is collective under distributed training (every
+    process calls it: the names met since the last call are exchanged, so an image met by two processes counts once).
+    The state travels with each checkpoint (`save` / `load`, one file per process)."""
+
+    LOG_FIRST = 5
+
+    def __init__(self, log_first: int = LOG_FIRST) -> None:
+        self.log_first = log_first
+        self.names: set[str] = set()  # every process's, as of the last `total`, plus this one's since
+        self.unnamed = 0  # this process's skips of images without a name
+        self._unnamed_others = 0
+        self._new: list[str] = []  # this process's names not yet exchanged
+        self._logged = 0
+
+    def add(self, skipped: Iterable[tuple[str | None, str]] | None) -> None:
+        for name, reason in skipped or ():
+            if name is None:
+                self.unnamed += 1
+            elif name in self.names:
+                continue
+            else:
+                self.names.add(name)
+                self._new.append(name)
+            if self._logged < self.log_first:
+                self._logged += 1
+                more = " (further skipped images are counted, not logged)" if self._logged == self.log_first else ""
+                logger.warning(f"Skipped training image {name or '(no file name or row)'}: {reason}{more}")
+
+    @property
+    def local_count(self) -> int:
+        """Distinct images skipped as far as this process knows (no communication)."""
+        return len(self.names) + self.unnamed + self._unnamed_others
+
+    def total(self, accelerator=None) -> int:
+        """Distinct images skipped by all processes together (collective when there are several)."""
+        if accelerator is None or accelerator.num_processes == 1:
+            return self.local_count
+        from accelerate.utils import gather_object
+
+        gathered = gather_object([(self._new, self.unnamed)])
+        self._new = []
+        for names, _ in gathered:
+            self.names.update(names)
+        self._unnamed_others = sum(unnamed for _, unnamed in gathered) - self.unnamed
+        return self.local_count
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump({"num_skipped_images": self.local_count, "names": sorted(self.names), "unnamed": self.unnamed},
+                      f)
+
+    def load(self, path: str) -> None:
+        """Restores a state saved by `save` (or by an older version, which kept a count only)."""
+        self.__init__(self.log_first)
+        if not os.path.isfile(path):
+            return
+        with open(path) as f:
+            state = json.load(f)
+        if "names" in state:
+            self.names, self.unnamed = set(state["names"]), int(state["unnamed"])
+            self._new = sorted(self.names)  # exchanged again at the next `total`: sets make that harmless
+        else:
+            self.unnamed = int(state["num_skipped_images"])
+
+
+__all__ = ["EpochToDatasetCallback", "SkippedImages", "StepGenerators", "fetch_batches_per_process"]

@@ -10,7 +10,8 @@ crop-and-correlate pretext task itself runs batched on the device inside the mod
 * ``columns`` - :func:`find_image_column` / :func:`find_label_column` pick the image and label columns from the
   features (an ``Image`` / ``ClassLabel`` feature first, then common column names).
 * ``decoding`` - :func:`decode_image` turns anything image-like (PIL image, ``{"bytes", "path"}`` dict, bytes, path,
-  numpy array) into a fully loaded RGB ``PIL.Image`` or ``None``; it never raises on bad data.
+  numpy array) into a fully loaded RGB ``PIL.Image`` or ``None`` (:func:`decode_image_with_reason` also says why);
+  it never raises on bad data.
 * ``transforms`` - :class:`RandomResizedCropFlip` (search view) and :class:`ResizeCenterCrop` (evaluation), written
   with Pillow and numpy only (no torchvision), and the ImageNet mean / std.
 * ``collate`` - :func:`build_pretraining_transform` / :func:`build_classification_transform` make the batched
@@ -35,7 +36,7 @@ from .collate import (
     without_image_decoding,
 )
 from .columns import IMAGE_COLUMN_NAMES, LABEL_COLUMN_NAMES, find_image_column, find_label_column
-from .decoding import array_to_image, decode_image, to_rgb
+from .decoding import array_to_image, decode_image, decode_image_with_reason, image_name, to_rgb
 from .sources import (
     IMAGE_FILE_EXTENSIONS,
     SKIMAGE_PHOTOS,
@@ -73,10 +74,12 @@ __all__ = [
     "check_num_workers",
     "count_shards",
     "decode_image",
+    "decode_image_with_reason",
     "decoded_row",
     "default_image_dataset",
     "find_image_column",
     "find_label_column",
+    "image_name",
     "load_image_dataset",
     "prepare_dataset",
     "register_batch_annotator",

@@ -1,6 +1,7 @@
-"""Rows and batches: :func:`decoded_row` (one image to a view, or a placeholder flagged ``cim_valid=False``), the
-batched functions applied by :func:`prepare_dataset`, the seeded map-style :class:`SeededImageDataset`, and
-:class:`SkippingCollator`, which drops the invalid rows while reporting ``num_skipped`` to the trainer."""
+"""Rows and batches: :func:`decoded_row` (one image to a view, or a placeholder flagged ``cim_valid=False`` with
+``cim_skipped`` = (file name or row, reason)), the batched functions applied by :func:`prepare_dataset`, the seeded
+map-style :class:`SeededImageDataset`, and :class:`SkippingCollator`, which drops the invalid rows while reporting
+them to the trainer (``num_skipped`` and ``skipped_images``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 
 from ..errors import UserValueError
 from ..seeding import numpy_rng
-from .decoding import decode_image
+from .decoding import decode_image_with_reason, image_name
 from .transforms import RandomResizedCropFlip
 
 
@@ -25,13 +26,24 @@ def _placeholder(transform: Callable) -> torch.Tensor:
     return torch.zeros(3, h, w)
 
 
-def decoded_row(value: Any, transform: Callable, min_size: int, rng: np.random.Generator | None = None) -> dict:
-    """``{"pixel_values": view, "cim_valid": True}``, or a zero placeholder with ``cim_valid=False`` for an image
-    that cannot be used (the collator drops it and counts it). `rng`, when given, drives the transform's draws."""
-    image = decode_image(value, min_size=min_size)
+def decoded_row(value: Any, transform: Callable, min_size: int, rng: np.random.Generator | None = None,
+                where: str | None = None) -> dict:
+    """``{"pixel_values": view, "cim_valid": True}``, or, for an image that cannot be used, a zero placeholder with
+    ``cim_valid=False`` and ``cim_skipped = (name, reason)`` (the collator drops the row and reports it): the name is
+    the image's file name when it has one, else `where` (e.g. ``"row 12"``). `rng`, when given, drives the
+    transform's draws."""
+    image, reason = decode_image_with_reason(value, min_size=min_size)
     if image is None:
-        return {"pixel_values": _placeholder(transform), "cim_valid": False}
+        return {"pixel_values": _placeholder(transform), "cim_valid": False,
+                "cim_skipped": (image_name(value) or where, reason)}
     return {"pixel_values": transform(image) if rng is None else transform(image, rng=rng), "cim_valid": True}
+
+
+def _invalid_label(row: dict, label: Any, where: str | None) -> dict:
+    """Marks a row with a missing label invalid (as an unusable image is), saying so."""
+    if row["cim_valid"]:
+        row["cim_valid"], row["cim_skipped"] = False, (where, f"no label ({label!r})")
+    return row
 
 
 def _as_label(value: Any) -> int | None:
@@ -47,9 +59,12 @@ class PretrainingBatchTransform:
     def __init__(self, image_column: str, transform: Callable, min_size: int):
         self.image_column, self.transform, self.min_size = image_column, transform, min_size
 
-    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        rows = [decoded_row(value, self.transform, self.min_size) for value in batch[self.image_column]]
-        return {"pixel_values": [r["pixel_values"] for r in rows], "cim_valid": [r["cim_valid"] for r in rows]}
+    def __call__(self, batch: dict[str, list], indices: list[int] | None = None) -> dict[str, list]:
+        values = batch[self.image_column]
+        wheres = [f"row {i}" for i in indices] if indices is not None else [None] * len(values)
+        rows = [decoded_row(value, self.transform, self.min_size, where=where) for value, where in zip(values, wheres)]
+        return {"pixel_values": [r["pixel_values"] for r in rows], "cim_valid": [r["cim_valid"] for r in rows],
+                "cim_skipped": [r.get("cim_skipped") for r in rows]}
 
 
 class ClassificationBatchTransform(PretrainingBatchTransform):
@@ -59,10 +74,14 @@ class ClassificationBatchTransform(PretrainingBatchTransform):
         super().__init__(image_column, transform, min_size)
         self.label_column = label_column
 
-    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        out = super().__call__(batch)
-        labels = [_as_label(v) for v in batch[self.label_column]]
-        out["cim_valid"] = [ok and label is not None for ok, label in zip(out["cim_valid"], labels)]
+    def __call__(self, batch: dict[str, list], indices: list[int] | None = None) -> dict[str, list]:
+        out = super().__call__(batch, indices)
+        raw = batch[self.label_column]
+        labels = [_as_label(v) for v in raw]
+        for i, label in enumerate(labels):
+            if label is None and out["cim_valid"][i]:
+                where = image_name(batch[self.image_column][i]) or (f"row {indices[i]}" if indices is not None else None)
+                out["cim_valid"][i], out["cim_skipped"][i] = False, (where, f"no label ({raw[i]!r})")
         out["labels"] = [-100 if label is None else label for label in labels]
         return out
 
@@ -96,7 +115,9 @@ def prepare_dataset(
     """
     ds = without_image_decoding(ds, image_column)
     if isinstance(ds, datasets.IterableDataset):
-        return ds.map(fn, batched=True, batch_size=streaming_batch_size, remove_columns=ds.column_names)
+        # the package's transforms also take the rows' indices, to name a skipped image that has no file name
+        return ds.map(fn, batched=True, with_indices=isinstance(fn, PretrainingBatchTransform),
+                      batch_size=streaming_batch_size, remove_columns=ds.column_names)
     return ds.with_transform(fn)
 
 
@@ -126,11 +147,13 @@ class SeededImageDataset(torch.utils.data.Dataset):
         self.epoch = int(epoch)
 
     def _row(self, value: Any, label: Any, index: int) -> dict:
-        row = decoded_row(value, self.transform, self.min_size, numpy_rng(self.seed, self.epoch, index))
+        where = f"row {index}"
+        row = decoded_row(value, self.transform, self.min_size, numpy_rng(self.seed, self.epoch, index), where=where)
         if self.label_column is not None:  # as ClassificationBatchTransform: a missing label marks the row invalid
-            label = _as_label(label)
-            row["cim_valid"] = row["cim_valid"] and label is not None
-            row["labels"] = -100 if label is None else label
+            as_int = _as_label(label)
+            if as_int is None:
+                _invalid_label(row, label, image_name(value) or where)
+            row["labels"] = -100 if as_int is None else as_int
         return row
 
     def __getitem__(self, index: int) -> dict:
@@ -174,7 +197,9 @@ def _row_is_valid(row: Mapping[str, Any]) -> bool:
 
 
 class SkippingCollator:
-    """Data collator stacking the valid rows only, and reporting ``num_skipped`` (a 0-d long tensor).
+    """Data collator stacking the valid rows only, and reporting ``num_skipped`` (a 0-d long tensor) and, when a row
+    was dropped, ``skipped_images``: a ``(name, reason)`` pair per dropped row (name: file name, row or stream record,
+    or None when unknown).
 
     Rows from a :class:`~transformers_cim.streaming.ResumableImageStream` also get ``stream_state``: the position of
     the reader that produced them, which `CIMTrainer` saves with its checkpoints.
@@ -190,6 +215,9 @@ class SkippingCollator:
         if any("labels" in row for row in features):
             batch["labels"] = torch.tensor([int(row["labels"]) for row in valid], dtype=torch.long)
         batch["num_skipped"] = torch.tensor(len(features) - len(valid), dtype=torch.long)
+        if len(valid) < len(features):
+            batch["skipped_images"] = [tuple(row.get("cim_skipped") or (None, "unusable"))
+                                       for row in features if not _row_is_valid(row)]
         for annotate in _BATCH_ANNOTATORS:  # e.g. a ResumableImageStream's: where its reader is after this batch
             batch.update(annotate())
         return batch

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,16 +30,50 @@ def decode_image(value: Any, min_size: int = 16) -> PIL.Image.Image | None:
     others clipped to [0, 255]. Images whose shorter side is below ``min_size`` give ``None``, as do truncated,
     empty or unreadable data and unsupported types.
     """
+    return decode_image_with_reason(value, min_size)[0]
+
+
+def decode_image_with_reason(value: Any, min_size: int = 16) -> tuple[PIL.Image.Image | None, str | None]:
+    """:func:`decode_image`, and why the value could not be used (None when it could): what the skipped-image log
+    says next to the file name or row."""
     try:
         image = _open_image(value)
-        if image is None or min(image.size) < min_size:
-            return None
+        if image is None:
+            return None, _why_no_image(value)
+        if min(image.size) < min_size:
+            return None, f"too small ({image.size[0]}x{image.size[1]} px, shorter side under {min_size})"
         image.load()  # truncated or corrupt files fail here, not later in a worker
         image = to_rgb(_exif_transpose(image))
     except Exception as err:  # noqa: BLE001 - bad data of any kind becomes None
         logger.debug("Undecodable image skipped: %s: %s", type(err).__name__, err)
-        return None
-    return image if min(image.size) >= min_size else None
+        return None, f"undecodable ({type(err).__name__}: {re.sub(r' <[^>]*>', '', str(err))})"
+    if min(image.size) < min_size:
+        return None, f"too small ({image.size[0]}x{image.size[1]} px, shorter side under {min_size})"
+    return image, None
+
+
+def _why_no_image(value: Any) -> str:
+    if isinstance(value, Mapping):
+        if value.get("bytes"):
+            return "no image data"
+        return "file not found" if value.get("path") else "empty (no bytes, no path)"
+    if isinstance(value, (bytes, bytearray, memoryview)) and not len(value):
+        return "empty (zero bytes)"
+    if isinstance(value, (str, os.PathLike)):
+        return "file not found"
+    if value is None:
+        return "missing (None)"
+    return f"not an image ({type(value).__name__})"
+
+
+def image_name(value: Any) -> str | None:
+    """The file name an image value carries (a path, or the ``path`` of a ``{"bytes", "path"}`` dict), or None."""
+    if isinstance(value, Mapping):
+        path = value.get("path")
+        return str(path) if path else None
+    if isinstance(value, (str, os.PathLike)):
+        return os.fspath(value)
+    return None
 
 
 def _open_image(value: Any) -> PIL.Image.Image | None:
