@@ -33,13 +33,16 @@ from transformers_cim.data import (
     ResizeCenterCrop,
     SeededImageDataset,
     SkippingCollator,
+    build_classification_transform,
     build_pretraining_transform,
     check_num_workers,
     decode_image,
     find_image_column,
+    find_label_column,
     prepare_dataset,
 )
 from transformers_cim.errors import UserPathError, UserValueError, exit_on_user_error
+from transformers_cim.knn import KNNCallback
 from transformers_cim.modelcard import build_model_card, write_model_card
 from transformers_cim.script_args import (
     DataSourceArguments,
@@ -126,6 +129,14 @@ class DataTrainingArguments(DataSourceArguments):
                 "trackers). Default: to the trackers about 10 times per run when --report_to names any, else only at "
                 "the end; 0: only at the end."})
     num_visualize_images: int = field(default=4, metadata={"help": "Images in the correlation-map figure."})
+    knn_eval_steps: int = field(default=0, metadata={
+        "help": "Every N optimizer steps (and at the last), log knn_top1: the weighted k-NN top-1 accuracy of the "
+                "online encoder's CLS / pooled feature, with labelled training images as the memory bank and the "
+                "labelled validation split as queries (needs a label column, e.g. class sub-folders, and a validation "
+                "split: --validation_dir / --validation_files / a dataset's). 0: off."})
+    knn_max_train_samples: int = field(default=1000, metadata={"help": "k-NN monitor: memory-bank images."})
+    knn_max_eval_samples: int = field(default=500, metadata={"help": "k-NN monitor: query images."})
+    knn_k: int = field(default=20, metadata={"help": "k-NN monitor: neighbours (cosine, weights exp(sim / 0.07))."})
 
 
 @dataclass
@@ -279,6 +290,35 @@ def preflight_images(raw_ds, image_column: str, min_size: int, count: int = PREF
     return images
 
 
+def knn_datasets(data_args: DataTrainingArguments, model_args: ModelArguments, training_args: CIMTrainingArguments,
+                 raw_train, image_column: str, eval_transform: ResizeCenterCrop) -> tuple:
+    """The data of the --knn_eval_steps monitor: a memory bank of labelled training images and queries from the
+    labelled validation split, both through the evaluation transform, the first --knn_max_*_samples of each
+    (shuffled with --seed when not streamed)."""
+    label_column = find_label_column(raw_train, None)
+    if label_column is None:
+        columns = list(raw_train.features or raw_train.column_names)
+        raise UserValueError(f"--knn_eval_steps needs labelled images: no label column among {columns} (an image "
+                             "folder gets one from its class sub-folders).")
+    feature = (raw_train.features or {}).get(label_column)
+    if not (isinstance(feature, datasets.ClassLabel) or (isinstance(feature, datasets.Value) and "int" in feature.dtype)):
+        raise UserValueError(f"--knn_eval_steps needs class ids as labels; column {label_column!r} holds {feature}.")
+    try:
+        raw_eval = load_split(data_args, model_args, "validation")
+    except UserValueError as err:
+        raise UserValueError(f"--knn_eval_steps needs a labelled validation split (--validation_dir, "
+                             f"--validation_files or a dataset with one): {err}") from None
+    parts = []
+    for raw, count in ((raw_train, data_args.knn_max_train_samples), (raw_eval, data_args.knn_max_eval_samples)):
+        if label_column not in (raw.features or {label_column: None}):
+            raise UserValueError(f"--knn_eval_steps: the validation split has no label column {label_column!r}.")
+        raw = raw.take(count) if data_args.streaming else raw.shuffle(seed=training_args.seed).select(
+            range(min(count, len(raw))))
+        parts.append(prepare_dataset(raw, image_column, build_classification_transform(
+            image_column, label_column, eval_transform, data_args.min_image_size)))
+    return tuple(parts)
+
+
 def preview_batch(images: list, config: CIMConfig, count: int) -> torch.Tensor:
     """Fixed, deterministic search views for the correlation-map figure."""
     transform = ResizeCenterCrop(config.image_size, crop_pct=1.0, mean=config.image_mean, std=config.image_std)
@@ -357,6 +397,9 @@ def main(argv: list[str] | None = None) -> dict:
                 range(min(data_args.max_eval_samples, len(raw_eval))))
         eval_ds = prepare_dataset(raw_eval, image_column,
                                   build_pretraining_transform(image_column, eval_transform, data_args.min_image_size))
+    knn_sets = None
+    if data_args.knn_eval_steps > 0:
+        knn_sets = knn_datasets(data_args, model_args, training_args, raw_train, image_column, eval_transform)
     if data_args.streaming:
         use_shards_per_rank(training_args, train_ds.source.num_shards)
         training_args.dataloader_num_workers = check_num_workers(training_args.dataloader_num_workers,
@@ -374,6 +417,11 @@ def main(argv: list[str] | None = None) -> dict:
                          data_collator=SkippingCollator(), processing_class=image_processor, callbacks=[on_signal])
     trainer.add_callback(VisualizationCallback(preview_batch(preflight, config, data_args.num_visualize_images),
                                                every_steps=data_args.visualize_every_steps, trainer=trainer))
+    knn = None
+    if knn_sets is not None:  # k-NN top-1 every --knn_eval_steps, logged next to the loss
+        knn = KNNCallback(*knn_sets, metric_key_prefix="knn", every_steps=data_args.knn_eval_steps, on_evaluate=False,
+                          trainer=trainer, k=data_args.knn_k, batch_size=training_args.per_device_eval_batch_size)
+        trainer.add_callback(knn)
 
     results: dict = {}
     train_result = trainer.train(resume_from_checkpoint=training_args.checkpoint_to_resume(model))
@@ -385,6 +433,8 @@ def main(argv: list[str] | None = None) -> dict:
     if results["skipped_images"]:
         logger.warning("Skipped %d undecodable or too-small training images (each counted once; the first few are "
                        "named above with the reason).", results["skipped_images"])
+    if knn is not None and knn.last_result is not None:
+        results.update(knn.last_result)  # the k-NN top-1 after the last step
     if eval_ds is not None:
         results.update(trainer.evaluate())
     trainer.log_metrics("train", results)
@@ -421,7 +471,7 @@ def final_pretext_metrics(trainer: CIMTrainer, results: dict) -> dict:
     for entry in trainer.state.log_history:
         for key in ("loss", "correlation_loss", "prior_loss", "loss_to_prior", "pretext_iou", "prior_iou",
                     "pretext_iou_gain", "momentum", "eval_loss", "eval_correlation_loss", "eval_prior_loss",
-                    "eval_loss_to_prior", "eval_pretext_iou", "eval_prior_iou", "eval_pretext_iou_gain"):
+                    "eval_loss_to_prior", "eval_pretext_iou", "eval_prior_iou", "eval_pretext_iou_gain", "knn_top1"):
             if key in entry:
                 metrics[key] = entry[key]
     metrics["skipped_images"] = results.get("skipped_images", 0)

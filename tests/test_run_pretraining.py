@@ -267,6 +267,25 @@ def test_figure_goes_to_wandb_and_mlflow_like_trackers():
     assert FakeMlflow.logged == [((8, 6), "pretext_correlation_maps", 7)]
 
 
+def test_knn_monitor_logs_top1_every_n_steps(image_folder, tmp_path):
+    """--knn_eval_steps: k-NN top-1 on labelled images (class sub-folders) every N steps and at the last one, next to
+    the loss in the log history, in all_results.json and on the card; no validation split: one clear error."""
+    out = tmp_path / "out"
+    results = run_pretraining.main(base_args(out, "--train_dir", image_folder, "--validation_dir", image_folder,
+                                             "--knn_eval_steps", "2", "--knn_max_train_samples", "12",
+                                             "--knn_max_eval_samples", "8", "--knn_k", "5", "--logging_steps", "2",
+                                             steps=5))
+    entries = logged(out, "knn_top1")
+    assert [entry["step"] for entry in entries] == [2, 4, 5]
+    assert all(0.0 <= entry["knn_top1"] <= 1.0 for entry in entries)
+    assert results["knn_top1"] == entries[-1]["knn_top1"]
+    with open(out / "all_results.json") as f:
+        assert json.load(f)["knn_top1"] == entries[-1]["knn_top1"]
+    assert "| knn_top1 |" in (out / "README.md").read_text()
+    with pytest.raises(ValueError, match="--knn_eval_steps needs a labelled validation split"):
+        run_pretraining.main(base_args(tmp_path / "other", "--train_dir", image_folder, "--knn_eval_steps", "2"))
+
+
 def test_json_arguments_file(image_folder, tmp_path):
     out = tmp_path / "out"
     args = {"train_dir": image_folder, "output_dir": str(out), "config_name": "vit-tiny-patch16",

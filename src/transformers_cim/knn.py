@@ -26,8 +26,8 @@ logger = logging.get_logger(__name__)
 
 def resolve_encoder(model: nn.Module) -> nn.Module:
     """The ``ViTModel`` / ``ResNetModel`` inside a classifier, a CIM model or a wrapper (``vit`` / ``resnet`` /
-    ``model`` attributes)."""
-    for attr in ("vit", "resnet", "model"):
+    ``model`` / ``module`` / ``_orig_mod`` attributes)."""
+    for attr in ("vit", "resnet", "model", "module", "_orig_mod"):  # ..., DDP and torch.compile wrappers
         child = getattr(model, attr, None)
         if isinstance(child, nn.Module) and child is not model:
             return resolve_encoder(child)
@@ -181,32 +181,46 @@ def knn_evaluate(
 
 
 class KNNCallback(TrainerCallback):
-    """Runs :func:`knn_evaluate` on the model at each ``Trainer`` evaluation (main process only); ``knn_kwargs`` go to
-    it (``k``, ``temperature``, ``batch_size``, ``max_train_samples``, ...).
+    """Runs :func:`knn_evaluate` on the model during training (main process only); ``knn_kwargs`` go to it (``k``,
+    ``temperature``, ``batch_size``, ``max_train_samples``, ...).
 
-    The result (``eval_knn_top1``) is added to the evaluation metrics returned by ``trainer.evaluate()`` and to
-    ``state.log_history``. Set ``on_epoch_end=True`` to also run at the end of every epoch (without evaluation).
+    By default it runs at each ``Trainer`` evaluation, adding ``eval_knn_top1`` to the metrics ``trainer.evaluate()``
+    returns. ``every_steps=N`` also runs it every N optimizer steps and at the last one (a monitor of a
+    self-supervised run: ``on_evaluate=False, metric_key_prefix="knn"`` gives ``knn_top1`` every N steps); with
+    ``trainer`` given, those results are logged through ``trainer.log`` (progress bar, trackers, log history), else
+    appended to ``state.log_history``. ``on_epoch_end=True`` also runs it at the end of every epoch.
     """
 
     def __init__(self, train_dataset: Any, eval_dataset: Any, on_epoch_end: bool = False,
-                 metric_key_prefix: str = "eval_knn", **knn_kwargs: Any):
+                 metric_key_prefix: str = "eval_knn", every_steps: int = 0, on_evaluate: bool = True,
+                 trainer: Any = None, **knn_kwargs: Any):
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.kwargs = dict(knn_kwargs, metric_key_prefix=metric_key_prefix)
-        self.run_on_epoch_end = on_epoch_end
+        self.run_on_epoch_end, self.run_on_evaluate, self.every_steps = on_epoch_end, on_evaluate, every_steps
+        self.trainer = trainer
         self.last_result: dict[str, float] | None = None
 
-    def _run(self, state, model) -> dict[str, float] | None:
+    def _run(self, state, model, log: bool = True) -> dict[str, float] | None:
         if model is None or not state.is_world_process_zero:
             return None
         self.last_result = knn_evaluate(model, self.train_dataset, self.eval_dataset, **self.kwargs)
-        state.log_history.append({**self.last_result, "epoch": state.epoch, "step": state.global_step})
         logger.info(f"k-NN evaluation at step {state.global_step}: {self.last_result}")
+        if log and self.trainer is not None:
+            self.trainer.log(dict(self.last_result))
+        elif log:
+            state.log_history.append({**self.last_result, "epoch": state.epoch, "step": state.global_step})
         return self.last_result
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
-        result = self._run(state, model)
+        if not self.run_on_evaluate:
+            return
+        result = self._run(state, model, log=self.trainer is None)  # the Trainer logs the evaluation metrics itself
         if result is not None and metrics is not None:
             metrics.update(result)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.every_steps > 0 and (state.global_step % self.every_steps == 0 or state.global_step >= state.max_steps):
+            self._run(state, model)
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
         if self.run_on_epoch_end:
