@@ -43,7 +43,7 @@ from transformers_cim.data import (
 )
 from transformers_cim.errors import UserPathError, UserValueError, exit_on_user_error
 from transformers_cim.knn import KNNCallback
-from transformers_cim.modelcard import build_model_card, write_model_card
+from transformers_cim.modelcard import build_model_card, card_license, write_model_card
 from transformers_cim.script_args import (
     DataSourceArguments,
     ResumableTrainingArguments,
@@ -86,6 +86,9 @@ class ModelArguments:
     attn_implementation: str | None = field(default="sdpa", metadata={"help": "eager, sdpa or flash_attention_2."})
     cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded datasets/models are cached."})
     token: str | None = field(default=None, metadata={"help": "Hub token for private data or pushing."})
+    license: str | None = field(default=None, metadata={
+        "help": "Licence stated in the model card (a Hub licence id, e.g. apache-2.0, mit). Default: the licence of "
+                "--model_name_or_path's card when it states one, else none."})
 
 
 @dataclass
@@ -441,7 +444,9 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.save_metrics("all", results)
     trainer.save_state()
     if trainer.is_world_process_zero():
-        write_card(trainer, config, data_args, results)
+        write_card(trainer, config, data_args, results, license=model_args.license or card_license(
+            model_args.model_name_or_path if model_args.model_name_or_path and os.path.isdir(
+                model_args.model_name_or_path) else None))
     if training_args.push_to_hub:
         trainer.push_to_hub(commit_message="CIM pre-training: checkpoint, correlation-map figure and model card")
     end_distributed(trainer)
@@ -478,7 +483,8 @@ def final_pretext_metrics(trainer: CIMTrainer, results: dict) -> dict:
     return metrics
 
 
-def write_card(trainer: CIMTrainer, config: CIMConfig, data_args: DataTrainingArguments, results: dict) -> None:
+def write_card(trainer: CIMTrainer, config: CIMConfig, data_args: DataTrainingArguments, results: dict,
+               license: str | None = None) -> None:
     figure = "correlation_maps.png" if os.path.exists(os.path.join(trainer.args.output_dir, "correlation_maps.png")) else None
     source = data_args.dataset_name or data_args.train_dir or ", ".join(data_args.train_files or []) \
         or "scikit-image sample photos (embedded default)"
@@ -486,7 +492,7 @@ def write_card(trainer: CIMTrainer, config: CIMConfig, data_args: DataTrainingAr
         trainer.args.gradient_accumulation_steps * trainer.args.world_size
     card = build_model_card(config, dataset_name=source, max_steps=trainer.state.global_step, train_images=images,
                             final_metrics=final_pretext_metrics(trainer, results), figure=figure,
-                            repo_id=trainer.args.hub_model_id)
+                            repo_id=trainer.args.hub_model_id, license=license)
     write_model_card(trainer.args.output_dir, card)
 
 

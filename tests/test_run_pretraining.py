@@ -199,6 +199,8 @@ def test_end_to_end_loss_falls_and_artifacts(source, streaming, image_folder, pa
     check_artifacts(str(out))
     with open(out / "all_results.json") as f:
         assert json.load(f)["skipped_images"] == 0
+    header = yaml.safe_load((out / "README.md").read_text().split("---\n")[1])
+    assert "license" not in header  # none given: none invented (--license states one)
 
 
 def test_correlation_maps_reach_tensorboard(image_folder, tmp_path):
@@ -286,13 +288,22 @@ def test_knn_monitor_logs_top1_every_n_steps(image_folder, tmp_path):
         run_pretraining.main(base_args(tmp_path / "other", "--train_dir", image_folder, "--knn_eval_steps", "2"))
 
 
+def test_streamed_run_logs_the_pass_over_the_data(image_folder, tmp_path):
+    """A stream has no length, so the Trainer's `epoch` is steps / max_steps; `stream_epoch` says which pass over the
+    data the last batch came from: 32 images, batches of 4, 12 steps = one pass and a half."""
+    out = tmp_path / "out"
+    run_pretraining.main(base_args(out, "--train_dir", image_folder, "--streaming", "--shuffle_buffer_size", "8",
+                                   "--logging_steps", "4", steps=12))
+    assert [(entry["step"], entry["stream_epoch"]) for entry in logged(out)] == [(4, 0), (8, 0), (12, 1)]
+
+
 def test_json_arguments_file(image_folder, tmp_path):
     out = tmp_path / "out"
     args = {"train_dir": image_folder, "output_dir": str(out), "config_name": "vit-tiny-patch16",
             "config_overrides": TINY_OVERRIDES, "max_steps": 3, "per_device_train_batch_size": 4, "report_to": "none",
             "dataloader_num_workers": 0, "dataloader_pin_memory": False, "disable_tqdm": True, "save_strategy": "no", "logging_steps": 1,
             "learning_rate": 2e-3, "lr_scheduler_type": "constant", "warmup_steps": 0, "view_scale": [0.8, 1.0],
-            "cache_dir": str(tmp_path / "hf-cache")}
+            "cache_dir": str(tmp_path / "hf-cache"), "license": "mit"}
     path = tmp_path / "args.json"
     path.write_text(json.dumps(args))
     run_pretraining.main([str(path)])
@@ -302,6 +313,7 @@ def test_json_arguments_file(image_folder, tmp_path):
     with open(out / "config.json") as f:
         assert json.load(f)["context_size"] == 24
     assert os.path.isfile(out / "model.safetensors")
+    assert yaml.safe_load((out / "README.md").read_text().split("---\n")[1])["license"] == "mit"
 
 
 # ---------------------------------------------------------------------------------------------------------------

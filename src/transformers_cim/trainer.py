@@ -379,6 +379,10 @@ class CIMTrainer(Trainer):
             if self.momentum_callback.last_momentum is not None:
                 logs["momentum"] = round(self.momentum_callback.last_momentum, 6)
             logs["skipped_images"] = self.total_skipped_images()
+            if self.stream_position.epoch is not None:
+                # a stream's `epoch` is the Trainer's count (steps / max_steps within each pass); this is the pass over
+                # the data that the last batch came from (0 = the first)
+                logs["stream_epoch"] = self.stream_position.epoch
         if "eval_loss" in logs:
             means = with_prior_gains({k: round(v, 4) for k, v in self._eval_metrics.means().items()})
             logs.update({f"eval_{k}": v for k, v in means.items()})
