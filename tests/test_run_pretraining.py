@@ -174,6 +174,8 @@ def check_artifacts(output_dir: str) -> None:
     assert all(torch.isfinite(p).all() for p in model.parameters())
     processor = AutoImageProcessor.from_pretrained(output_dir)
     assert processor.crop_size == {"height": 32, "width": 32}  # the evaluation transform: resize, centre crop
+    # ... bicubic, as the views were resized in training and evaluation (issue 14, item 6)
+    assert processor.resample == Image.Resampling.BICUBIC and processor.do_center_crop
     pixels = processor(Image.new("RGB", (50, 40), (120, 30, 200)), return_tensors="pt")["pixel_values"]
     assert pixels.shape == (1, 3, 32, 32)
     with torch.no_grad():
@@ -333,6 +335,17 @@ def test_config_overrides_typed_by_field_and_unknown_keys_named():
         run_pretraining.apply_overrides(config, "num_exemplars")
     with pytest.raises(ValueError, match="--config_overrides: CIMConfig: invalid literal for int"):
         run_pretraining.apply_overrides(config, "num_exemplars=four")
+
+
+def test_encoder_width_that_its_heads_do_not_divide_is_refused(no_training, image_folder, tmp_path):
+    """Issue 14, item 9: hidden_size 100 with 3 heads would build 99-wide attention; the config refuses it."""
+    args = base_args(tmp_path / "out", "--train_dir", image_folder)
+    index = args.index("--config_overrides") + 1
+    args[index] = args[index].replace("encoder.hidden_size=32", "encoder.hidden_size=100").replace(
+        "encoder.num_attention_heads=2", "encoder.num_attention_heads=3")
+    with pytest.raises(ValueError, match=r"Invalid CIM configuration: The encoder's `hidden_size`=100 is not divisible "
+                                         r"by its `num_attention_heads`=3"):
+        run_pretraining.main(args)
 
 
 def test_missing_train_dir(no_training, tmp_path):
