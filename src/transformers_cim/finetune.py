@@ -439,7 +439,7 @@ class ClassificationTrainer(Trainer):
 
     @property
     def num_skipped_images(self) -> int:
-        """Distinct training images dropped by the collator, as far as this process knows."""
+        """Distinct training images this process's collator dropped (`total_skipped_images`: all processes')."""
         return self.skipped_images.local_count
 
     def total_skipped_images(self) -> int:

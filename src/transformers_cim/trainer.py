@@ -202,7 +202,7 @@ class CIMTrainer(Trainer):
 
     @property
     def num_skipped_images(self) -> int:
-        """Distinct training images skipped, as far as this process knows (see `SkippedImages`)."""
+        """Distinct training images this process skipped (see `SkippedImages`; `total_skipped_images`: all)."""
         return self.skipped_images.local_count
 
     def total_skipped_images(self) -> int:

@@ -81,6 +81,7 @@ class SkippedImages:
 
     def __init__(self, log_first: int = LOG_FIRST) -> None:
         self.log_first = log_first
+        self.own: set[str] = set()  # the names this process met
         self.names: set[str] = set()  # every process's, as of the last `total`, plus this one's since
         self.unnamed = 0  # this process's skips of images without a name
         self._unnamed_others = 0
@@ -91,11 +92,13 @@ class SkippedImages:
         for name, reason in skipped or ():
             if name is None:
                 self.unnamed += 1
-            elif name in self.names:
+            elif name in self.own:
                 continue
             else:
-                self.names.add(name)
-                self._new.append(name)
+                self.own.add(name)
+                if name not in self.names:
+                    self.names.add(name)
+                    self._new.append(name)
             if self._logged < self.log_first:
                 self._logged += 1
                 more = " (further skipped images are counted, not logged)" if self._logged == self.log_first else ""
@@ -103,13 +106,13 @@ class SkippedImages:
 
     @property
     def local_count(self) -> int:
-        """Distinct images skipped as far as this process knows (no communication)."""
-        return len(self.names) + self.unnamed + self._unnamed_others
+        """Distinct images this process skipped (no communication)."""
+        return len(self.own) + self.unnamed
 
     def total(self, accelerator=None) -> int:
         """Distinct images skipped by all processes together (collective when there are several)."""
         if accelerator is None or accelerator.num_processes == 1:
-            return self.local_count
+            return len(self.names) + self.unnamed
         from accelerate.utils import gather_object
 
         gathered = gather_object([(self._new, self.unnamed)])
@@ -117,12 +120,11 @@ class SkippedImages:
         for names, _ in gathered:
             self.names.update(names)
         self._unnamed_others = sum(unnamed for _, unnamed in gathered) - self.unnamed
-        return self.local_count
+        return len(self.names) + self.unnamed + self._unnamed_others
 
     def save(self, path: str) -> None:
         with open(path, "w") as f:
-            json.dump({"num_skipped_images": self.local_count, "names": sorted(self.names), "unnamed": self.unnamed},
-                      f)
+            json.dump({"num_skipped_images": self.local_count, "names": sorted(self.own), "unnamed": self.unnamed}, f)
 
     def load(self, path: str) -> None:
         """Restores a state saved by `save` (or by an older version, which kept a count only)."""
@@ -132,8 +134,8 @@ class SkippedImages:
         with open(path) as f:
             state = json.load(f)
         if "names" in state:
-            self.names, self.unnamed = set(state["names"]), int(state["unnamed"])
-            self._new = sorted(self.names)  # exchanged again at the next `total`: sets make that harmless
+            self.own, self.names, self.unnamed = set(state["names"]), set(state["names"]), int(state["unnamed"])
+            self._new = sorted(self.names)  # exchanged at the next `total` (the other processes load their own)
         else:
             self.unnamed = int(state["num_skipped_images"])
 
