@@ -171,6 +171,10 @@ class ClassificationTrainingArguments(ResumableTrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep False: the collator needs its columns."})
     output_dir: str | None = field(default="outputs/image-classification", metadata={"help": "Where to write."})
 
+    def __post_init__(self):
+        self.do_eval_as_given = self.do_eval  # TrainingArguments turns do_eval on whenever eval_strategy is not "no"
+        super().__post_init__()
+
 
 def parse_arguments(argv: list[str] | None = None):
     """The three argument dataclasses and the set of argument names given explicitly (on the command line or in the
@@ -419,6 +423,8 @@ def choose_stages(training_args: ClassificationTrainingArguments, given: set[str
         logger.info("No --do_train / --do_eval / --do_predict given: training and evaluating (--do_train --do_eval).")
     for name in set(STAGES) - asked if asked else ():
         setattr(training_args, name, False)  # e.g. do_eval, which TrainingArguments turns on with an eval_strategy
+    if "do_eval" in asked:
+        training_args.do_eval = training_args.do_eval_as_given  # `--do_eval false` means false
     if not training_args.do_eval:
         training_args.eval_strategy = transformers.IntervalStrategy.NO
     if not (training_args.do_train or training_args.do_eval or training_args.do_predict):

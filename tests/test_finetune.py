@@ -562,6 +562,15 @@ def test_script_trains_evaluates_and_predicts_only_when_asked(tmp_path, color_da
     with pytest.raises(ValueError, match=r"is not a fine-tuned classifier .* needs --do_train"):
         run_image_classification.main(_argv(_script_args(tmp_path, tmp_path / "cim", do_eval=True)))
 
+    def stages(*argv):
+        *_, training_args, given = run_image_classification.parse_arguments(["--model_name_or_path", "m", *argv])
+        run_image_classification.choose_stages(training_args, given)
+        return training_args.do_train, training_args.do_eval, training_args.do_predict, training_args.eval_strategy
+
+    assert stages() == (True, True, False, "epoch")  # none given: train and evaluate
+    assert stages("--do_train", "--do_eval", "false") == (True, False, False, "no")
+    assert stages("--do_predict") == (False, False, True, "no")
+
 
 def test_script_label_smoothing_factor_is_used_and_carded(tmp_path, color_data, monkeypatch, caplog):
     """The Trainer's --label_smoothing_factor is what the loss uses and the card reports; the script's old
