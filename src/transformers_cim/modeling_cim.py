@@ -205,9 +205,14 @@ class CIMCorrelationDecoder(nn.Module):
 
     def context_position_embedding(self, grid: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         key = (grid, device, dtype)
-        if key not in self._position_cache:
+        # under torch.compile the table is a constant of the graph; a cache filled on the first call would change the
+        # module's state between steps and force a recompilation
+        if torch.compiler.is_compiling() or key not in self._position_cache:
             emb = sincos_position_embedding_2d(grid, self.config.decoder_hidden_size, with_cls=self.has_cls)
-            self._position_cache[key] = emb.to(device=device, dtype=dtype).unsqueeze(0)
+            emb = emb.to(device=device, dtype=dtype).unsqueeze(0)
+            if torch.compiler.is_compiling():
+                return emb
+            self._position_cache[key] = emb
         return self._position_cache[key]
 
     def forward(self, context_tokens: torch.Tensor, exemplar_tokens: torch.Tensor) -> torch.Tensor:
