@@ -8,6 +8,7 @@ loss / prior_loss clearly under 1 means the model locates *this* exemplar, not w
 
     python benchmarks/pretext_ablation.py --runs default easy easy:lr=1e-3 --steps 300
     python benchmarks/pretext_ablation.py --runs "exact:set=exemplar_box_mode=exact" --data skimage
+    python benchmarks/pretext_ablation.py --data skimage --score outputs/cim-quickstart   # score saved checkpoints
 
 A run is `name[:key=value[:key=value...]]`; keys are `lr`, `warmup` (fraction), `batch`, `steps`, `clip`,
 `set=<config field>=<value>` (repeatable, `encoder.<field>` for the encoder) and the named bundles in
@@ -212,6 +213,17 @@ def evaluate(model: CIMForPreTraining, config: CIMConfig, held_out: torch.Tensor
             "follow": round(float(follow), 3)}
 
 
+def score_checkpoints(args) -> None:
+    """Loss, IoU and follow of saved checkpoints against the prior, on held-out views at each one's own sizes."""
+    for path in args.score:
+        model = CIMForPreTraining.from_pretrained(path)
+        size = model.config.image_size
+        held_out = load_images(args.data, args.num_held_out, size,
+                               split="train" if args.data == "skimage" else "validation")
+        result = evaluate(model, model.config, held_out, args.seed)
+        print(path, json.dumps(result), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", nargs="+", default=["default", "easy"])
@@ -227,9 +239,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--out", default=None, help="Append each result as a JSON line to this file.")
+    parser.add_argument("--score", nargs="+", default=None, metavar="CHECKPOINT",
+                        help="Instead of training, score saved CIMForPreTraining checkpoints on the held-out views.")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.score:
+        score_checkpoints(args)
+        return
     size = build_config(BASE).image_size
     images = load_images(args.data, args.num_images, size)
     if args.data == "skimage":
