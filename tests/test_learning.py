@@ -54,7 +54,7 @@ def test_short_run_beats_the_constant_prior(trained_model):
         out = trained_model(colour_fields(64, seed=3), generator=torch.Generator().manual_seed(4))
     prior = correlation_prior(config, generator=torch.Generator().manual_seed(5))
     prior_loss, prior_iou = prior_metrics(prior, out.correlation_labels, config)
-    # measured: loss 1.26 vs prior 1.71 (0.74x), IoU 0.41 vs 0.02
+    # measured: loss 1.27 vs prior 1.71 (0.74x), IoU 0.40 vs 0.02
     assert out.loss.item() < 0.85 * prior_loss
     assert correlation_iou(out.logits, out.correlation_labels).item() > prior_iou + 0.2
 
@@ -74,10 +74,10 @@ def test_predicted_maps_move_with_the_box(trained_model):
     at_left = torch.stack([centre_x[:, [0, 3]], centre_y[:, [0, 3]]])
     at_right = torch.stack([centre_x[:, [1, 2]], centre_y[:, [1, 2]]])
     shift = at_right - at_left  # the boxes moved by 0.4 in x and y; a map that ignores the box does not move
-    assert shift.mean() > 0.15 and (shift > 0).float().mean() >= 0.85  # measured: 0.22 and 31 of 32
+    assert shift.mean() > 0.15 and (shift > 0).float().mean() >= 0.85  # measured: 0.19 and 30 of 32
     # and much more of the mass lies inside the box it belongs to than for the constant prior (0.16 of the area)
     truth = trained_model(image, exemplar_boxes=boxes, return_loss=False).correlation_labels
     prior = correlation_prior(trained_model.config, generator=torch.Generator().manual_seed(7)).expand_as(truth)
     inside = (probs * truth).sum() / probs.sum()
     prior_inside = (prior * truth).sum() / prior.sum()
-    assert inside > 1.5 * prior_inside  # measured 0.50 vs 0.24
+    assert inside > 1.5 * prior_inside  # measured 0.50 vs 0.23
