@@ -196,7 +196,7 @@ def evaluate(model: CIMForPreTraining, config: CIMConfig, held_out: torch.Tensor
         labels_all.append(out.correlation_labels)
     logits, labels = torch.cat(logits_all), torch.cat(labels_all)
     prior = correlation_prior(config, generator=torch.Generator().manual_seed(seed + 7))
-    prior_loss, prior_iou = prior_metrics(prior, labels, config)
+    prior_loss, prior_iou = (float(v) for v in prior_metrics(prior, labels, config))
     loss = sum(losses) / len(pixels)
     # do the maps move with the exemplar? correlation of (prediction - its mean over exemplars) with the truth
     probs = logits.sigmoid()

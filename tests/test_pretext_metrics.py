@@ -45,7 +45,7 @@ def test_prior_metrics_use_the_models_loss_and_iou(tiny_vit_config):
     config = tiny_vit_config()
     prior = correlation_prior(config, num_samples=1024, generator=torch.Generator().manual_seed(4))
     labels = labels_from(config, 16, seed=5)
-    loss, iou = prior_metrics(prior, labels, config)
+    loss, iou = (float(v) for v in prior_metrics(prior, labels, config))
     logits = prior_logits(prior).expand_as(labels)
     assert loss == pytest.approx(float(correlation_loss(logits, labels, config)))
     assert iou == pytest.approx(float(correlation_iou(logits, labels)))

@@ -46,12 +46,13 @@ def prior_logits(prior: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def prior_metrics(prior: torch.Tensor, labels: torch.Tensor, config) -> tuple[float, float]:
-    """(loss, IoU at 0.5) of predicting `prior` for every map of `labels` (B, K, m, m), with the model's loss."""
+def prior_metrics(prior: torch.Tensor, labels: torch.Tensor, config) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, IoU at 0.5) of predicting `prior` for every map of `labels` (B, K, m, m), with the model's loss, as
+    0-d tensors on the labels' device (no host sync: the trainer accumulates them between logs)."""
     from .modeling_cim import correlation_loss  # the model's own loss, so the two figures compare
 
     logits = prior_logits(prior.to(labels.device)).expand_as(labels)
-    return float(correlation_loss(logits, labels, config)), float(correlation_iou(logits, labels))
+    return correlation_loss(logits, labels, config), correlation_iou(logits, labels)
 
 
 __all__ = ["correlation_iou", "correlation_prior", "prior_logits", "prior_metrics"]

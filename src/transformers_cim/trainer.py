@@ -193,11 +193,13 @@ class CIMTrainer(Trainer):
         also drawn by the data pipeline, and the data loader prefetches across a checkpoint."""
         return self._pretext_generators.next(self.state.global_step, device)
 
-    def correlation_prior(self, config) -> torch.Tensor:
-        """The best constant map under the run's own box distribution, estimated once (seeded by the run's seed)."""
-        if getattr(self, "_correlation_prior", None) is None:
-            generator = torch.Generator().manual_seed(self.args.seed)
-            self._correlation_prior = correlation_prior(config, generator=generator)
+    def correlation_prior(self, config, device: torch.device) -> torch.Tensor:
+        """The best constant map under the run's own box distribution, estimated once (seeded by the run's seed) and
+        kept on the device the maps are on."""
+        prior = getattr(self, "_correlation_prior", None)
+        if prior is None:
+            prior = correlation_prior(config, generator=torch.Generator().manual_seed(self.args.seed))
+        self._correlation_prior = prior.to(device)
         return self._correlation_prior
 
     @property
@@ -243,8 +245,9 @@ class CIMTrainer(Trainer):
         metrics = self._train_metrics if model.training else self._eval_metrics
         metrics.add("pretext_iou", correlation_iou(outputs.logits, outputs.correlation_labels))
         metrics.add("correlation_loss", outputs.correlation_loss.detach())
-        prior_loss, prior_iou = prior_metrics(self.correlation_prior(unwrap_cim(model).config),
-                                              outputs.correlation_labels, unwrap_cim(model).config)
+        config = unwrap_cim(model).config
+        labels = outputs.correlation_labels
+        prior_loss, prior_iou = prior_metrics(self.correlation_prior(config, labels.device), labels, config)
         metrics.add("prior_loss", prior_loss)
         metrics.add("prior_iou", prior_iou)
         if outputs.contrastive_loss is not None:
