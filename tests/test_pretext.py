@@ -299,6 +299,7 @@ def test_enclosing_boxes_lie_inside_the_view_and_enclose_most_of_the_sampled_box
     # the bounding box of a turned box is larger than the box: the median exemplar is larger than the literal box's
     # (measured 0.28 vs 0.24 of the view; the authors' code measures 0.30)
     assert area.median() > exact_area.median() + 0.02
+    assert 0.26 < area.median() < 0.31  # the README's figure: measured 0.286 (exact boxes 0.242)
     assert area.max() <= 1.0 + 1e-6
 
 
