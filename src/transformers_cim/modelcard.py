@@ -176,6 +176,66 @@ the reported accuracy was measured on.
     return card_with_metadata(data, body)
 
 
+def build_segmentation_card(*, model_name: str, base: str | None, encoder_config, dataset_name: str,
+                            num_labels: int, recipe: dict[str, object], split_results: dict[str, dict[str, float]],
+                            license: str | None = None, figure: str | None = None) -> ModelCard:
+    """The card of a semantic-segmentation model (UperNet): what it was trained from (`base`: a checkpoint path or a
+    Hub id, or None for random init), on what, with which recipe, and its scores per evaluated split
+    (`split_results`: ``{split: {"mean_iou", "overall_accuracy", "iou_<class>", ...}}``; mean IoU and pixel accuracy
+    go into the model-index)."""
+    hub_base = is_hub_id(base)
+    eval_results = [EvalResult(task_type="image-segmentation", dataset_type=dataset_name, dataset_name=dataset_name,
+                               dataset_split=split, metric_type=kind, metric_name=name, metric_value=float(value))
+                    for split, scores in split_results.items()
+                    for kind, name, value in (("mean_iou", "Mean IoU", scores.get("mean_iou")),
+                                              ("accuracy", "Pixel accuracy", scores.get("overall_accuracy")))
+                    if value is not None] or None
+    data = ModelCardData(
+        library_name="transformers", pipeline_tag="image-segmentation", license=license,
+        base_model=base if hub_base else None, datasets=[dataset_name] if is_hub_id(dataset_name) else None,
+        tags=["image-segmentation", "semantic-segmentation", "upernet", "cim", "transformers-cim"],
+        model_name=model_name, eval_results=eval_results,
+    )
+    if base is None:
+        source = "a randomly initialised encoder (no pre-training)"
+    else:
+        source = f"[`{base}`](https://huggingface.co/{base})" if hub_base else f"the local checkpoint `{base}`"
+    recipe_rows = "\n".join(f"| {key} | {value} |" for key, value in recipe.items())
+    sections = []
+    for split, scores in split_results.items():
+        rows = "\n".join(f"| {key} | {value:.4f} |" for key, value in scores.items() if isinstance(value, float))
+        sections.append(f"### `{split}`\n\n| metric | value |\n|---|---|\n{rows}\n")
+    results = "\n".join(sections) if sections else "Not evaluated.\n"
+    figure_md = f"\n![image, true mask, predicted mask]({figure})\n" if figure else ""
+    body = f"""# {model_name}
+
+UperNet semantic segmentation ({num_labels} classes) over a {encoder_description(encoder_config)} encoder from
+{source}, trained on `{dataset_name}` with `run_semantic_segmentation.py` of transformers-cim. Scores are computed
+on whole images at the masks' resolution (`overall_accuracy` is pixel accuracy; the ignore index is left out).
+
+## Results
+
+{results}{figure_md}
+## Recipe
+
+| setting | value |
+|---|---|
+{recipe_rows}
+
+## How to use
+
+```python
+from transformers import pipeline
+
+segmenter = pipeline("image-segmentation", model="PATH_OR_REPO")
+masks = segmenter("street.jpg")  # one {{"label", "mask"}} per class found
+```
+
+The saved image processor resizes to the evaluation size and normalises with the encoder's mean and std.
+"""
+    return card_with_metadata(data, body)
+
+
 def has_cim_card(output_dir: str) -> bool:
     """Whether `output_dir` holds a card of this package (README.md tagged `transformers-cim`), which the Trainer's
     generic card must not replace."""
@@ -189,5 +249,5 @@ def write_model_card(output_dir: str, card: ModelCard) -> str:
     return path
 
 
-__all__ = ["CARD_TAGS", "build_classification_card", "build_model_card", "card_license", "card_with_metadata",
+__all__ = ["CARD_TAGS", "build_classification_card", "build_model_card", "build_segmentation_card", "card_license", "card_with_metadata",
            "encoder_description", "has_cim_card", "is_hub_id", "write_model_card"]
