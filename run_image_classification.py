@@ -1,17 +1,21 @@
 #!/usr/bin/env python
 """Fine-tune or linear-probe a CIM (or any ViT / ResNet) checkpoint for image classification; report top-1/top-5.
 
-The model can be a CIM pre-training checkpoint (its online encoder is used), an encoder exported with
-``cim-export-encoder``, or any ViT / ResNet checkpoint, as a local directory or a Hub model id. The result is a stock
-``ViTForImageClassification`` (or ``ResNetForImageClassification``) checkpoint with its image processor (which computes
-the evaluation transform), loadable with no custom code.
+The model can be a CIM pre-training checkpoint (its online encoder is used, or its EMA target encoder with
+``--use_ema_encoder``), an encoder exported with ``cim-export-encoder``, or any ViT / ResNet checkpoint, as a local
+directory or a Hub model id. The result is a stock checkpoint with its image processor (which computes the evaluation
+transform), loadable with no custom code: for a ViT fine-tuned with the CIM authors' head (``--pooling mean``, the
+default: mean of the patch tokens + LayerNorm, drop-path) a ``BeitForImageClassification`` that is exactly the ViT
+(see ``transformers_cim.transfer``); with ``--pooling cls`` or for a linear probe a ``ViTForImageClassification``; for
+a ResNet a ``ResNetForImageClassification``.
 
 Quick start (offline; the scikit-image sample photos when no dataset is given):
 
     python run_image_classification.py --model_name_or_path outputs/cim-quickstart --image_size 128 \
         --output_dir outputs/cim-quickstart-ft
 
-Paper recipe (ViT-B/16, ImageNet-1K, 100 epochs; layer decay 0.65, Mixup 0.8, CutMix 1.0, label smoothing 0.1):
+The authors' recipe (the defaults; ViT-B/16, ImageNet-1K, 100 epochs): mean pooling + LayerNorm, base lr 1.2e-3 x
+batch / 256, layer decay 0.8, drop-path 0.1, random erasing 0.25, Mixup 0.8, CutMix 1.0, label smoothing 0.1:
 
     python run_image_classification.py --model_name_or_path outputs/cim-vit-b --dataset_name ILSVRC/imagenet-1k \
         --per_device_train_batch_size 128 --num_train_epochs 100 --bf16 --output_dir outputs/cim-vit-b-ft
@@ -39,7 +43,7 @@ import datasets
 import numpy as np
 import torch
 import transformers
-from transformers import EvalPrediction, TrainingArguments
+from transformers import BeitForImageClassification, EvalPrediction, TrainingArguments
 
 from transformers_cim.checkpoints import (
     checkpoint_kind,
@@ -77,6 +81,7 @@ from transformers_cim.script_args import (
     set_learning_rate,
 )
 from transformers_cim.training_utils import fetch_batches_per_process
+from transformers_cim.transfer import beit_for_image_classification
 
 
 logger = logging.getLogger("run_image_classification")
@@ -111,11 +116,26 @@ class ModelArguments:
     image_size: int = field(default=224, metadata={
         "help": "Training / evaluation resolution. For ViT, the position embeddings are interpolated (bicubic) "
                 "when it differs from the checkpoint's."})
+    pooling: str | None = field(default=None, metadata={
+        "help": "ViT fine-tuning head: 'mean' (mean of the patch tokens + a new LayerNorm, the CIM authors' default; "
+                "saved as a stock BeitForImageClassification that computes exactly the ViT) or 'cls' (the CLS token "
+                "after the final LayerNorm; a ViTForImageClassification). Default: mean, or cls for --linear_probe.",
+        "choices": ["mean", "cls"]})
+    drop_path_rate: float | None = field(default=None, metadata={
+        "help": "Stochastic depth of the ViT blocks (needs --pooling mean: ViTForImageClassification has none). "
+                "Default: 0.1 (the authors' recipe) with mean pooling, else 0."})
+    random_erasing: float | None = field(default=None, metadata={
+        "help": "Probability of random erasing (one rectangle of per-pixel noise) of a training view. Default: 0.25 "
+                "for fine-tuning (the authors' recipe), 0 for linear probing."})
+    use_ema_encoder: bool = field(default=False, metadata={
+        "help": "Fine-tune the EMA target encoder of a CIM pre-training checkpoint instead of its online encoder "
+                "(the authors' --use_ema option)."})
     linear_probe: bool = field(default=False, metadata={
         "help": "Freeze the encoder; train BatchNorm1d(affine=False) + Linear on the CLS (ViT) / pooled (ResNet) "
                 "feature (MAE's linear probing). The saved model folds the probe into a stock classifier."})
     layer_decay: float | None = field(default=None, metadata={
-        "help": "Layer-wise lr decay (1.0 = off). Default: 0.65 for ViT fine-tuning (paper/MAE ViT-B), else 1.0."})
+        "help": "Layer-wise lr decay (1.0 = off). Default: 0.8 for ViT fine-tuning (the CIM authors' recipe; MAE's "
+                "ViT-B recipe uses 0.65), else 1.0."})
     mixup: float | None = field(default=None, metadata={
         "help": "Mixup alpha (0 = off). Default: 0.8 for fine-tuning, 0 for linear probing."})
     cutmix: float | None = field(default=None, metadata={
@@ -155,8 +175,8 @@ class ClassificationTrainingArguments(ResumableTrainingArguments):
     _argument_group_name = "training (the fine-tuning recipe's defaults)"
 
     base_learning_rate: float | None = field(default=None, metadata={
-        "help": "lr = base_learning_rate * total batch / 256 unless --learning_rate is given. Default: 5e-4 "
-                "(fine-tuning, MAE/BEiT recipe) or 1e-3 (linear probing)."})
+        "help": "lr = base_learning_rate * total batch / 256 unless --learning_rate is given. Default: 1.2e-3 "
+                "(ViT fine-tuning, the CIM authors' recipe), 5e-4 (ResNet fine-tuning) or 1e-3 (linear probing)."})
     label_smoothing_factor: float | None = field(default=None, metadata={
         "help": "Label smoothing (training only; with Mixup / CutMix, of the mixed targets). Default: 0.1 for "
                 "fine-tuning, 0 for linear probing."})
@@ -394,6 +414,12 @@ def write_model_card(trainer: ClassificationTrainer, model_args: ModelArguments,
                               f"{warmup:g}{' of the run' if 0 < warmup < 1 else ' steps'}",
         "optimizer": f"AdamW (betas {args.adam_beta1}, {args.adam_beta2}), weight decay {args.weight_decay} "
                      "(none on norms, biases, tokens)",
+        "head": {"mean": "mean of the patch tokens + LayerNorm (the CIM authors' fine-tuning head; a "
+                         "BeitForImageClassification that computes exactly the ViT)",
+                 "cls": "CLS token after the final LayerNorm", None: "global average pooling"}[model_args.pooling],
+        "encoder weights": "the EMA target encoder" if model_args.use_ema_encoder else "the online encoder",
+        "drop-path": model_args.drop_path_rate,
+        "random erasing": model_args.random_erasing,
         "layer decay": trainer.layer_decay,
         "Mixup / CutMix": f"{trainer.mixup_alpha} / {trainer.cutmix_alpha}",
         "label smoothing (--label_smoothing_factor)": trainer.label_smoothing,
@@ -435,7 +461,12 @@ def apply_recipe_defaults(model_args: ModelArguments, training_args: Classificat
                           encoder_type: str) -> None:
     probe = model_args.linear_probe
     if model_args.layer_decay is None:
-        model_args.layer_decay = 0.65 if (encoder_type == "vit" and not probe) else 1.0
+        model_args.layer_decay = 0.8 if (encoder_type == "vit" and not probe) else 1.0
+    choose_head(model_args, encoder_type)
+    if model_args.random_erasing is None:
+        model_args.random_erasing = 0.0 if probe else 0.25
+    if not 0 <= model_args.random_erasing <= 1:
+        raise UserValueError(f"--random_erasing is a probability in [0, 1], got {model_args.random_erasing}.")
     if model_args.mixup is None:
         model_args.mixup = 0.0 if probe else 0.8
     if model_args.cutmix is None:
@@ -458,6 +489,33 @@ def apply_recipe_defaults(model_args: ModelArguments, training_args: Classificat
         raise UserValueError(f"--layer_decay must be in (0, 1], got {model_args.layer_decay}.")
     if training_args.label_smoothing_factor >= 1:
         raise UserValueError(f"--label_smoothing_factor must be < 1, got {training_args.label_smoothing_factor}.")
+
+
+def choose_head(model_args: ModelArguments, encoder_type: str) -> None:
+    """--pooling and --drop_path_rate: the authors' mean-pool head with drop-path 0.1 for ViT fine-tuning, the CLS
+    token for a linear probe; ResNet pools globally whatever is asked, and neither stock class has drop-path."""
+    if encoder_type != "vit":
+        if model_args.pooling == "mean" or (model_args.drop_path_rate or 0) > 0:
+            raise UserValueError("--pooling mean and --drop_path_rate apply to ViT encoders; a ResNet classifier "
+                                 "always pools globally and has no drop-path. Leave them unset.")
+        model_args.pooling, model_args.drop_path_rate = None, 0.0
+        return
+    if model_args.pooling is None:
+        model_args.pooling = "cls" if model_args.linear_probe else "mean"
+    if model_args.linear_probe and model_args.pooling != "cls":
+        raise UserValueError("--linear_probe reads the CLS token (MAE's probe); --pooling mean is for fine-tuning.")
+    if model_args.drop_path_rate is None:
+        model_args.drop_path_rate = 0.1 if model_args.pooling == "mean" else 0.0
+    if not 0 <= model_args.drop_path_rate < 1:
+        raise UserValueError(f"--drop_path_rate must be in [0, 1), got {model_args.drop_path_rate}.")
+    if model_args.pooling == "cls" and model_args.drop_path_rate > 0:
+        raise UserValueError("--drop_path_rate needs --pooling mean: the CLS-token model, a stock "
+                             "ViTForImageClassification, has no drop-path.")
+
+
+def saved_model_type(path: str) -> str | None:
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        return json.load(f).get("model_type")
 
 
 def fine_tuned_class_names(path: str) -> list[str] | None:
@@ -535,7 +593,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     choose_stages(training_args, given)
     path = resolve_checkpoint_path(model_args.model_name_or_path, cache_dir=model_args.cache_dir, token=model_args.token,
                                    revision=model_args.model_revision)
-    _, encoder_type = checkpoint_kind(path)
+    fine_tuned_beit = saved_model_type(path) == "beit"
+    if fine_tuned_beit:
+        if training_args.do_train:
+            raise UserValueError(f"{model_args.model_name_or_path} is a fine-tuned (BEiT-class) classifier; fine-tune "
+                                 "from the pre-training checkpoint or the exported encoder instead. --do_eval / "
+                                 "--do_predict score it as it is.")
+        encoder_type = "vit"
+    else:
+        _, encoder_type = checkpoint_kind(path)
     apply_recipe_defaults(model_args, training_args, encoder_type)
     if data_args.streaming and training_args.max_steps <= 0 and training_args.do_train:
         raise UserValueError("--streaming needs --max_steps (a streamed dataset has no length).")
@@ -551,16 +617,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     base = training_args.base_learning_rate
     if base is None:
-        base = 1e-3 if model_args.linear_probe else 5e-4
+        base = 1e-3 if model_args.linear_probe else (1.2e-3 if encoder_type == "vit" else 5e-4)
     if training_args.do_train:
         logger.info(set_learning_rate(training_args, base, "learning_rate" in given))
         logger.info(f"Layer decay {model_args.layer_decay}, mixup {model_args.mixup}, cutmix {model_args.cutmix}, "
-                    f"label smoothing {training_args.label_smoothing_factor}, linear probe {model_args.linear_probe}.")
+                    f"label smoothing {training_args.label_smoothing_factor}, random erasing "
+                    f"{model_args.random_erasing}, pooling {model_args.pooling}, drop-path {model_args.drop_path_rate}, "
+                    f"linear probe {model_args.linear_probe}.")
     transformers.set_seed(training_args.seed)
 
     mean, std = image_statistics(model_args, path)
     train_transform = RandomResizedCropFlip(size=model_args.image_size, scale=(data_args.crop_min_scale, 1.0),
-                                            hflip=True, mean=mean, std=std)
+                                            hflip=True, mean=mean, std=std, random_erasing=model_args.random_erasing)
     eval_transform = ResizeCenterCrop(size=model_args.image_size, crop_pct=data_args.crop_pct, mean=mean, std=std)
     train_ds, eval_ds, names, _, _, eval_split = build_datasets(
         data_args, model_args, training_args, train_transform, eval_transform, class_names)
@@ -589,8 +657,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     load_kwargs = {}
     if encoder_type == "vit" and model_args.attn_implementation:
         load_kwargs["attn_implementation"] = model_args.attn_implementation
-    model = load_encoder_for_classification(path, len(names), id2label, label2id, model_args.image_size,
-                                            ignore_mismatched_sizes=model_args.ignore_mismatched_sizes, **load_kwargs)
+    encoder_weights = "ema" if model_args.use_ema_encoder else "online"
+    if fine_tuned_beit:  # evaluated / predicted as it is
+        model = BeitForImageClassification.from_pretrained(path)
+    elif encoder_type == "vit" and model_args.pooling == "mean" and training_args.do_train:
+        model = beit_for_image_classification(
+            path, len(names), id2label=id2label, label2id=label2id, drop_path_rate=model_args.drop_path_rate,
+            image_size=model_args.image_size, seed=training_args.seed, encoder_weights=encoder_weights)
+    else:
+        model = load_encoder_for_classification(path, len(names), id2label, label2id, model_args.image_size,
+                                                ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+                                                encoder_weights=encoder_weights, **load_kwargs)
     if model_args.linear_probe:
         model = LinearProbeForImageClassification(model)
     image_processor = eval_transform.image_processor()  # pipeline() users get the evaluated pixels

@@ -24,6 +24,7 @@ from transformers import (
 )
 
 from transformers_cim import CIMConfig, CIMForPreTraining
+from transformers_cim.errors import UserValueError
 from transformers_cim.finetune import (
     ClassificationTrainer,
     LinearProbeForImageClassification,
@@ -359,10 +360,17 @@ def color_data(tmp_path):
     return tmp_path / "data"
 
 
-def test_script_fine_tunes_cim_checkpoint_end_to_end(tmp_path, color_data):
+@pytest.mark.parametrize("pooling, model_type, architecture", [
+    (None, "beit", "BeitForImageClassification"),  # the default: the authors' mean-pool head
+    ("cls", "vit", "ViTForImageClassification"),
+])
+def test_script_fine_tunes_cim_checkpoint_end_to_end(tmp_path, color_data, pooling, model_type, architecture):
     save_tiny_cim(str(tmp_path / "cim"))
     args_file = tmp_path / "args.json"
-    args_file.write_text(json.dumps(_script_args(tmp_path, tmp_path / "cim")))
+    args = _script_args(tmp_path, tmp_path / "cim")
+    if pooling is not None:
+        args["pooling"] = pooling
+    args_file.write_text(json.dumps(args))
     results = run_image_classification.main([str(args_file)])
 
     out = tmp_path / "out"
@@ -378,9 +386,11 @@ def test_script_fine_tunes_cim_checkpoint_end_to_end(tmp_path, color_data):
 
     with open(out / "config.json") as f:
         config = json.load(f)
-    assert config["model_type"] == "vit" and config["architectures"] == ["ViTForImageClassification"]
+    assert config["model_type"] == model_type and config["architectures"] == [architecture]
     assert "auto_map" not in config
     assert sorted(config["id2label"].values()) == sorted(COLORS)
+    if pooling is None:
+        assert config["use_mean_pooling"] and config["drop_path_rate"] == 0.1
     card = (out / "README.md").read_text()
     assert "image-classification" in card and "model-index" in card and "type: accuracy" in card
     assert "top_5_accuracy" in card
@@ -453,7 +463,7 @@ def test_script_refuses_to_resume_a_pretraining_checkpoint(tmp_path, color_data)
     args = _script_args(tmp_path, tmp_path / "cim", num_train_epochs=1, eval_strategy="no")
     argv = [a for k, v in args.items() for a in (f"--{k}", str(v))]
     with pytest.raises(ValueError, match=r"Cannot resume from \S*checkpoint-7: it holds a CIMForPreTraining and this "
-                                         r"run trains a ViTForImageClassification; pass --overwrite_output_dir"):
+                                         r"run trains a BeitForImageClassification; pass --overwrite_output_dir"):
         run_image_classification.main(argv)
     results = run_image_classification.main(argv + ["--overwrite_output_dir"])
     assert results["epoch"] == 1.0
@@ -648,3 +658,65 @@ def test_ignore_mismatched_sizes_reinitialises_encoder_weights(tmp_path, caplog)
         model = load_encoder_for_classification(tmp_path / "encoder", 3, ignore_mismatched_sizes=True)
     assert model.vit.layers[0].mlp.fc1.weight.shape == (48, 32)
     assert "Re-initialised" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The authors' fine-tuning recipe: head, drop-path, random erasing, EMA encoder
+# ------------------------------------------------------------------------------------------------------------
+def test_recipe_defaults_are_the_authors_for_vit_fine_tuning():
+    model_args, _, training_args, _ = run_image_classification.parse_arguments(["--model_name_or_path", "x"])
+    run_image_classification.apply_recipe_defaults(model_args, training_args, "vit")
+    assert (model_args.pooling, model_args.drop_path_rate, model_args.random_erasing, model_args.layer_decay) == (
+        "mean", 0.1, 0.25, 0.8)
+    probe_args, _, probe_training, _ = run_image_classification.parse_arguments(
+        ["--model_name_or_path", "x", "--linear_probe"])
+    run_image_classification.apply_recipe_defaults(probe_args, probe_training, "vit")
+    assert (probe_args.pooling, probe_args.drop_path_rate, probe_args.random_erasing) == ("cls", 0.0, 0.0)
+
+
+@pytest.mark.parametrize("argv, encoder_type, message", [
+    (["--pooling", "cls", "--drop_path_rate", "0.1"], "vit", "--drop_path_rate needs --pooling mean"),
+    (["--pooling", "mean"], "resnet", "apply to ViT encoders"),
+    (["--linear_probe", "--pooling", "mean"], "vit", "--linear_probe reads the CLS token"),
+    (["--random_erasing", "1.5"], "vit", r"--random_erasing is a probability"),
+])
+def test_recipe_refuses_contradictory_heads(argv, encoder_type, message):
+    model_args, _, training_args, _ = run_image_classification.parse_arguments(["--model_name_or_path", "x", *argv])
+    with pytest.raises(UserValueError, match=message):
+        run_image_classification.apply_recipe_defaults(model_args, training_args, encoder_type)
+
+
+def test_random_erasing_is_seeded_noise_in_one_rectangle():
+    from transformers_cim.data import RandomResizedCropFlip
+
+    image = Image.fromarray(np.full((48, 48, 3), 128, np.uint8))
+    plain = RandomResizedCropFlip(size=32, scale=(1.0, 1.0), hflip=False)
+    erasing = RandomResizedCropFlip(size=32, scale=(1.0, 1.0), hflip=False, random_erasing=1.0)
+    base = plain(image, np.random.default_rng(0))
+    erased = erasing(image, np.random.default_rng(0))
+    changed = (erased != base).any(0)
+    rows, cols = changed.any(1).nonzero().flatten(), changed.any(0).nonzero().flatten()
+    assert 0 < changed.sum() < 32 * 32
+    # the changed pixels fill exactly one axis-aligned rectangle
+    assert changed[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+    assert changed.sum() == (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+    torch.testing.assert_close(erasing(image, np.random.default_rng(0)), erased)  # same seed, same erasing
+    # probability 0 draws nothing: the views of existing seeds are unchanged
+    torch.testing.assert_close(RandomResizedCropFlip(size=32, random_erasing=0.0)(image, np.random.default_rng(5)),
+                               RandomResizedCropFlip(size=32)(image, np.random.default_rng(5)))
+
+
+def test_ema_encoder_is_the_target_encoders_weights(tmp_path):
+    cim = save_tiny_cim(str(tmp_path / "cim"))
+    with torch.no_grad():  # make the EMA target differ from the online encoder
+        for param in cim.target_encoder.parameters():
+            param.add_(0.5)
+    cim.save_pretrained(tmp_path / "cim")
+    online = load_encoder_for_classification(str(tmp_path / "cim"), num_labels=2)
+    ema = load_encoder_for_classification(str(tmp_path / "cim"), num_labels=2, encoder_weights="ema")
+    torch.testing.assert_close(ema.vit.layers[0].mlp.fc1.weight, cim.target_encoder.layers[0].mlp.fc1.weight)
+    torch.testing.assert_close(online.vit.layers[0].mlp.fc1.weight, cim.vit.layers[0].mlp.fc1.weight)
+    assert not torch.equal(ema.vit.layers[0].mlp.fc1.weight, online.vit.layers[0].mlp.fc1.weight)
+    ViTModel(tiny_vit_config(), add_pooling_layer=False).save_pretrained(tmp_path / "encoder")
+    with pytest.raises(UserValueError, match="exists only in a CIM pre-training checkpoint"):
+        load_encoder_for_classification(str(tmp_path / "encoder"), num_labels=2, encoder_weights="ema")

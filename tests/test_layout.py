@@ -18,7 +18,7 @@ LAYERS = {
     "geometry": ["pretext"],
     "model and data": ["__init__", "configuration_cim", "modeling_cim", "pretext_metrics", "checkpoints", "data",
                        "knn", "modelcard", "features", "seeding", "errors"],
-    "training glue": ["training_utils", "streaming", "trainer", "finetune", "export", "visualization",
+    "training glue": ["training_utils", "streaming", "trainer", "finetune", "transfer", "export", "visualization",
                       "script_args"],
 }
 

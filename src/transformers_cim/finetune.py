@@ -54,6 +54,10 @@ NO_WEIGHT_DECAY_NAMES = ("position_embeddings", "cls_token", "mask_token", "pos_
 _VIT_BLOCK = re.compile(r"(?:^|\.)(?:layers|encoder\.layer)\.(\d+)\.")
 _RESNET_STAGE = re.compile(r"(?:^|\.)encoder\.stages\.(\d+)\.")
 
+# Which encoder of a CIM checkpoint to fine-tune: the online one, or the EMA target ("ema").
+ENCODER_WEIGHTS = ("online", "ema")
+TARGET_PREFIX = "target_encoder."
+
 
 # --------------------------------------------------------------------------------------------------
 # Loading an encoder for classification
@@ -97,6 +101,7 @@ def load_encoder_for_classification(
     label2id: dict[str, int] | None = None,
     image_size: int | None = None,
     ignore_mismatched_sizes: bool = False,
+    encoder_weights: str = "online",
     **from_pretrained_kwargs: Any,
 ) -> ViTForImageClassification | ResNetForImageClassification:
     """Load an encoder checkpoint as a stock classification model with a freshly initialised head.
@@ -106,8 +111,11 @@ def load_encoder_for_classification(
     ``ResNetModel``), or a stock classification checkpoint (its head is replaced when the label count differs). For
     ViT, ``image_size`` different from the checkpoint's resizes the position embeddings (bicubic interpolation).
     Encoder weights whose shapes do not fit the checkpoint's config are refused, unless ``ignore_mismatched_sizes``
-    (then they are re-initialised, with a warning).
+    (then they are re-initialised, with a warning). ``encoder_weights="ema"`` takes a CIM checkpoint's EMA target
+    encoder instead of its online encoder (the authors' ``--use_ema`` fine-tuning option).
     """
+    if encoder_weights not in ENCODER_WEIGHTS:
+        raise UserValueError(f"encoder_weights must be one of {ENCODER_WEIGHTS}, got {encoder_weights!r}.")
     path = resolve_checkpoint_path(path)
     if num_labels < 2:
         raise UserValueError(f"Classification needs at least 2 classes, got num_labels={num_labels}.")
@@ -148,10 +156,32 @@ def load_encoder_for_classification(
     if mismatched:
         logger.warning(f"Re-initialised {len(mismatched)} encoder weight(s) of {path} whose shapes did not fit "
                        f"(--ignore_mismatched_sizes): {mismatched[:5]}")
+    if encoder_weights == "ema":
+        if kind != "cim":
+            raise UserValueError(f"{path!r} is a {kind} checkpoint: the EMA encoder (--use_ema_encoder) exists only in "
+                                 "a CIM pre-training checkpoint.")
+        load_target_encoder_(getattr(model, prefix), path)
     if encoder_type == "vit" and image_size is not None:
         if resize_vit_position_embeddings(model, int(image_size)):
             logger.info(f"Interpolated the position embeddings of {path} to {image_size} px.")
     return model
+
+def load_target_encoder_(encoder: nn.Module, path: str) -> None:
+    """Overwrite ``encoder`` (a ``ViTModel`` / ``ResNetModel``) with the EMA target encoder of the CIM checkpoint in
+    ``path``, loaded through ``from_pretrained`` (which also reads the legacy weight names saved checkpoints use)."""
+    from .modeling_cim import CIMForPreTraining
+
+    with quiet_loading():
+        cim, info = CIMForPreTraining.from_pretrained(path, output_loading_info=True)
+    if not cim.uses_target_encoder or any(k.startswith(TARGET_PREFIX) for k in info.get("missing_keys", [])):
+        raise UserValueError(f"{path!r} has no EMA target encoder (target_encoder_mode={cim.config.target_encoder_mode!r}"
+                             " or no target weights saved); fine-tune its online encoder instead.")
+    missing, unexpected = encoder.load_state_dict(cim.target_encoder.state_dict(), strict=False)
+    missing = [k for k in missing if not k.startswith("pooler.")]
+    if missing or unexpected:
+        raise UserValueError(f"The EMA encoder of {path!r} does not fit the classifier's encoder: missing "
+                             f"{missing[:3]}, unexpected {unexpected[:3]}.")
+
 
 # --------------------------------------------------------------------------------------------------
 # Layer-wise learning-rate decay

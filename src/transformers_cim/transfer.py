@@ -86,9 +86,10 @@ def _load_vit_into_beit(beit_model: nn.Module, vit: ViTModel, *, keep_final_norm
 
 
 def load_vit_encoder(model_name_or_path: str | os.PathLike | None, *, vit_config: ViTConfig | None = None,
-                     image_size: int | None = None) -> ViTModel:
+                     image_size: int | None = None, encoder_weights: str = "online") -> ViTModel:
     """The ViT encoder of a checkpoint (CIM, exported, stock, Hub id) or, with ``model_name_or_path=None``, a
-    randomly initialised one of ``vit_config``; its position table resized to ``image_size`` if given."""
+    randomly initialised one of ``vit_config``; its position table resized to ``image_size`` if given.
+    ``encoder_weights="ema"`` takes a CIM checkpoint's EMA target encoder."""
     if model_name_or_path is None:
         if vit_config is None:
             raise UserValueError("Give a checkpoint to start from, or an encoder config for random init.")
@@ -96,7 +97,8 @@ def load_vit_encoder(model_name_or_path: str | os.PathLike | None, *, vit_config
         if image_size is not None:
             config.image_size = int(image_size)
         return ViTModel(config, add_pooling_layer=False)
-    model = load_encoder_for_classification(model_name_or_path, num_labels=2, image_size=image_size)
+    model = load_encoder_for_classification(model_name_or_path, num_labels=2, image_size=image_size,
+                                            encoder_weights=encoder_weights)
     if model.config.model_type != "vit":
         raise UserValueError(f"{model_name_or_path!r} holds a {model.config.model_type} encoder, not a ViT.")
     return model.vit
@@ -112,10 +114,12 @@ def beit_for_image_classification(
     image_size: int | None = None,
     vit_config: ViTConfig | None = None,
     seed: int | None = None,
+    encoder_weights: str = "online",
 ) -> BeitForImageClassification:
     """The ViT encoder of ``model_name_or_path`` with the authors' fine-tuning head: mean of the patch tokens,
     a fresh LayerNorm, a linear classifier drawn with std 2e-5 (seeded by ``seed``); drop-path in the blocks."""
-    vit = load_vit_encoder(model_name_or_path, vit_config=vit_config, image_size=image_size)
+    vit = load_vit_encoder(model_name_or_path, vit_config=vit_config, image_size=image_size,
+                           encoder_weights=encoder_weights)
     id2label = {int(k): str(v) for k, v in (id2label or {i: f"LABEL_{i}" for i in range(num_labels)}).items()}
     label2id = dict(label2id) if label2id is not None else {v: k for k, v in id2label.items()}
     config = beit_config_from_vit(vit.config, use_mean_pooling=True, drop_path_rate=drop_path_rate,
@@ -176,12 +180,14 @@ def upernet_for_semantic_segmentation(
     use_auxiliary_head: bool = True,
     auxiliary_loss_weight: float = 0.4,
     ignore_index: int = 255,
+    encoder_weights: str = "online",
 ) -> UperNetForSemanticSegmentation:
     """UperNet over the encoder of ``model_name_or_path`` (or a random one of ``encoder_config``): a ViT becomes a
     `BeitBackbone` with BEiT's FPN neck over four blocks (``out_indices``), a ResNet a `ResNetBackbone` over its
     four stages. The decode and auxiliary heads are new."""
     if model_name_or_path is not None:
-        encoder = load_encoder_for_classification(model_name_or_path, num_labels=2, image_size=image_size)
+        encoder = load_encoder_for_classification(model_name_or_path, num_labels=2, image_size=image_size,
+                                                  encoder_weights=encoder_weights)
         base = encoder.vit if encoder.config.model_type == "vit" else encoder.resnet
         encoder_config = base.config
     elif encoder_config is None:

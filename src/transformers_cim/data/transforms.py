@@ -28,6 +28,32 @@ def _stats(values: Sequence[float]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32).view(3, 1, 1)
 
 
+def random_erase_(
+    tensor: torch.Tensor,
+    rng: np.random.Generator,
+    probability: float,
+    area: tuple[float, float] = (0.02, 1 / 3),
+    aspect: tuple[float, float] = (0.3, 10 / 3),
+) -> torch.Tensor:
+    """Random erasing of a normalised (C, H, W) image, in place: with ``probability``, one rectangle (area fraction
+    in ``area``, log-uniform aspect h / w in ``aspect``, up to 10 tries to fit) becomes per-pixel standard-normal
+    noise, the "pixel" mode of the fine-tuning recipes of MAE and CIM (timm's `RandomErasing`, count 1)."""
+    if probability <= 0 or rng.random() >= probability:
+        return tensor
+    channels, height, width = tensor.shape
+    log_aspect = (math.log(aspect[0]), math.log(aspect[1]))
+    for _ in range(10):
+        target = height * width * rng.uniform(area[0], area[1])
+        ratio = math.exp(rng.uniform(log_aspect[0], log_aspect[1]))
+        h, w = int(round(math.sqrt(target * ratio))), int(round(math.sqrt(target / ratio)))
+        if 0 < h < height and 0 < w < width:
+            top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+            noise = rng.standard_normal((channels, h, w), dtype=np.float32)
+            tensor[:, top:top + h, left:left + w] = torch.from_numpy(noise)
+            break
+    return tensor
+
+
 class RandomResizedCropFlip:
     """The CIM "search view": random-resized crop (bicubic), horizontal flip, normalisation. Pillow/numpy only.
 
@@ -44,10 +70,14 @@ class RandomResizedCropFlip:
         hflip: bool = True,
         mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
         std: Sequence[float] = IMAGENET_DEFAULT_STD,
+        random_erasing: float = 0.0,
     ):
         if not (0 < scale[0] <= scale[1]) or not (0 < ratio[0] <= ratio[1]):
             raise ValueError(f"scale and ratio must be increasing positive pairs, got scale={scale}, ratio={ratio}.")
+        if not 0.0 <= random_erasing <= 1.0:
+            raise ValueError(f"random_erasing is a probability in [0, 1], got {random_erasing}.")
         self.size, self.scale, self.ratio, self.hflip = int(size), tuple(scale), tuple(ratio), hflip
+        self.random_erasing = float(random_erasing)
         self.mean, self.std = _stats(mean), _stats(std)
 
     def get_params(self, width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
@@ -81,10 +111,15 @@ class RandomResizedCropFlip:
         view = image.resize((self.size, self.size), PIL.Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
         if self.hflip and rng.random() < 0.5:
             view = view.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
-        return to_normalized_tensor(view, self.mean, self.std)
+        tensor = to_normalized_tensor(view, self.mean, self.std)
+        if self.random_erasing > 0:  # no draw at all when off: the views of existing seeds stay as they were
+            random_erase_(tensor, rng, self.random_erasing)
+        return tensor
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={self.ratio}, hflip={self.hflip})"
+        erasing = f", random_erasing={self.random_erasing}" if self.random_erasing else ""
+        return (f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={self.ratio}, "
+                f"hflip={self.hflip}{erasing})")
 
 
 class ResizeCenterCrop:
