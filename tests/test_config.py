@@ -69,12 +69,13 @@ def test_vit_base_preset_is_the_recipe_and_equals_the_default():
     assert config.encoder_config.to_dict() == CIMConfig().encoder_config.to_dict()
 
 
-# encoder parameters (no head, no pooler) of the standard models: ViT-T/S/B/L-16 at 224 px and ResNet-50
+# encoder parameters (no head, no pooler) of the standard models: ViT-T/S/B/L-16 and ViT-H/14 at 224 px and ResNet-50
 PRESET_SHAPES = {
     "vit-tiny-patch16": (192, 5.52e6),
     "vit-small-patch16": (384, 21.67e6),
     "vit-base-patch16": (768, 85.80e6),
     "vit-large-patch16": (1024, 303.30e6),
+    "vit-huge-patch14": (1280, 630.76e6),
     "resnet-50": (2048, 23.51e6),
 }
 
@@ -86,15 +87,16 @@ def test_each_preset_builds(name):
     width, num_params = PRESET_SHAPES[name]
     assert config.encoder_hidden_size == width
     assert config.encoder_type == ("resnet" if name == "resnet-50" else "vit")
-    assert config.encoder_stride == (32 if name == "resnet-50" else 16)
+    assert config.encoder_stride == {"resnet-50": 32, "vit-huge-patch14": 14}.get(name, 16)
     with torch.device("meta"):  # shapes only: no memory, no init cost
         model = CIMForPreTraining(config)
     assert sum(p.numel() for p in model.encoder.parameters()) == pytest.approx(num_params, rel=1e-3)
     target = sum(p.numel() for p in model.target_encoder.parameters())
     assert target == sum(p.numel() for p in model.encoder.parameters())
     # preset + overrides
-    small = CIMConfig.from_preset(name, context_size=64, exemplar_size=32, num_exemplars=2)
-    assert (small.context_size, small.exemplar_size, small.num_exemplars) == (64, 32, 2)
+    context, exemplar = (56, 28) if config.encoder_stride == 14 else (64, 32)
+    small = CIMConfig.from_preset(name, context_size=context, exemplar_size=exemplar, num_exemplars=2)
+    assert (small.context_size, small.exemplar_size, small.num_exemplars) == (context, exemplar, 2)
     assert small.encoder_config.to_dict() == config.encoder_config.to_dict()
 
 
@@ -209,3 +211,9 @@ def test_default_config_round_trip(tmp_path):
     loaded = CIMConfig.from_pretrained(tmp_path)
     assert loaded.to_dict() == config.to_dict()
     _check_recipe(loaded)
+
+
+def test_vit_huge_preset_floors_the_recipe_sizes_to_its_patch():
+    config = CIMConfig.from_preset("vit-huge-patch14")
+    assert (config.image_size, config.context_size, config.exemplar_size) == (224, 154, 56)  # 16, 11, 4 patches
+    assert CIMConfig.from_preset("vit-huge-patch14", context_size=168).context_size == 168

@@ -19,7 +19,7 @@ LAYERS = {
     "model and data": ["__init__", "configuration_cim", "modeling_cim", "pretext_metrics", "checkpoints", "data",
                        "knn", "modelcard", "features", "seeding", "errors"],
     "training glue": ["training_utils", "streaming", "trainer", "finetune", "transfer", "export", "visualization",
-                      "script_args"],
+                      "script_args", "convert_cim_original_to_hf"],
 }
 
 

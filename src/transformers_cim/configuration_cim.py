@@ -25,12 +25,14 @@ ENCODER_INITS = ("xavier", "transformers")
 CONTEXT_RESAMPLES = ("bicubic", "bilinear")
 ENCODER_TYPES = ("vit", "resnet")
 
-# Encoder presets: (hidden size, layers, heads, MLP size) of the standard ViT-*/16 family.
+# Encoder presets: (hidden size, layers, heads, MLP size) of the standard ViT family (the authors' T/S/B/L-16, H-14);
+# the patch size is the number after "patch" in the name.
 VIT_PRESETS: dict[str, tuple[int, int, int, int]] = {
     "vit-tiny-patch16": (192, 12, 3, 768),
     "vit-small-patch16": (384, 12, 6, 1536),
     "vit-base-patch16": (768, 12, 12, 3072),
     "vit-large-patch16": (1024, 24, 16, 4096),
+    "vit-huge-patch14": (1280, 32, 16, 5120),
 }
 PRESET_NAMES: tuple[str, ...] = (*VIT_PRESETS, "resnet-50")
 
@@ -177,12 +179,23 @@ class CIMConfig(PreTrainedConfig):
 
     @classmethod
     def from_preset(cls, name: str, **kwargs) -> CIMConfig:
-        """Builds a config from a named preset (see `PRESET_NAMES`); `kwargs` override CIM fields."""
-        return cls(encoder_config=preset_encoder_config(name), **kwargs)
+        """Builds a config from a named preset (see `PRESET_NAMES`); `kwargs` override CIM fields.
+
+        With a patch size that does not divide the recipe's 160 px context and 64 px exemplars (ViT-H/14), those
+        default to the largest multiples of the patch below them (154 and 56 px: the 11 x 11 and 4 x 4 patches that
+        the authors' code, which floors, gets from 160 and 64 px at patch 14)."""
+        encoder_config = preset_encoder_config(name)
+        if name in VIT_PRESETS:
+            patch = encoder_config.patch_size
+            for field_name in ("context_size", "exemplar_size"):
+                recipe = cls.__dataclass_fields__[field_name].default
+                if field_name not in kwargs and recipe % patch:
+                    kwargs[field_name] = recipe - recipe % patch
+        return cls(encoder_config=encoder_config, **kwargs)
 
 
 def preset_encoder_config(name: str) -> PreTrainedConfig:
-    """The encoder config of a named preset: ViT-T/S/B/L with patch 16, or ResNet-50."""
+    """The encoder config of a named preset: ViT-T/S/B/L with patch 16, ViT-H with patch 14, or ResNet-50."""
     if name == "resnet-50":
         return ResNetConfig(
             depths=[3, 4, 6, 3], hidden_sizes=[256, 512, 1024, 2048], layer_type="bottleneck", embedding_size=64
@@ -192,8 +205,13 @@ def preset_encoder_config(name: str) -> PreTrainedConfig:
     hidden, layers, heads, mlp = VIT_PRESETS[name]
     return ViTConfig(
         hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=mlp,
-        patch_size=16, layer_norm_eps=1e-6, qkv_bias=True,
+        patch_size=vit_preset_patch_size(name), layer_norm_eps=1e-6, qkv_bias=True,
     )
+
+
+def vit_preset_patch_size(name: str) -> int:
+    """The patch size of a ViT preset, read from its name (``vit-huge-patch14`` -> 14)."""
+    return int(name.rsplit("patch", 1)[1])
 
 
 def _check_range(name: str, pair: list[float], low: float, high: float, low_open: bool = True) -> None:
