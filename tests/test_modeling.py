@@ -670,3 +670,21 @@ def test_decoder_shares_query_work_across_exemplars(shared_norm, tiny_vit_config
     # image b's exemplars see image b's queries only
     swapped = decoder(context.flip(0), exemplar.flip(0))
     torch.testing.assert_close(swapped, logits.flip(0), rtol=0, atol=1e-6)
+
+
+def test_resnet_channels_last_matches_default_layout_and_saves(tmp_path, tiny_resnet_config, search_views):
+    torch.manual_seed(0)
+    model = CIMForPreTraining(tiny_resnet_config(exemplar_augmentation=False)).eval()  # no random draws
+    x = search_views(batch=2)
+    boxes = torch.tensor([[[0.5, 0.5, 0.4, 0.3, 0.2], [0.3, 0.6, 0.3, 0.5, -0.4]]] * 2)
+    with torch.no_grad():
+        want = model(x, exemplar_boxes=boxes).loss
+        fast = model.to(memory_format=torch.channels_last)
+        conv = next(m for m in fast.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1))
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+        got = fast(x, exemplar_boxes=boxes).loss
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    fast.save_pretrained(tmp_path / "cl")
+    reloaded = CIMForPreTraining.from_pretrained(tmp_path / "cl").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x, exemplar_boxes=boxes).loss, want, rtol=1e-4, atol=1e-5)

@@ -412,3 +412,27 @@ def test_skipped_images_counted_once_saved_and_restored(tmp_path, caplog):
     (tmp_path / "old.json").write_text('{"num_skipped_images": 7}')  # a checkpoint of an older version: a count
     restored.load(str(tmp_path / "old.json"))
     assert restored.local_count == 7
+
+
+def test_compiled_step_rng_is_the_eager_generators_stream_and_restores_the_global_rng(tmp_path):
+    trainer = make_trainer(tiny_model(), rows(4), tmp_path)
+    trainer.state.global_step = 5
+    eager = torch.rand(6, generator=trainer.pretext_generator(torch.device("cpu")))
+    trainer._pretext_generators = type(trainer._pretext_generators)(trainer.args.seed, trainer.args.process_index)
+    torch.manual_seed(99)
+    before = torch.random.get_rng_state()
+    with trainer.compiled_pretext_rng(torch.device("cpu")):
+        compiled = torch.rand(6)  # what a compiled step draws from the global RNG
+    assert torch.equal(compiled, eager)
+    assert torch.equal(torch.random.get_rng_state(), before)  # the data pipeline's stream is untouched
+
+
+def test_bf16_training_through_the_trainer_runs_under_autocast(tmp_path):
+    model = tiny_model()
+    dtypes = []
+    model.decoder.register_forward_hook(lambda module, args, output: dtypes.append(output.dtype))
+    trainer = make_trainer(model, rows(8), tmp_path, bf16=True)
+    result = trainer.train()
+    assert math.isfinite(result.training_loss)
+    assert dtypes and all(d == torch.bfloat16 for d in dtypes)  # the decoder ran in bf16
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32

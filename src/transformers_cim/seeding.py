@@ -14,10 +14,14 @@ def numpy_rng(*key: int) -> np.random.Generator:
     return np.random.default_rng([int(k) % 2**64 for k in key])
 
 
+def seed_from_key(*key: int) -> int:
+    """A 63-bit seed determined by `key` alone."""
+    return int(np.random.SeedSequence([int(k) % 2**64 for k in key]).generate_state(1, np.uint64)[0]) % 2**63
+
+
 def torch_generator(*key: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A torch generator determined by `key` alone."""
-    seed = int(np.random.SeedSequence([int(k) % 2**64 for k in key]).generate_state(1, np.uint64)[0]) % 2**63
-    return torch.Generator(device=device).manual_seed(seed)
+    return torch.Generator(device=device).manual_seed(seed_from_key(*key))
 
 
 def numpy_rng_from_torch(generator: torch.Generator | None = None) -> np.random.Generator:
@@ -25,4 +29,4 @@ def numpy_rng_from_torch(generator: torch.Generator | None = None) -> np.random.
     return numpy_rng(int(torch.randint(0, 2**62, (1,), generator=generator).item()))
 
 
-__all__ = ["numpy_rng", "numpy_rng_from_torch", "torch_generator"]
+__all__ = ["numpy_rng", "numpy_rng_from_torch", "seed_from_key", "torch_generator"]

@@ -13,11 +13,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import signal
 import threading
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -193,6 +195,16 @@ class CIMTrainer(Trainer):
         also drawn by the data pipeline, and the data loader prefetches across a checkpoint."""
         return self._pretext_generators.next(self.state.global_step, device)
 
+    @contextlib.contextmanager
+    def compiled_pretext_rng(self, device: torch.device) -> Iterator[None]:
+        """Under ``--torch_compile``: dynamo cannot trace a `torch.Generator` argument, so the compiled step samples
+        its exemplars from the global RNG, seeded here with the seed `pretext_generator` would use (a pure function
+        of seed, step, micro-batch and process: resumes stay exact) and restored afterwards, so that the data
+        pipeline's draws are the same as in an eager run."""
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(self._pretext_generators.next_seed(self.state.global_step))
+            yield
+
     def correlation_prior(self, config, device: torch.device) -> torch.Tensor:
         """The best constant map under the run's own box distribution, estimated once (seeded by the run's seed) and
         kept on the device the maps are on."""
@@ -236,9 +248,15 @@ class CIMTrainer(Trainer):
         if inputs["pixel_values"].shape[0] == 0:  # every image of this batch was undecodable
             zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
             return (zero, None) if return_outputs else zero
+        rng_scope = contextlib.nullcontext()
         if model.training and "generator" not in inputs:
-            inputs["generator"] = self.pretext_generator(inputs["pixel_values"].device)
-        outputs = model(**inputs, return_loss=True)
+            device = inputs["pixel_values"].device
+            if self.args.torch_compile:
+                rng_scope = self.compiled_pretext_rng(device)
+            else:
+                inputs["generator"] = self.pretext_generator(device)
+        with rng_scope:
+            outputs = model(**inputs, return_loss=True)
         loss = outputs.loss
         if model.training:
             self._check_finite(loss)

@@ -18,7 +18,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
-from .seeding import torch_generator
+from .seeding import seed_from_key
 
 logger = logging.get_logger(__name__)
 
@@ -33,12 +33,16 @@ class StepGenerators:
         self.seed, self.process_index = seed, process_index
         self._step, self._micro = -1, 0
 
-    def next(self, global_step: int, device: torch.device | str = "cpu") -> torch.Generator:
+    def next_seed(self, global_step: int) -> int:
+        """The seed of the next micro-batch of ``global_step`` (what `next` seeds its generator with)."""
         if global_step != self._step:
             self._step, self._micro = global_step, 0
-        generator = torch_generator(self.seed, self._step, self._micro, self.process_index, device=device)
+        seed = seed_from_key(self.seed, self._step, self._micro, self.process_index)
         self._micro += 1
-        return generator
+        return seed
+
+    def next(self, global_step: int, device: torch.device | str = "cpu") -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(self.next_seed(global_step))
 
 
 class EpochToDatasetCallback(TrainerCallback):
