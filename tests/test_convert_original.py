@@ -239,10 +239,10 @@ def test_pretraining_checkpoint_reproduces_the_authors_logits(tmp_path, capsys):
     assert not torch.equal(model.target_encoder.layernorm.weight, model.vit.layernorm.weight)
 
 
-def test_smaller_inputs_differ_from_the_authors_only_by_the_position_interpolation(tmp_path):
-    """A context and exemplars smaller than the image interpolate the position table. transformers' ViT does it
-    with ``size=``, the authors with ``scale_factor=(g + 0.1) / N``: that is the one difference left (a known gap
-    of the stock ViT encoder, not of the conversion)."""
+def test_smaller_inputs_match_the_authors_with_their_position_interpolation(tmp_path):
+    """A context and exemplars smaller than the image interpolate the position table. The converted model uses the
+    authors' form (``scale_factor=(g + 0.1) / N``, `position_interpolation="authors"`, the default) and so
+    reproduces their logits; the stock ViT form (``size=``) is the switch's other value."""
     sd = pretraining_state_dict(image=48, context=IMAGE)
     args = argparse.Namespace(model="cim_vit_base_patch16", template_size=16, template_num=2, sigma_cont=0.0,
                               sigma_corr=1.0, template_min_scale=0.05, template_max_scale=0.48, context_size=IMAGE)
@@ -253,13 +253,18 @@ def test_smaller_inputs_differ_from_the_authors_only_by_the_position_interpolati
     assert (model.config.exemplar_size, model.config.num_exemplars) == (16, 2)
     assert model.config.exemplar_scale == [0.05, 0.48]
     assert (model.config.image_size, model.config.context_size) == (48, IMAGE)
+    assert model.config.position_interpolation == "authors"
     torch.manual_seed(3)
     context, exemplars = torch.randn(2, 3, IMAGE, IMAGE), torch.randn(2, 2, 3, 16, 16)
     ours = our_logits(model, context, exemplars)
-    same_interpolation = authors_correlation_logits(context, exemplars, sd, authors_interpolation=False)
-    torch.testing.assert_close(ours, same_interpolation[:, :, 1] - same_interpolation[:, :, 0], atol=1e-5, rtol=0)
     theirs = authors_correlation_logits(context, exemplars, sd)
-    assert (ours - (theirs[:, :, 1] - theirs[:, :, 0])).abs().max() > 1e-4
+    torch.testing.assert_close(ours, theirs[:, :, 1] - theirs[:, :, 0], atol=1e-5, rtol=0)
+    stock = CIMForPreTraining.from_pretrained(tmp_path / "out", position_interpolation="transformers").eval()
+    stock_logits = our_logits(stock, context, exemplars)
+    same_interpolation = authors_correlation_logits(context, exemplars, sd, authors_interpolation=False)
+    torch.testing.assert_close(stock_logits, same_interpolation[:, :, 1] - same_interpolation[:, :, 0], atol=1e-5,
+                               rtol=0)
+    assert (stock_logits - ours).abs().max() > 1e-4  # the switch matters at these sizes
 
 
 def test_contrastive_heads_are_kept_when_the_config_uses_them(tmp_path):

@@ -10,6 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from transformers import ViTModel
+
 from transformers_cim import CIMForPreTraining, CIMModel
 from transformers_cim.modeling_cim import correlation_loss, sincos_position_embedding_2d
 
@@ -688,3 +690,28 @@ def test_resnet_channels_last_matches_default_layout_and_saves(tmp_path, tiny_re
     reloaded = CIMForPreTraining.from_pretrained(tmp_path / "cl").eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x, exemplar_boxes=boxes).loss, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["authors", "transformers"])
+def test_position_interpolation_switch(tiny_vit_config, mode):
+    """The encoders' position table for a smaller input: the authors' `scale_factor=(g + 0.1) / N` bicubic (written
+    out here from their formula) or the stock ViT's `size=(g, g)`; at the table's own size both return it as is."""
+    import torch.nn.functional as F
+
+    model = CIMForPreTraining(tiny_vit_config(position_interpolation=mode))
+    table = model.vit.embeddings.position_embeddings  # 64 px views, patch 16: a 4 x 4 table
+    patch_grid = table[:, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+    tokens = torch.zeros(1, 1 + 9, table.shape[-1])  # a 48 px context: 3 x 3 patches
+    if mode == "authors":
+        resized = F.interpolate(patch_grid, scale_factor=(3.1 / 4, 3.1 / 4), mode="bicubic", align_corners=False)
+    else:
+        resized = F.interpolate(patch_grid, size=(3, 3), mode="bicubic", align_corners=False)
+    want = torch.cat((table[:, :1], resized.permute(0, 2, 3, 1).reshape(1, 9, -1)), dim=1)
+    for encoder in (model.vit, model.target_encoder):
+        torch.testing.assert_close(encoder.embeddings.interpolate_pos_encoding(tokens, 48, 48), want)
+        assert encoder.embeddings.interpolate_pos_encoding(torch.zeros(1, 17, 1), 64, 64) is table \
+            or torch.equal(encoder.embeddings.interpolate_pos_encoding(torch.zeros(1, 17, 1), 64, 64), table)
+    assert type(model.vit) is ViTModel  # still the stock class: exports and pipelines see a plain ViT
+    other = F.interpolate(patch_grid, size=(3, 3), mode="bicubic", align_corners=False) if mode == "authors" else \
+        F.interpolate(patch_grid, scale_factor=(3.1 / 4, 3.1 / 4), mode="bicubic", align_corners=False)
+    assert not torch.allclose(other, resized)  # the two modes really differ at this size

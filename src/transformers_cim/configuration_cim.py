@@ -23,6 +23,7 @@ TARGET_ENCODER_MODES = ("ema", "shared")
 EXEMPLAR_BOX_MODES = ("enclosing", "exact")
 ENCODER_INITS = ("xavier", "transformers")
 CONTEXT_RESAMPLES = ("bicubic", "bilinear")
+POSITION_INTERPOLATIONS = ("authors", "transformers")
 ENCODER_TYPES = ("vit", "resnet")
 
 # Encoder presets: (hidden size, layers, heads, MLP size) of the standard ViT family (the authors' T/S/B/L-16, H-14);
@@ -93,6 +94,10 @@ class CIMConfig(PreTrainedConfig):
             logit map to the context size (the authors' code uses `True`).
         context_resample (`str`, defaults to `"bicubic"`): how the search view is resized to the context,
             "bicubic" (authors) or "bilinear"; both antialiased.
+        position_interpolation (`str`, defaults to `"authors"`): how the ViT encoders resize their position table
+            for the smaller context and exemplar inputs. "authors": bicubic with `scale_factor=(g + 0.1) / N` (the
+            DINO form their code uses); "transformers": the stock ViT's bicubic to `size=(g, g)`. The two differ
+            slightly in where they sample the table; an exported encoder, used at its own size, is unaffected.
     """
 
     model_type = "cim"
@@ -144,6 +149,7 @@ class CIMConfig(PreTrainedConfig):
     decoder_shared_norm: bool = True
     decoder_align_corners: bool = True
     context_resample: str = "bicubic"
+    position_interpolation: str = "authors"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -277,6 +283,9 @@ def check_cim_config(config: CIMConfig) -> None:
         raise ValueError(f"Unknown `encoder_init`={config.encoder_init!r}; choose one of {ENCODER_INITS}.")
     if config.context_resample not in CONTEXT_RESAMPLES:
         raise ValueError(f"Unknown `context_resample`={config.context_resample!r}; choose one of {CONTEXT_RESAMPLES}.")
+    if config.position_interpolation not in POSITION_INTERPOLATIONS:
+        raise ValueError(f"Unknown `position_interpolation`={config.position_interpolation!r}; choose one of "
+                         f"{POSITION_INTERPOLATIONS}.")
     if config.encoder_type == "vit":
         hidden, heads = config.encoder_config.hidden_size, config.encoder_config.num_attention_heads
         if hidden % heads:

@@ -10,6 +10,7 @@ encoder in one batch, decode one correlation logit per context pixel, and comput
 from __future__ import annotations
 
 import math
+import types
 from dataclasses import dataclass
 
 import torch
@@ -88,7 +89,39 @@ def build_encoder(config: CIMConfig) -> nn.Module:
     """A stock transformers encoder from `config.encoder_config`."""
     if config.encoder_type == "resnet":
         return ResNetModel(config.encoder_config)
-    return ViTModel(config.encoder_config, add_pooling_layer=False)
+    encoder = ViTModel(config.encoder_config, add_pooling_layer=False)
+    use_position_interpolation(encoder, config.position_interpolation)
+    return encoder
+
+
+def interpolate_positions_like_authors(embeddings: nn.Module, tokens: torch.Tensor, height: int,
+                                      width: int) -> torch.Tensor:
+    """The position table of a ``ViTEmbeddings`` for a ``height`` x ``width`` input, resized as the CIM authors'
+    code (and DINO's) does: bicubic with ``scale_factor=(g + 0.1) / N`` for a g-patch side and an N x N table, where
+    the stock ViT resizes to ``size=(g, g)``; the two sample the table at slightly different points."""
+    table = embeddings.position_embeddings
+    num_positions = table.shape[1] - 1
+    if tokens.shape[1] - 1 == num_positions and height == width:
+        return table
+    side = math.isqrt(num_positions)
+    dim = table.shape[-1]
+    rows, cols = height // embeddings.patch_size, width // embeddings.patch_size
+    grid = table[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, scale_factor=((rows + 0.1) / side, (cols + 0.1) / side), mode="bicubic",
+                         align_corners=False)
+    return torch.cat((table[:, :1], grid.permute(0, 2, 3, 1).reshape(1, rows * cols, dim)), dim=1)
+
+
+def use_position_interpolation(encoder: nn.Module, mode: str) -> None:
+    """Makes a ViT encoder resize its position table the ``mode`` way ("authors" or the stock "transformers");
+    the encoder stays a stock ``ViTModel`` (the method is bound on this instance only)."""
+    if not isinstance(encoder, ViTModel):
+        return
+    embeddings = encoder.embeddings
+    if mode == "authors":
+        embeddings.interpolate_pos_encoding = types.MethodType(interpolate_positions_like_authors, embeddings)
+    elif "interpolate_pos_encoding" in vars(embeddings):
+        del embeddings.interpolate_pos_encoding
 
 
 def encoder_attribute(config: CIMConfig) -> str:
