@@ -15,17 +15,15 @@ from transformers_cim import CIMForPreTraining
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 
 
-def test_full_step_compiles_without_graph_breaks_and_matches_eager(tiny_vit_config, search_views):
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = CIMForPreTraining(tiny_vit_config(exemplar_augmentation=False))
-    x = search_views(batch=2)
-    boxes = torch.tensor([[[0.5, 0.5, 0.4, 0.3, 0.2], [0.3, 0.6, 0.3, 0.5, -0.4], [0.6, 0.4, 0.5, 0.4, 0.7]]] * 2)
+def assert_compiled_step_matches_eager(model: CIMForPreTraining, x: torch.Tensor, boxes: torch.Tensor,
+                                      x_again: torch.Tensor, grad_atol: float = 1e-5) -> None:
+    """One full-graph compiled step (any graph break is an error) gives the eager loss and gradients, and a second
+    call with the same shapes and other values does not recompile."""
 
     def step(pixel_values: torch.Tensor, exemplar_boxes: torch.Tensor) -> torch.Tensor:
         return model(pixel_values, exemplar_boxes=exemplar_boxes).loss
 
-    compiled = torch.compile(step, fullgraph=True)  # fullgraph: any graph break is an error
+    compiled = torch.compile(step, fullgraph=True)
     loss = compiled(x, boxes)
     loss.backward()
     compiled_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -34,11 +32,18 @@ def test_full_step_compiles_without_graph_breaks_and_matches_eager(tiny_vit_conf
     eager.backward()
     torch.testing.assert_close(loss, eager, rtol=1e-4, atol=1e-5)
     for name, grad in compiled_grads.items():
-        torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, rtol=1e-3, atol=1e-5)
-    # same shapes, other values: no recompilation
+        torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, rtol=1e-3, atol=grad_atol)
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    compiled(search_views(batch=2, seed=1), boxes.flip(1).contiguous())
+    compiled(x_again, boxes.flip(1).contiguous())
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_before
+
+
+def test_full_step_compiles_without_graph_breaks_and_matches_eager(tiny_vit_config, search_views):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = CIMForPreTraining(tiny_vit_config(exemplar_augmentation=False))
+    boxes = torch.tensor([[[0.5, 0.5, 0.4, 0.3, 0.2], [0.3, 0.6, 0.3, 0.5, -0.4], [0.6, 0.4, 0.5, 0.4, 0.7]]] * 2)
+    assert_compiled_step_matches_eager(model, search_views(batch=2), boxes, search_views(batch=2, seed=1))
 
 
 def test_pretext_sampling_from_the_global_rng_compiles(tiny_vit_config, search_views):
@@ -56,25 +61,9 @@ def test_resnet_step_compiles_without_graph_breaks_and_matches_eager(tiny_resnet
     model = CIMForPreTraining(tiny_resnet_config(exemplar_augmentation=False))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    x = search_views(batch=2)
     boxes = torch.tensor([[[0.5, 0.5, 0.4, 0.3, 0.2], [0.3, 0.6, 0.3, 0.5, -0.4]]] * 2)
-
-    def step(pixel_values: torch.Tensor, exemplar_boxes: torch.Tensor) -> torch.Tensor:
-        return model(pixel_values, exemplar_boxes=exemplar_boxes).loss
-
-    compiled = torch.compile(step, fullgraph=True)
-    loss = compiled(x, boxes)
-    loss.backward()
-    compiled_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    eager = step(x, boxes)
-    eager.backward()
-    torch.testing.assert_close(loss, eager, rtol=1e-4, atol=1e-5)
-    for name, grad in compiled_grads.items():
-        torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, rtol=1e-3, atol=1e-4)
-    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    compiled(search_views(batch=2, seed=1), boxes.flip(1).contiguous())
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_before
+    assert_compiled_step_matches_eager(model, search_views(batch=2), boxes, search_views(batch=2, seed=1),
+                                       grad_atol=1e-4)
 
 
 def test_trainer_torch_compile_matches_the_eager_run(tmp_path, tiny_vit_config, search_views, monkeypatch):
