@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,25 +76,29 @@ class SegmentationEvaluation:
     examples: list[tuple[torch.Tensor, np.ndarray, np.ndarray]] = field(default_factory=list)
 
 
-def _rows_of_process(dataset: Iterable[dict], process_index: int, num_processes: int) -> Iterable[dict]:
+def _rows_of_process(dataset: Iterable[dict], process_index: int, num_processes: int
+                     ) -> Iterable[tuple[int, dict]]:
+    """``(row index, row)`` of every `num_processes`-th row, starting at `process_index`."""
     if not isinstance(dataset, torch.utils.data.IterableDataset) and hasattr(dataset, "__len__"):
-        return (dataset[i] for i in range(process_index, len(dataset), num_processes))
-    return (row for i, row in enumerate(dataset) if i % num_processes == process_index)
+        return ((i, dataset[i]) for i in range(process_index, len(dataset), num_processes))
+    return ((i, row) for i, row in enumerate(dataset) if i % num_processes == process_index)
 
 
 @torch.no_grad()
 def evaluate_segmentation(model: nn.Module, dataset: Iterable[dict], num_labels: int, ignore_index: int = 255, *,
                           num_examples: int = 0, process_index: int = 0, num_processes: int = 1,
-                          autocast=None) -> SegmentationEvaluation:
+                          autocast=None, on_prediction: Callable[[int, np.ndarray], None] | None = None
+                          ) -> SegmentationEvaluation:
     """Scores `model` on every row of `dataset` (rows ``{"pixel_values": (3, H, W), "labels": (h, w),
     "cim_valid"}``), one whole image at a time, at the mask's resolution. Rows flagged invalid are counted, not
-    scored. Under distributed evaluation each process takes every `num_processes`-th row; the caller sums."""
+    scored. Under distributed evaluation each process takes every `num_processes`-th row; the caller sums.
+    `on_prediction(row index, predicted ids)` is called for every scored row (e.g. to save the masks)."""
     parameter = next(model.parameters())
     was_training = model.training
     model.eval()
     confusion = ConfusionMatrix(num_labels, ignore_index)
     loss_sum, images, skipped, examples = 0.0, 0, 0, []
-    for row in _rows_of_process(dataset, process_index, num_processes):
+    for index, row in _rows_of_process(dataset, process_index, num_processes):
         if not row.get("cim_valid", True):
             skipped += 1
             continue
@@ -107,6 +111,8 @@ def evaluate_segmentation(model: nn.Module, dataset: Iterable[dict], num_labels:
         if (labels != ignore_index).any():
             loss_sum += float(F.cross_entropy(logits[None], labels[None], ignore_index=ignore_index))
         images += 1
+        if on_prediction is not None:
+            on_prediction(index, predicted.cpu().numpy())
         if len(examples) < num_examples:
             examples.append((row["pixel_values"].cpu(), labels.cpu().numpy(), predicted.cpu().numpy()))
     model.train(was_training)
@@ -127,7 +133,8 @@ class SegmentationTrainer(ClassificationTrainer):
         self.figure_examples = int(num_examples)
         self.last_examples: list[tuple[torch.Tensor, np.ndarray, np.ndarray]] = []
 
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval",
+                 on_prediction: Callable[[int, np.ndarray], None] | None = None) -> dict[str, float]:
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("SegmentationTrainer.evaluate needs an evaluation dataset.")
@@ -136,7 +143,7 @@ class SegmentationTrainer(ClassificationTrainer):
         result = evaluate_segmentation(
             model, dataset, config.num_labels, self.ignore_index, num_examples=self.figure_examples,
             process_index=self.args.process_index, num_processes=self.args.world_size,
-            autocast=self.autocast_smart_context_manager)
+            autocast=self.autocast_smart_context_manager, on_prediction=on_prediction)
         counts = result.confusion.counts
         totals = torch.tensor([result.loss * result.images, result.images, result.skipped], dtype=torch.float64)
         if self.args.world_size > 1:
