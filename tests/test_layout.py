@@ -11,15 +11,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 PACKAGE = "transformers_cim"
-SCRIPTS = ("run_pretraining.py", "run_image_classification.py")
+SCRIPTS = ("run_pretraining.py", "run_image_classification.py", "run_semantic_segmentation.py")
 
 # Lower layers never import higher ones. Modules not listed are still checked for cycles.
 LAYERS = {
     "geometry": ["pretext"],
     "model and data": ["__init__", "configuration_cim", "modeling_cim", "pretext_metrics", "checkpoints", "data",
-                       "knn", "modelcard", "features", "seeding", "errors"],
+                       "knn", "modelcard", "features", "seeding", "errors", "segmentation_metrics"],
     "training glue": ["training_utils", "streaming", "trainer", "finetune", "transfer", "export", "visualization",
-                      "script_args", "convert_cim_original_to_hf"],
+                      "script_args", "convert_cim_original_to_hf", "segmentation"],
 }
 
 
