@@ -11,11 +11,20 @@ import math
 import pytest
 import torch
 
+from transformers_cim import CIMConfig, pretext
+from transformers_cim._pretext_reference import (
+    _augment_exemplars_reference,
+    _correlation_maps_reference,
+    _sample_pretext_reference,
+    _warp_exemplars_reference,
+)
 from transformers_cim.pretext import (
+    _augment,
     augment_exemplars,
     correlation_maps,
     exemplar_supersampling,
     gaussian_blur,
+    sample_config_boxes,
     sample_enclosing_boxes,
     sample_exemplar_boxes,
     sample_pretext,
@@ -489,3 +498,139 @@ def test_pretext_geometry_stays_exact_in_low_precision(mode, tiny_vit_config, se
     assert inside.dtype == torch.bfloat16
     wide = (boxes[..., 2] > 0.3) & (boxes[..., 3] > 0.3)
     assert torch.equal(inside[wide], torch.ones_like(inside[wide]))
+
+
+# ------------------------------------------------------------- the implementation before issue 11, bit for bit
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bit patterns (so that equality also sees the sign of a zero)."""
+    ints = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16}
+    return t.contiguous().view(ints[t.dtype])
+
+
+def assert_bitwise_equal(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert torch.equal(bits(got), bits(want)), f"{(got != want).sum().item()} values differ"
+
+
+def on_edge_pixels(boxes: torch.Tensor, size: int) -> int:
+    """How many (box, pixel) pairs the per-pixel test decides on an exact tie (|coordinate| == half side)."""
+    cx, cy, w, h, theta = (t[..., None, None] for t in boxes.unbind(-1))
+    centres = (torch.arange(size, dtype=boxes.dtype) + 0.5) / size
+    xs, ys = centres.view(1, 1, 1, size), centres.view(1, 1, size, 1)
+    along_w = ((xs - cx) * theta.cos()) + ((ys - cy) * theta.sin())
+    along_h = ((ys - cy) * theta.cos()) - ((xs - cx) * theta.sin())
+    return int(((along_w.abs() == w / 2) | (along_h.abs() == h / 2)).sum())
+
+
+@pytest.mark.parametrize("mode", ["enclosing", "exact"])
+def test_correlation_maps_equal_the_per_pixel_test_on_sampled_boxes(mode, tiny_vit_config):
+    config = tiny_vit_config(exemplar_box_mode=mode)
+    for seed, size in enumerate((160, 48, 33, 7, 2, 1)):
+        boxes = sample_config_boxes(config, 64, 6, generator=gen(40 + seed))
+        assert torch.equal(correlation_maps(boxes, size), _correlation_maps_reference(boxes, size)), size
+
+
+def test_correlation_maps_equal_the_per_pixel_test_at_any_angle_and_place():
+    g = gen(41)
+    n = 4096
+    w, h = torch.rand(n, generator=g) * 1.2, torch.rand(n, generator=g) * 1.2
+    cx, cy = torch.rand(n, generator=g) * 1.4 - 0.2, torch.rand(n, generator=g) * 1.4 - 0.2  # some cut by the border
+    theta = (torch.rand(n, generator=g) * 2 - 1) * 2 * math.pi  # beyond +-pi too
+    boxes = torch.stack([cx, cy, w, h, theta], -1).view(64, 64, 5)
+    for size in (64, 31):
+        assert torch.equal(correlation_maps(boxes, size), _correlation_maps_reference(boxes, size)), size
+    assert torch.equal(correlation_maps(boxes.double(), 32), _correlation_maps_reference(boxes.double(), 32))
+
+
+def test_correlation_maps_equal_the_per_pixel_test_on_edge_cases():
+    """Pixel centres exactly on an edge (boxes on the pixel grid), the right angles (theta = +-90 degrees has a
+    cosine of -4e-8 in fp32: a row's coordinates then differ by less than their rounding), boxes touching or
+    covering the border, thin and empty boxes: where a full-map formula and the row intervals could round apart."""
+    size = 32
+    g = gen(42)
+    n = 2048
+    # centres on pixel centres and whole-pixel half sides: the edges of an unturned or quarter-turned box run
+    # exactly through pixel centres
+    cx = (torch.randint(-4, size + 4, (n,), generator=g) + 0.5) / size
+    cy = (torch.randint(-4, size + 4, (n,), generator=g) + 0.5) / size
+    w = torch.randint(0, size + 2, (n,), generator=g) * 2.0 / size
+    h = torch.randint(0, size + 2, (n,), generator=g) * 2.0 / size
+    angles = torch.tensor([0.0, math.pi / 2, -math.pi / 2, math.pi, -math.pi, math.pi / 4, -math.pi / 4,
+                           3 * math.pi / 2, 1e-7, -1e-30, math.atan2(1, 2)])
+    theta = angles[torch.randint(0, len(angles), (n,), generator=g)]
+    grid_boxes = torch.stack([cx, cy, w, h, theta], -1)
+    special = torch.tensor([
+        [0.25, 0.5, 0.5, 1.0, 0.0],  # touching the left, top and bottom borders
+        [0.5, 0.5, 1.0, 1.0, 0.0],  # the whole view
+        [0.5, 0.5, 1.0, 1.0, math.pi / 2],
+        [0.5, 0.5, 1e-6, 0.8, 0.3],  # thin: no centre inside
+        [12.5 / 32, 0.5, 0.0, 0.5, 0.0],  # zero width through a column of centres
+        [12.5 / 32, 12.5 / 32, 0.0, 0.0, 0.0],  # a point on a pixel centre
+        [0.5, 0.5, 0.0, 0.0, math.pi / 2],  # an empty box
+        [0.5, 0.5, 2.0, 0.1, 0.0],  # wider than the view
+    ])
+    special = torch.cat([special, special * torch.tensor([1.0, 1.0, 1.0, 1.0, -1.0])])
+    boxes = torch.cat([grid_boxes, special]).view(1, -1, 5)
+    maps = correlation_maps(boxes, size)
+    assert torch.equal(maps, _correlation_maps_reference(boxes, size))
+    assert on_edge_pixels(boxes, size) > 10_000  # not vacuous: measured 52,269 exact ties (a 1-ulp wider
+    # threshold in the per-pixel test flips 3,248 of these pixels; the rounding order x*cos - cx*cos, 94)
+    assert maps[0, len(grid_boxes) + 4].sum() == size // 2  # the zero-width box holds the centres on its line
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("supersample", [1, 2, 3, 4])
+def test_warp_equals_the_single_call_reference_bit_for_bit(supersample, dtype, monkeypatch):
+    """The chunked, planar warp equals one grid_sample call + avg_pool2d, -0.0 pixels and chunk edges included."""
+    images = torch.randn(5, 3, 40, 40, generator=gen(43))
+    images[1, :, :, :24] = -0.0  # avg_pool2d sums from +0: an all -0.0 neighbourhood averages to +0.0
+    images = images.to(dtype)
+    boxes = sample_exemplar_boxes(5, 3, generator=gen(44), **RECIPE)
+    want = _warp_exemplars_reference(images, boxes, 8, supersample)
+    assert_bitwise_equal(warp_exemplars(images, boxes, 8, supersample), want)
+    for images_per_call in (1, 2):  # 5 images: a last, smaller call
+        monkeypatch.setattr(pretext, "CPU_WARP_CHUNK_BYTES", images_per_call * 3 * 3 * (8 * supersample) ** 2 * 4)
+        assert_bitwise_equal(warp_exemplars(images, boxes, 8, supersample), want)
+
+
+@pytest.mark.parametrize("probabilities", ["configured", "all", "none"])
+def test_augmentation_equals_the_masked_reference_bit_for_bit(probabilities, tiny_vit_config):
+    """Both ways of applying the transforms (on the drawn samples only, or on all and blended by mask) give the
+    reference's exemplars for the same seed and consume the same random stream."""
+    config = tiny_vit_config()
+    if probabilities != "configured":
+        names = ("exemplar_color_jitter_prob", "exemplar_grayscale_prob", "exemplar_blur_prob",
+                 "exemplar_solarize_prob", "exemplar_hflip_prob")
+        config = _only(config, **{name: 1.0 if probabilities == "all" else 0.0 for name in names})
+    images = torch.rand(48, 3, 16, 16, generator=gen(45))
+    before = images.clone()
+    for seed in (0, 1, 2):
+        want_generator = gen(seed)
+        want = _augment_exemplars_reference(images, config, want_generator)
+        for subset in (True, False):
+            generator = gen(seed)
+            assert_bitwise_equal(_augment(images, config, generator, subset=subset), want)
+            assert torch.equal(generator.get_state(), want_generator.get_state())  # as many numbers drawn
+        assert_bitwise_equal(augment_exemplars(images, config, gen(seed)), want)
+    assert torch.equal(images, before)  # the input is left alone
+
+
+@pytest.mark.parametrize("mode", ["enclosing", "exact"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16 inputs", "bf16 autocast"])
+def test_sample_pretext_equals_the_reference_bit_for_bit(mode, precision):
+    """At the recipe's sizes (224 px views, 6 exemplars of 64 px, 160 px context and maps, augmentation on)."""
+    config = CIMConfig(exemplar_box_mode=mode)
+    views = torch.randn(4, 3, 224, 224, generator=gen(46))
+    if precision == "bf16 inputs":
+        views = views.bfloat16()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16 autocast")
+    with autocast:
+        got = sample_pretext(views, config, generator=gen(47))
+        want = _sample_pretext_reference(views, config, generator=gen(47))
+    for field in ("context_pixel_values", "exemplar_pixel_values", "correlation_labels", "exemplar_boxes"):
+        assert_bitwise_equal(getattr(got, field), getattr(want, field))
+    config.exemplar_augmentation = False
+    assert_bitwise_equal(sample_pretext(views, config, generator=gen(48)).exemplar_pixel_values,
+                         _sample_pretext_reference(views, config, generator=gen(48)).exemplar_pixel_values)

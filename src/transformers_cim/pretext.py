@@ -1,10 +1,11 @@
 """The crop-and-correlate pretext task, batched on the input's device.
 
 Given a batch of "search" views, this module samples K rotated rectangular exemplar boxes per image, warps
-all B*K exemplars with one `grid_sample` call (one grid of shape (B, K*n, n, 2), so the source image is
-never copied per exemplar), computes the true correlation maps analytically on the context pixel grid
-(point-in-rotated-rectangle, as separable broadcast sums), and applies the exemplar-only photometric
-transforms with per-sample random parameters. No per-sample Python loop runs anywhere.
+all B*K exemplars with `grid_sample` (one grid of shape (B, s*s*K*n, n, 2) reads all K boxes of an image, so the
+source image is never copied per exemplar; a CPU takes a few images per call), computes the true correlation
+maps analytically on the context pixel grid (point-in-rotated-rectangle, one interval of columns per row), and
+applies the exemplar-only photometric transforms with per-sample random parameters. No per-sample Python loop
+runs anywhere. `_pretext_reference` keeps the slower first implementation these functions equal bit for bit.
 
 Box convention: coordinates are fractions of the search view's side, (0, 0) is the top-left corner,
 x grows to the right and y downwards. A box is (cx, cy, w, h, theta): centre, side lengths along its own
@@ -174,41 +175,92 @@ def sample_config_boxes(config, batch_size: int, num_exemplars: int, generator: 
                    config.exemplar_max_rotation, generator=generator, device=device)
 
 
-def exemplar_sampling_grid(boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """The `grid_sample` grid (B, K*n, n, 2) that reads all K boxes of each image into n x n exemplars.
+def exemplar_sampling_grid(boxes: torch.Tensor, size: int, supersample: int = 1) -> torch.Tensor:
+    """The `grid_sample` grid (B, s*s*K*n, n, 2) that reads all K boxes of each image into n x n exemplars,
+    with s x s samples per exemplar pixel (`supersample` s).
 
-    Output pixel (i, j) of exemplar k reads the view at centre + R(theta) @ ((u_j * w/2), (v_i * h/2)), with
-    u, v the pixel centres in [-1, 1] (`align_corners=False` convention), written in [-1, 1] coordinates.
+    Sample (i, j) of output pixel (r, c) of exemplar k reads the view at centre + R(theta) @ (u * w/2, v * h/2),
+    with u, v the centres of the fine pixels s*c + j and s*r + i of an (s*n) x (s*n) grid over the box, in
+    [-1, 1] (`align_corners=False` convention). The grid rows are ordered (i, j, k, r): each sub-sample offset
+    (i, j) is its own n x n plane, so the box filter is a sum of contiguous planes.
     """
     batch_size, num_exemplars = boxes.shape[:2]
-    cx, cy, w, h, theta = boxes.unbind(-1)  # each (B, K)
-    steps = (torch.arange(size, device=boxes.device, dtype=boxes.dtype) * 2 + 1) / size - 1  # (n,)
-    cos, sin = theta.cos()[..., None, None], theta.sin()[..., None, None]
-    u = steps.view(1, 1, 1, size) * w[..., None, None]  # (B, K, 1, n): half-extent in [-1, 1] units is w
-    v = steps.view(1, 1, size, 1) * h[..., None, None]  # (B, K, n, 1)
-    x = (2 * cx - 1)[..., None, None] + u * cos - v * sin  # (B, K, n, n)
-    y = (2 * cy - 1)[..., None, None] + u * sin + v * cos
-    grid = torch.stack([x, y], dim=-1)  # (B, K, n, n, 2)
-    return grid.reshape(batch_size, num_exemplars * size, size, 2)
+    s, fine = supersample, size * supersample
+    cx, cy, w, h, theta = (t[:, None, None, :, None, None] for t in boxes.unbind(-1))  # each (B, 1, 1, K, 1, 1)
+    steps = (torch.arange(fine, device=boxes.device, dtype=boxes.dtype) * 2 + 1) / fine - 1  # (s*n,)
+    steps = steps.view(size, s).t()  # (s, n): the fine pixel s*r + i at [i, r]
+    cos, sin = theta.cos(), theta.sin()
+    u = steps.view(1, 1, s, 1, 1, size) * w  # (B, 1, j, K, 1, c): half-extent in [-1, 1] units is w
+    v = steps.view(1, s, 1, 1, size, 1) * h  # (B, i, 1, K, r, 1)
+    x_part, x_rest = (2 * cx - 1) + u * cos, v * sin  # x = x_part - x_rest, y = y_part + y_rest: (B, i, j, K, r, c)
+    y_part, y_rest = (2 * cy - 1) + u * sin, v * cos
+    if torch.compiler.is_compiling():  # `out=` into a strided view does not trace; the compiler fuses the stack
+        grid = torch.stack([x_part - x_rest, y_part + y_rest], dim=-1)
+    else:  # x and y written straight into the interleaved grid: no full-size temporaries, no stacking copy
+        grid = torch.empty(batch_size, s, s, num_exemplars, size, size, 2, device=boxes.device, dtype=boxes.dtype)
+        torch.sub(x_part, x_rest, out=grid[..., 0])
+        torch.add(y_part, y_rest, out=grid[..., 1])
+    return grid.view(batch_size, s * s * num_exemplars * size, size, 2)
+
+
+# Largest block of supersampled exemplars (bytes) that one `grid_sample` call produces per CPU thread: the grid
+# and the samples of a call then stay in cache and in reused heap memory instead of fresh pages.
+CPU_WARP_CHUNK_BYTES = 8 << 20
+
+
+def _images_per_warp_call(images: torch.Tensor, num_exemplars: int, fine: int) -> int:
+    """All images in one call on accelerators and under torch.compile; on a CPU, as many per thread as fit the
+    chunk (grid_sample splits a call's images between the threads: an equal share each)."""
+    if images.device.type != "cpu" or torch.compiler.is_compiling():
+        return images.shape[0]
+    per_image = images.shape[1] * num_exemplars * fine * fine * 4  # the fp32 grid_sample output
+    return torch.get_num_threads() * max(1, CPU_WARP_CHUNK_BYTES // per_image)
+
+
+def _warp_call(images: torch.Tensor, boxes: torch.Tensor, size: int, supersample: int,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """One `grid_sample` call and its box filter: the exemplars (b, C, K, n, n) of b images, written into `out`
+    when given."""
+    batch_size, num_exemplars = boxes.shape[:2]
+    # geometry in fp32 whatever the image dtype: a bf16 grid is off by up to ~1 px against the fp32 true map
+    grid = exemplar_sampling_grid(boxes.float(), size, supersample)
+    samples = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    samples = samples.to(images.dtype)  # (b, C, s*s*K*n, n)
+    planes = samples.view(batch_size, images.shape[1], supersample**2, num_exemplars, size, size)
+    if supersample == 1:
+        exemplars = planes[:, :, 0]
+    else:
+        # the box filter as avg_pool2d computes it, bit for bit: an fp32 sum from +0 over the s*s samples in
+        # row-major order, divided by s*s (here the first two summed, then +0 added at the end: the same, -0 too)
+        direct = out is not None and out.dtype == torch.float32
+        total = torch.add(planes[:, :, 0].float(), planes[:, :, 1].float(), out=out if direct else None)
+        for plane in range(2, supersample**2):
+            total += planes[:, :, plane].float()
+        exemplars = total.div_(supersample**2).add_(0.0).to(images.dtype)
+    if out is None:
+        return exemplars
+    if exemplars is not out:
+        out.copy_(exemplars)
+    return out
 
 
 def warp_exemplars(images: torch.Tensor, boxes: torch.Tensor, size: int, supersample: int = 1) -> torch.Tensor:
-    """Crops the rotated boxes (B, K, 5) out of `images` (B, C, H, W) as (B, K, C, n, n) in one call.
+    """Crops the rotated boxes (B, K, 5) out of `images` (B, C, H, W) as (B, K, C, n, n).
 
     With `supersample` s > 1 each exemplar pixel is the mean of s x s bilinear samples spread over it: an
     antialiased downscale (box filter) for exemplars that shrink their box by up to about s times.
+    One grid per image reads all its K boxes from the uncopied image. A CPU takes the images a few per call
+    (`CPU_WARP_CHUNK_BYTES`; the same pixels bit for bit), other devices and torch.compile all in one call.
     """
     batch_size, num_exemplars = boxes.shape[:2]
-    fine = size * supersample
-    # geometry in fp32 whatever the image dtype: a bf16 grid is off by up to ~1 px against the fp32 true map
-    grid = exemplar_sampling_grid(boxes.float(), fine)
-    out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
-    out = out.to(images.dtype)
-    out = out.view(batch_size, images.shape[1] * num_exemplars, fine, fine)
-    if supersample > 1:
-        out = F.avg_pool2d(out, supersample)
-    out = out.view(batch_size, images.shape[1], num_exemplars, size, size)
-    return out.permute(0, 2, 1, 3, 4)
+    step = _images_per_warp_call(images, num_exemplars, size * supersample)
+    if step >= batch_size:
+        return _warp_call(images, boxes, size, supersample).permute(0, 2, 1, 3, 4)
+    out = images.new_empty(batch_size, num_exemplars, images.shape[1], size, size)
+    for start in range(0, batch_size, step):
+        part = slice(start, start + step)
+        _warp_call(images[part], boxes[part], size, supersample, out=out[part].permute(0, 2, 1, 3, 4))
+    return out
 
 
 def exemplar_supersampling(config) -> int:
@@ -223,16 +275,73 @@ def exemplar_supersampling(config) -> int:
 def correlation_maps(boxes: torch.Tensor, size: int) -> torch.Tensor:
     """True maps (B, K, m, m): 1 where the context pixel's centre lies inside the rotated box.
 
-    Uses separable broadcast sums: the projection of pixel (i, j) on a box axis is a[j] + b[i].
+    Row by row. Along each box axis a pixel's coordinate is a row term plus a column term (separable broadcast
+    sums), monotone along the row, so the inside of the box is one interval of columns per row. Its ends are
+    found by bisection on the very float sums a per-pixel test compares (`_inside_columns`): the maps equal
+    that test's (`_pretext_reference._correlation_maps_reference`) bit for bit, pixel centres on an edge
+    included, and only the final interval compare touches every pixel.
     """
     cx, cy, w, h, theta = (t[..., None, None] for t in boxes.unbind(-1))  # each (B, K, 1, 1)
     centres = (torch.arange(size, device=boxes.device, dtype=boxes.dtype) + 0.5) / size
     xs, ys = centres.view(1, 1, 1, size), centres.view(1, 1, size, 1)
     cos, sin = theta.cos(), theta.sin()
-    along_w = ((xs - cx) * cos) + ((ys - cy) * sin)  # (B, K, m, m) via broadcasting (1, m) + (m, 1)
-    along_h = ((ys - cy) * cos) - ((xs - cx) * sin)
-    inside = (along_w.abs() <= w / 2) & (along_h.abs() <= h / 2)
-    return inside.to(boxes.dtype)
+    dx, dy = xs - cx, ys - cy  # (B, K, 1, m), (B, K, m, 1)
+    # along_w[i, j] = (dy[i] * sin) + (dx[j] * cos) and along_h[i, j] = (dy[i] * cos) + -(dx[j] * sin), rounded
+    # exactly as the per-pixel test rounds them (float addition commutes; x - y is x + -y)
+    rows = torch.cat([dy * sin, dy * cos], dim=3).transpose(2, 3)  # (B, K, 2, m): the row terms of both axes
+    columns = torch.cat([dx * cos, -(dx * sin)], dim=2)  # (B, K, 2, m): the column terms
+    half = torch.cat([w, h], dim=2) / 2  # (B, K, 2, 1)
+    start, end = _inside_columns(rows, columns, half)  # (B, K, 2, m) each
+    start = torch.maximum(start[:, :, 0], start[:, :, 1])  # inside along both axes: (B, K, m)
+    end = torch.minimum(end[:, :, 0], end[:, :, 1])
+    return _interval_rows(start, end, size, boxes.dtype)
+
+
+def _inside_columns(rows: torch.Tensor, columns: torch.Tensor,
+                    half: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The columns [start, end) of each row i where |rows[i] + columns[j]| <= half (float sums), for `columns`
+    monotone along the last axis. rows, columns (..., m), half (..., 1) -> start, end (..., m), int64."""
+    size = columns.shape[-1]
+    descending = columns[..., :1] > columns[..., -1:]
+    ascending = torch.where(descending, columns.flip(-1), columns)
+    # |s| <= half is: not (s < -half) and not (-s < -half), with -s = (-rows[i]) + (-columns[j]) exactly, whose
+    # column terms ascend once reversed: one count of sums below -half from the left, one from the right
+    values = torch.cat([ascending, -ascending.flip(-1)], dim=-2)
+    padding = values.new_full((*values.shape[:-1], (1 << size.bit_length()) - size), math.inf)
+    counts = _count_below(torch.cat([rows, -rows], dim=-2), torch.cat([values, padding], dim=-1),
+                          torch.cat([-half, -half], dim=-2))
+    from_left, from_right = counts.chunk(2, dim=-2)
+    low, high = from_left, size - from_right  # the inside, in ascending order
+    return torch.where(descending, size - high, low), torch.where(descending, size - low, high)
+
+
+def _interval_rows(start: torch.Tensor, end: torch.Tensor, size: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows of `size` 0/1 values, ones on the columns [start, end): (...) int64 in [0, size] -> (..., size).
+
+    Each row is one copy out of a small table (every run length, at every offset), not a compare per pixel.
+    """
+    offsets = torch.arange(2 * size, device=start.device)
+    lengths = torch.arange(size + 1, device=start.device).view(-1, 1)
+    # row L of the table: size zeros, L ones, size - L zeros; its windows of `size` values place the L ones anywhere
+    runs = ((offsets >= size) & (offsets < size + lengths)).to(dtype).view(-1)
+    windows = runs.unfold(0, size, 1)  # windows[o] = runs[o : o + size], a view
+    length = (end - start).clamp(min=0)
+    index = length * (2 * size) + (size - start)  # the window of row `length` whose ones start at column `start`
+    return windows.index_select(0, index.view(-1)).view(*index.shape, size)
+
+
+def _count_below(offsets: torch.Tensor, values: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """#{j : offsets[..., i] + values[..., j] < thresholds} for each i, with `values` (..., L) non-decreasing and
+    L a power of two (+inf padding), offsets (..., R), thresholds (..., 1). Bisection: log2(L) gathers, and each
+    sum is rounded exactly as in a full (R, L) table of sums."""
+    last = torch.full_like(offsets, -1, dtype=torch.long)  # the last column known to be below
+    step = values.shape[-1] // 2
+    while step:
+        probe = last + step
+        below = (offsets + values.gather(-1, probe)) < thresholds
+        last = torch.where(below, probe, last)
+        step //= 2
+    return last + 1
 
 
 def resize_context(images: torch.Tensor, size: int, mode: str = "bicubic") -> torch.Tensor:
@@ -274,12 +383,13 @@ def _rotate_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 def color_jitter(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     """Brightness, contrast, saturation (multiplicative factors) then hue shift; `factors` is (N, 4)."""
     view = lambda t: t.view(-1, 1, 1, 1)  # noqa: E731
-    out = (images * view(factors[:, 0])).clamp(0, 1)
+    # in place after the first product (a fresh tensor): the same roundings as out-of-place, fewer allocations
+    out = (images * view(factors[:, 0])).clamp_(0, 1)
     mean = _grayscale(out).mean(dim=(1, 2, 3), keepdim=True)
-    out = (mean + (out - mean) * view(factors[:, 1])).clamp(0, 1)
+    out = out.sub_(mean).mul_(view(factors[:, 1])).add_(mean).clamp_(0, 1)  # mean + (out - mean) * contrast
     gray = _grayscale(out)
-    out = (gray + (out - gray) * view(factors[:, 2])).clamp(0, 1)
-    return _rotate_hue(out, factors[:, 3]).clamp(0, 1)
+    out = out.sub_(gray).mul_(view(factors[:, 2])).add_(gray).clamp_(0, 1)  # gray + (out - gray) * saturation
+    return _rotate_hue(out, factors[:, 3]).clamp_(0, 1)
 
 
 def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> torch.Tensor:
@@ -295,25 +405,79 @@ def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -
     return flat.view(n, c, hgt, wid)
 
 
-def augment_exemplars(images: torch.Tensor, config, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Applies colour jitter, grayscale, blur, solarize and horizontal flip, each with its own probability and
-    per-sample parameters, to (N, 3, n, n) images in [0, 1]. Every random number is drawn (so a seeded
-    generator gives the same stream whatever the probabilities) and each transform is blended in by mask."""
+@dataclass
+class _AugmentationDraws:
+    """The per-sample random parameters of `augment_exemplars`: which transforms apply, and their strengths."""
+
+    factors: torch.Tensor  # (N, 4) colour-jitter factors
+    jitter: torch.Tensor  # (N,) bool, and likewise below
+    grayscale: torch.Tensor
+    sigma: torch.Tensor  # (N,) blur sigma
+    blur: torch.Tensor
+    solarize: torch.Tensor
+    flip: torch.Tensor
+
+
+def _draw_augmentation(images: torch.Tensor, config, generator: torch.Generator | None) -> _AugmentationDraws:
+    """Every random number of the augmentation, drawn whatever the probabilities and in a fixed order, so a
+    seeded generator gives the same stream (and the same exemplars) whichever way the transforms are applied."""
     n, device = images.shape[0], images.device
     draw = lambda *shape: _uniform(shape, 0.0, 1.0, generator, device)  # noqa: E731
-    mask = lambda p: (draw(n) < p).view(n, 1, 1, 1)  # noqa: E731
     b, c, s, hue = config.exemplar_color_jitter
     low = images.new_tensor([max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -hue])
     high = images.new_tensor([1 + b, 1 + c, 1 + s, hue])
     factors = low + (high - low) * draw(n, 4)
-    images = torch.where(mask(config.exemplar_color_jitter_prob), color_jitter(images, factors), images)
-    images = torch.where(mask(config.exemplar_grayscale_prob), _grayscale(images).expand_as(images), images)
+    jitter = draw(n) < config.exemplar_color_jitter_prob
+    grayscale = draw(n) < config.exemplar_grayscale_prob
     lo, hi = config.exemplar_blur_sigma
     sigma = lo + (hi - lo) * draw(n)
-    images = torch.where(mask(config.exemplar_blur_prob), gaussian_blur(images, sigma, hi), images)
-    images = torch.where(mask(config.exemplar_solarize_prob), torch.where(images >= 0.5, 1 - images, images), images)
-    images = torch.where(mask(config.exemplar_hflip_prob), images.flip(-1), images)
-    return images
+    blur = draw(n) < config.exemplar_blur_prob
+    solarize = draw(n) < config.exemplar_solarize_prob
+    flip = draw(n) < config.exemplar_hflip_prob
+    return _AugmentationDraws(factors, jitter, grayscale, sigma, blur, solarize, flip)
+
+
+def _apply_to_drawn(images: torch.Tensor, drawn: torch.Tensor, transform, subset: bool) -> torch.Tensor:
+    """`transform(samples, take)` applied to the samples where `drawn` (N,) is set; `take(t)` picks their rows of
+    a per-sample parameter t. `subset`: transform only those samples and copy them back in place (eager CPU);
+    else transform all and blend by mask (static shapes for torch.compile, no host sync on accelerators)."""
+    if not subset:
+        return torch.where(drawn.view(-1, 1, 1, 1), transform(images, lambda t: t), images)
+    index = drawn.nonzero().squeeze(1)
+    if index.numel() == 0:
+        return images
+    take = lambda t: t.index_select(0, index)  # noqa: E731
+    # (under bf16 autocast the hue matmul and the blur convolutions return bf16, which torch.where promotes)
+    return images.index_copy_(0, index, transform(take(images), take).to(images.dtype))
+
+
+def _solarize(images: torch.Tensor) -> torch.Tensor:
+    return torch.where(images >= 0.5, 1 - images, images)
+
+
+def augment_exemplars(images: torch.Tensor, config, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Applies colour jitter, grayscale, blur, solarize and horizontal flip, each with its own probability and
+    per-sample parameters, to (N, 3, n, n) images in [0, 1]. Every random number is drawn (so a seeded
+    generator gives the same stream whatever the probabilities). In eager mode on a CPU each transform runs on
+    the samples drawn for it only; elsewhere on all samples, blended in by mask; the results are identical."""
+    return _augment(images, config, generator, in_place=False)
+
+
+def _augment(images: torch.Tensor, config, generator: torch.Generator | None, in_place: bool = False,
+             subset: bool | None = None) -> torch.Tensor:
+    """`augment_exemplars`; `in_place` lets it overwrite `images`; `subset` forces one way of applying the
+    transforms (default: on the drawn samples only in eager mode on a CPU, where it is the faster)."""
+    drawn = _draw_augmentation(images, config, generator)
+    if subset is None:
+        subset = images.device.type == "cpu" and not torch.compiler.is_compiling()
+    if subset and not in_place:
+        images = images.clone()
+    max_sigma = config.exemplar_blur_sigma[1]
+    images = _apply_to_drawn(images, drawn.jitter, lambda x, take: color_jitter(x, take(drawn.factors)), subset)
+    images = _apply_to_drawn(images, drawn.grayscale, lambda x, take: _grayscale(x).expand_as(x), subset)
+    images = _apply_to_drawn(images, drawn.blur, lambda x, take: gaussian_blur(x, take(drawn.sigma), max_sigma), subset)
+    images = _apply_to_drawn(images, drawn.solarize, lambda x, take: _solarize(x), subset)
+    return _apply_to_drawn(images, drawn.flip, lambda x, take: x.flip(-1), subset)
 
 
 def sample_pretext(pixel_values: torch.Tensor, config, generator: torch.Generator | None = None,
@@ -334,8 +498,9 @@ def sample_pretext(pixel_values: torch.Tensor, config, generator: torch.Generato
         mean = pixel_values.new_tensor(config.image_mean).view(1, 3, 1, 1)
         std = pixel_values.new_tensor(config.image_std).view(1, 3, 1, 1)
         flat = exemplars.reshape(-1, *exemplars.shape[2:]).float()
-        flat = augment_exemplars((flat * std.float() + mean.float()).clamp(0, 1), config, generator)
-        exemplars = ((flat - mean.float()) / std.float()).to(pixel_values.dtype).view_as(exemplars)
+        flat = (flat * std.float()).add_(mean.float()).clamp_(0, 1)  # the [0, 1] pixels, in a fresh tensor
+        flat = _augment(flat, config, generator, in_place=True)
+        exemplars = flat.sub_(mean.float()).div_(std.float()).to(pixel_values.dtype).view_as(exemplars)
     return PretextBatch(
         context_pixel_values=resize_context(pixel_values, config.context_size, config.context_resample),
         exemplar_pixel_values=exemplars,
