@@ -572,7 +572,11 @@ def test_correlation_maps_equal_the_per_pixel_test_on_edge_cases():
         [0.5, 0.5, 2.0, 0.1, 0.0],  # wider than the view
     ])
     special = torch.cat([special, special * torch.tensor([1.0, 1.0, 1.0, 1.0, -1.0])])
-    boxes = torch.cat([grid_boxes, special]).view(1, -1, 5)
+    # non-finite parameters: NaN anywhere (or theta = inf) marks no pixel, an infinite side a whole band
+    undefined = torch.tensor([0.5, 0.45, 0.3, 0.4, 0.2]).repeat(15, 1)
+    for row, value in enumerate((math.nan, math.inf, -math.inf) * 5):
+        undefined[row, row // 3] = value
+    boxes = torch.cat([grid_boxes, special, undefined]).view(1, -1, 5)
     maps = correlation_maps(boxes, size)
     assert torch.equal(maps, _correlation_maps_reference(boxes, size))
     assert on_edge_pixels(boxes, size) > 10_000  # not vacuous: measured 52,269 exact ties (a 1-ulp wider

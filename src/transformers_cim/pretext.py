@@ -294,6 +294,9 @@ def correlation_maps(boxes: torch.Tensor, size: int) -> torch.Tensor:
     start, end = _inside_columns(rows, columns, half)  # (B, K, 2, m) each
     start = torch.maximum(start[:, :, 0], start[:, :, 1])  # inside along both axes: (B, K, m)
     end = torch.minimum(end[:, :, 0], end[:, :, 1])
+    # a NaN parameter (theta = inf too) makes every comparison of the per-pixel test false: no pixel is inside
+    undefined = torch.cat([boxes[..., :4], cos[..., 0, 0, None], sin[..., 0, 0, None]], dim=-1).isnan().any(-1)
+    end = torch.where(undefined.unsqueeze(-1), start, end)
     return _interval_rows(start, end, size, boxes.dtype)
 
 
