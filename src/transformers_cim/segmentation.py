@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -124,8 +125,8 @@ class SegmentationTrainer(ClassificationTrainer):
     training uses the model's own loss (decode head + 0.4 x auxiliary head, the ignore index left out);
     ``evaluate`` scores whole images at the masks' resolution (:func:`evaluate_segmentation`) and logs
     ``<prefix>_mean_iou``, ``<prefix>_overall_accuracy`` (pixel accuracy), ``<prefix>_mean_accuracy``,
-    ``<prefix>_iou_<class>`` and ``<prefix>_loss``. Extra keyword arguments: ``ignore_index`` and
-    ``num_examples`` (the rows kept in ``last_examples`` for the figure)."""
+    ``<prefix>_iou_<class>``, ``<prefix>_loss`` and ``<prefix>_runtime`` (seconds). Extra keyword arguments:
+    ``ignore_index`` and ``num_examples`` (the rows kept in ``last_examples`` for the figure)."""
 
     def __init__(self, *args: Any, ignore_index: int = 255, num_examples: int = 4, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -140,6 +141,7 @@ class SegmentationTrainer(ClassificationTrainer):
             raise ValueError("SegmentationTrainer.evaluate needs an evaluation dataset.")
         model = self.accelerator.unwrap_model(self.model)
         config = model.config
+        start = time.perf_counter()
         result = evaluate_segmentation(
             model, dataset, config.num_labels, self.ignore_index, num_examples=self.figure_examples,
             process_index=self.args.process_index, num_processes=self.args.world_size,
@@ -152,7 +154,8 @@ class SegmentationTrainer(ClassificationTrainer):
             totals = self.accelerator.reduce(totals.to(device), reduction="sum").cpu()
         scores = flat_scores(segmentation_scores(counts, config.id2label))
         metrics = {"loss": float(totals[0] / max(float(totals[1]), 1.0)), **scores,
-                   "images": int(totals[1]), "skipped_images": int(totals[2])}
+                   "images": int(totals[1]), "skipped_images": int(totals[2]),
+                   "runtime": round(time.perf_counter() - start, 2)}
         metrics = {f"{metric_key_prefix}_{key}": value for key, value in metrics.items()}
         self.last_examples = result.examples
         self.log(metrics)
