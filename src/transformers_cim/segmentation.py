@@ -88,12 +88,13 @@ def _rows_of_process(dataset: Iterable[dict], process_index: int, num_processes:
 @torch.no_grad()
 def evaluate_segmentation(model: nn.Module, dataset: Iterable[dict], num_labels: int, ignore_index: int = 255, *,
                           num_examples: int = 0, process_index: int = 0, num_processes: int = 1,
-                          autocast=None, on_prediction: Callable[[int, np.ndarray], None] | None = None
-                          ) -> SegmentationEvaluation:
+                          autocast=None, on_prediction: Callable[[int, np.ndarray], None] | None = None,
+                          example_rows: set[int] | None = None) -> SegmentationEvaluation:
     """Scores `model` on every row of `dataset` (rows ``{"pixel_values": (3, H, W), "labels": (h, w),
     "cim_valid"}``), one whole image at a time, at the mask's resolution. Rows flagged invalid are counted, not
     scored. Under distributed evaluation each process takes every `num_processes`-th row; the caller sums.
-    `on_prediction(row index, predicted ids)` is called for every scored row (e.g. to save the masks)."""
+    `on_prediction(row index, predicted ids)` is called for every scored row (e.g. to save the masks). The
+    examples are the first `num_examples` scored rows among `example_rows` (any row when None)."""
     parameter = next(model.parameters())
     was_training = model.training
     model.eval()
@@ -114,10 +115,19 @@ def evaluate_segmentation(model: nn.Module, dataset: Iterable[dict], num_labels:
         images += 1
         if on_prediction is not None:
             on_prediction(index, predicted.cpu().numpy())
-        if len(examples) < num_examples:
+        if len(examples) < num_examples and (example_rows is None or index in example_rows):
             examples.append((row["pixel_values"].cpu(), labels.cpu().numpy(), predicted.cpu().numpy()))
     model.train(was_training)
     return SegmentationEvaluation(confusion, loss_sum / max(images, 1), images, skipped, examples)
+
+
+def spread_rows(dataset: Iterable[dict], count: int) -> set[int] | None:
+    """`count` row indices spread evenly over a dataset of known length (consecutive video frames look alike), or
+    None (any rows) for a stream."""
+    if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__") or count < 1:
+        return None
+    size, count = len(dataset), min(count, len(dataset))
+    return {round(i * (size - 1) / max(count - 1, 1)) for i in range(count)}
 
 
 class SegmentationTrainer(ClassificationTrainer):
@@ -145,7 +155,8 @@ class SegmentationTrainer(ClassificationTrainer):
         result = evaluate_segmentation(
             model, dataset, config.num_labels, self.ignore_index, num_examples=self.figure_examples,
             process_index=self.args.process_index, num_processes=self.args.world_size,
-            autocast=self.autocast_smart_context_manager, on_prediction=on_prediction)
+            autocast=self.autocast_smart_context_manager, on_prediction=on_prediction,
+            example_rows=spread_rows(dataset, self.figure_examples))
         counts = result.confusion.counts
         totals = torch.tensor([result.loss * result.images, result.images, result.skipped], dtype=torch.float64)
         if self.args.world_size > 1:
@@ -247,4 +258,5 @@ __all__ = [
     "predict_logits",
     "render_segmentation_examples",
     "segmentation_palette",
+    "spread_rows",
 ]
