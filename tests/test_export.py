@@ -86,10 +86,14 @@ def test_exported_features_identical_to_cim_online_encoder(vit_export):
         torch.testing.assert_close(exported(x).last_hidden_state, expected, rtol=0, atol=0)
         # ... and not the target encoder's
         assert not torch.allclose(cim.target_encoder(x).last_hidden_state, expected)
-        # at another resolution too (interpolated position embeddings)
+        # at another resolution the stock ViT interpolates its position table the stock way: equal to the CIM
+        # encoder under position_interpolation="transformers", not under the authors' default form
         x64 = torch.randn(1, 3, 64, 64)
-        torch.testing.assert_close(exported(x64, interpolate_pos_encoding=True).last_hidden_state,
-                                   cim.vit(x64, interpolate_pos_encoding=True).last_hidden_state, rtol=0, atol=0)
+        stock = CIMForPreTraining.from_pretrained(root / "cim", position_interpolation="transformers").eval()
+        exported_64 = exported(x64, interpolate_pos_encoding=True).last_hidden_state
+        torch.testing.assert_close(exported_64, stock.vit(x64, interpolate_pos_encoding=True).last_hidden_state,
+                                   rtol=0, atol=0)
+        assert not torch.allclose(exported_64, cim.vit(x64, interpolate_pos_encoding=True).last_hidden_state)
 
 
 def test_exported_vit_pooler_is_the_cls_token_not_random(vit_export):
