@@ -78,6 +78,8 @@ from transformers_cim.script_args import (
     DataSourceArguments,
     ResumableTrainingArguments,
     ScriptArgumentParser,
+    choose_stages,
+    parse_with_given,
     set_learning_rate,
 )
 from transformers_cim.training_utils import fetch_batches_per_process
@@ -197,20 +199,9 @@ class ClassificationTrainingArguments(ResumableTrainingArguments):
 
 
 def parse_arguments(argv: list[str] | None = None):
-    """The three argument dataclasses and the set of argument names given explicitly (on the command line or in the
-    ``.json`` file), to tell a default from a value asked for."""
+    """The three argument dataclasses and the names of the arguments given explicitly (command line or ``.json``)."""
     parser = ScriptArgumentParser((ModelArguments, DataTrainingArguments, ClassificationTrainingArguments))
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        path = os.path.abspath(argv[0])
-        if not os.path.isfile(path):
-            raise UserPathError(f"Argument file {argv[0]!r} does not exist.")
-        model_args, data_args, training_args = parser.parse_json_file(path)
-        with open(path, encoding="utf-8") as f:
-            given = set(json.load(f))
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-        given = {a.split("=")[0][2:].replace("-", "_") for a in argv if a.startswith("--")}
+    (model_args, data_args, training_args), given = parse_with_given(parser, argv)
     return model_args, data_args, training_args, given
 
 
@@ -437,26 +428,6 @@ def write_model_card(trainer: ClassificationTrainer, model_args: ModelArguments,
 # ------------------------------------------------------------------------------------------------------------
 # Main
 # ------------------------------------------------------------------------------------------------------------
-STAGES = ("do_train", "do_eval", "do_predict")
-
-
-def choose_stages(training_args: ClassificationTrainingArguments, given: set[str]) -> None:
-    """Like transformers' example scripts: train only with --do_train, evaluate only with --do_eval, predict only
-    with --do_predict. With none of the three given, the script trains and evaluates (--do_train --do_eval)."""
-    asked = given & set(STAGES)
-    if not asked:
-        training_args.do_train, training_args.do_eval, training_args.do_predict = True, True, False
-        logger.info("No --do_train / --do_eval / --do_predict given: training and evaluating (--do_train --do_eval).")
-    for name in set(STAGES) - asked if asked else ():
-        setattr(training_args, name, False)  # e.g. do_eval, which TrainingArguments turns on with an eval_strategy
-    if "do_eval" in asked:
-        training_args.do_eval = training_args.do_eval_as_given  # `--do_eval false` means false
-    if not training_args.do_eval:
-        training_args.eval_strategy = transformers.IntervalStrategy.NO
-    if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
-        raise UserValueError("Nothing to do: --do_train, --do_eval and --do_predict are all off.")
-
-
 def apply_recipe_defaults(model_args: ModelArguments, training_args: ClassificationTrainingArguments,
                           encoder_type: str) -> None:
     probe = model_args.linear_probe
@@ -590,7 +561,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
 
-    choose_stages(training_args, given)
+    if choose_stages(training_args, given):
+        logger.info("No --do_train / --do_eval / --do_predict given: training and evaluating (--do_train --do_eval).")
     path = resolve_checkpoint_path(model_args.model_name_or_path, cache_dir=model_args.cache_dir, token=model_args.token,
                                    revision=model_args.model_revision)
     fine_tuned_beit = saved_model_type(path) == "beit"

@@ -62,7 +62,13 @@ from transformers_cim.data.segmentation import (
 )
 from transformers_cim.errors import UserPathError, UserValueError, exit_on_user_error
 from transformers_cim.modelcard import build_segmentation_card, card_license, write_model_card
-from transformers_cim.script_args import DataSourceArguments, ResumableTrainingArguments, ScriptArgumentParser
+from transformers_cim.script_args import (
+    DataSourceArguments,
+    ResumableTrainingArguments,
+    ScriptArgumentParser,
+    choose_stages,
+    parse_with_given,
+)
 from transformers_cim.segmentation import SegmentationTrainer, input_multiple, predict_logits, \
     render_segmentation_examples
 from transformers_cim.training_utils import fetch_batches_per_process
@@ -167,39 +173,10 @@ class SegmentationTrainingArguments(ResumableTrainingArguments):
 
 
 def parse_arguments(argv: list[str] | None = None):
-    """The three argument dataclasses and the names given explicitly (command line or ``.json`` file)."""
+    """The three argument dataclasses and the names of the arguments given explicitly (command line or ``.json``)."""
     parser = ScriptArgumentParser((ModelArguments, DataTrainingArguments, SegmentationTrainingArguments))
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        path = os.path.abspath(argv[0])
-        if not os.path.isfile(path):
-            raise UserPathError(f"Argument file {argv[0]!r} does not exist.")
-        model_args, data_args, training_args = parser.parse_json_file(path)
-        with open(path, encoding="utf-8") as f:
-            given = set(json.load(f))
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-        given = {a.split("=")[0][2:].replace("-", "_") for a in argv if a.startswith("--")}
+    (model_args, data_args, training_args), given = parse_with_given(parser, argv)
     return model_args, data_args, training_args, given
-
-
-STAGES = ("do_train", "do_eval", "do_predict")
-
-
-def choose_stages(training_args: SegmentationTrainingArguments, given: set[str]) -> None:
-    """Train only with --do_train, evaluate only with --do_eval, predict only with --do_predict; none of them
-    given: train and evaluate."""
-    asked = given & set(STAGES)
-    if not asked:
-        training_args.do_train, training_args.do_eval, training_args.do_predict = True, True, False
-    for name in set(STAGES) - asked if asked else ():
-        setattr(training_args, name, False)
-    if "do_eval" in asked:
-        training_args.do_eval = training_args.do_eval_as_given
-    if not training_args.do_eval:
-        training_args.eval_strategy = transformers.IntervalStrategy.NO
-    if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
-        raise UserValueError("Nothing to do: --do_train, --do_eval and --do_predict are all off.")
 
 
 # ------------------------------------------------------------------------------------------------------------

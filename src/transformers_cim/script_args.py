@@ -7,16 +7,20 @@ reads the inherited fields like its own.
 
 from __future__ import annotations
 
+import json
+import os
+import sys
 from dataclasses import dataclass, field, fields
 from typing import get_type_hints
 
 import datasets
 import torch
 from torch import nn
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import HfArgumentParser, IntervalStrategy, TrainingArguments
 
 from .checkpoints import checkpoint_to_resume
 from .data import load_image_dataset
+from .errors import UserPathError, UserValueError
 
 
 @dataclass
@@ -120,6 +124,45 @@ class ScriptArgumentParser(HfArgumentParser):
             dataclass_field.type = type_hints[dataclass_field.name]
             group = own_group if dataclass_field.name in own else trainer_group
             self._parse_dataclass_field(group, dataclass_field)
+
+
+def parse_with_given(parser: ScriptArgumentParser, argv: list[str] | None = None) -> tuple[tuple, set[str]]:
+    """The parser's dataclasses from the command line (or one ``.json`` file as the only argument), and the names of
+    the arguments given explicitly, to tell a default from a value asked for."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        path = os.path.abspath(argv[0])
+        if not os.path.isfile(path):
+            raise UserPathError(f"Argument file {argv[0]!r} does not exist.")
+        parsed = parser.parse_json_file(path)
+        with open(path, encoding="utf-8") as f:
+            given = set(json.load(f))
+    else:
+        parsed = parser.parse_args_into_dataclasses(args=argv)
+        given = {a.split("=")[0][2:].replace("-", "_") for a in argv if a.startswith("--")}
+    return tuple(parsed), given
+
+
+STAGES = ("do_train", "do_eval", "do_predict")
+
+
+def choose_stages(training_args: TrainingArguments, given: set[str]) -> bool:
+    """Like transformers' example scripts: train only with --do_train, evaluate only with --do_eval, predict only
+    with --do_predict. With none of the three given, train and evaluate; returns True in that case.
+    ``training_args`` must keep the --do_eval given as ``do_eval_as_given`` (TrainingArguments turns do_eval on
+    whenever an eval_strategy is set)."""
+    asked = given & set(STAGES)
+    if not asked:
+        training_args.do_train, training_args.do_eval, training_args.do_predict = True, True, False
+    for name in set(STAGES) - asked if asked else ():
+        setattr(training_args, name, False)
+    if "do_eval" in asked:
+        training_args.do_eval = training_args.do_eval_as_given  # `--do_eval false` means false
+    if not training_args.do_eval:
+        training_args.eval_strategy = IntervalStrategy.NO
+    if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
+        raise UserValueError("Nothing to do: --do_train, --do_eval and --do_predict are all off.")
+    return not asked
 
 
 def set_learning_rate(args: TrainingArguments, base_learning_rate: float | None, explicit: bool) -> str:
