@@ -155,6 +155,12 @@ def test_grey_mask_saved_as_rgb_is_read_from_one_channel_and_palette_masks_keep_
     assert decode_mask({"bytes": buffer.getvalue(), "path": None})[0].tolist() == mask.tolist()
 
 
+def test_one_bit_mask_keeps_ids_zero_and_one():
+    buffer = io.BytesIO()
+    Image.fromarray(np.array([[0, 1], [1, 0]], dtype=bool)).save(buffer, format="PNG")
+    assert decode_mask({"bytes": buffer.getvalue(), "path": None})[0].tolist() == [[0, 1], [1, 0]]
+
+
 def test_colour_mask_is_refused_naming_the_file_and_the_fix():
     colour = COLOURS[np.array([[0, 1], [2, 3]])]
     with pytest.raises(UserValueError, match=r"row 3 \(city/0001.png\).*colour image.*class ids"):

@@ -135,7 +135,8 @@ def decode_mask(value: Any, where: str | None = None) -> tuple[np.ndarray | None
             if image is None:
                 return None, "no mask"
             image.load()
-            array = np.asarray(image if image.mode != "1" else image.convert("L"))
+            # a 1-bit mask holds ids 0 / 1 (convert("L") would make them 0 / 255, the ignore index)
+            array = np.asarray(image) if image.mode != "1" else (np.asarray(image.convert("L")) > 0)
     except Exception as err:  # noqa: BLE001 - bad data of any kind is skipped, with the reason
         return None, f"undecodable mask ({type(err).__name__}: {err})"
     if array.ndim == 3 and array.shape[2] in (3, 4):
