@@ -298,7 +298,10 @@ def test_finetuned_classifier_reproduces_the_authors_logits_and_loads_in_a_pipel
 
     image = Image.fromarray((torch.rand(40, 48, 3) * 255).to(torch.uint8).numpy())
     predictions = pipeline("image-classification", model=str(tmp_path / "out"), top_k=5)(image)
-    processed = AutoImageProcessor.from_pretrained(tmp_path / "out")(image, return_tensors="pt").pixel_values
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "out")
+    # the authors' evaluation transform: shorter side to int(size / 0.95) (<= 224 px inputs), centre crop
+    assert processor.size == {"shortest_edge": int(IMAGE / 0.95)}
+    processed = processor(image, return_tensors="pt").pixel_values
     expected = authors_classifier_logits(processed, sd).softmax(-1)[0]
     assert len(predictions) == 5
     for prediction in predictions:

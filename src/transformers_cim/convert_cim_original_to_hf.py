@@ -534,6 +534,12 @@ def check_output_dir(output_dir: str) -> None:
         raise UserValueError(f"{output_dir!r} exists and is not an empty directory; pick a new output directory.")
 
 
+def authors_eval_crop_pct(image_size: int) -> float:
+    """The evaluation crop of the authors' fine-tuning code (their ``util/datasets.py`` ``build_transform``): the
+    shorter side resized to ``image_size / 0.95`` for inputs up to 224 px, to ``image_size`` (no crop) above."""
+    return 0.95 if image_size <= 224 else 1.0
+
+
 def save_atomically(model: PreTrainedModel, kind: str, output_dir: str) -> None:
     """Writes into a temporary sibling folder, then moves it to ``output_dir``: a failure leaves nothing behind."""
     parent = os.path.dirname(os.path.abspath(output_dir))
@@ -542,7 +548,8 @@ def save_atomically(model: PreTrainedModel, kind: str, output_dir: str) -> None:
     try:
         model.save_pretrained(staging)
         if kind == CLASSIFIER:
-            ResizeCenterCrop(int(model.config.image_size)).image_processor().save_pretrained(staging)
+            size = int(model.config.image_size)
+            ResizeCenterCrop(size, crop_pct=authors_eval_crop_pct(size)).image_processor().save_pretrained(staging)
         if os.path.isdir(output_dir):
             os.rmdir(output_dir)  # empty (checked before converting)
         os.replace(staging, output_dir)
