@@ -26,6 +26,7 @@ none of them given, the script trains and evaluates. User errors end in one line
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -391,7 +392,9 @@ def processor_size(image_size: tuple[int, int] | None, base_size: int | None, cr
 # Prediction, figure, card
 # ------------------------------------------------------------------------------------------------------------
 def row_names(raw, data_args: DataTrainingArguments) -> list[str] | None:
-    """The file-name stem of every image of a map-style split (``row-000012`` where it has none); None if streamed."""
+    """The file-name stem of every image of a map-style split (``row-000012`` where it has none), with ``-row-<i>``
+    added where stems repeat (``images/a/001.jpg`` and ``images/b/001.jpg``) so no mask overwrites another; None if
+    streamed."""
     from transformers_cim.data import image_name
 
     if isinstance(raw, datasets.IterableDataset):
@@ -400,7 +403,9 @@ def row_names(raw, data_args: DataTrainingArguments) -> list[str] | None:
     if isinstance(raw.features[column], datasets.Image):
         raw = raw.cast_column(column, datasets.Image(decode=False))
     values = raw.select_columns([column])[column]
-    return [os.path.splitext(os.path.basename(image_name(v) or f"row-{i:06d}"))[0] for i, v in enumerate(values)]
+    names = [os.path.splitext(os.path.basename(image_name(v) or f"row-{i:06d}"))[0] for i, v in enumerate(values)]
+    repeated = {name for name, count in collections.Counter(names).items() if count > 1}
+    return [f"{name}-row-{i:06d}" if name in repeated else name for i, name in enumerate(names)]
 
 
 class MaskWriter:

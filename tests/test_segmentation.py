@@ -364,3 +364,15 @@ def test_figure_shows_image_true_and_predicted_masks():
                                           (1, 1, 1), tile_height=32)
     array = np.asarray(figure)
     assert array[18:50, 48:96].std() > 0 and np.array_equal(array[18:50, 48:96], array[18:50, 96:144])
+
+
+def test_predicted_mask_names_stay_distinct_when_file_names_repeat_in_sub_folders(tmp_path):
+    import run_semantic_segmentation
+
+    for sub in ("a", "b"):
+        os.makedirs(tmp_path / "images" / sub)
+        Image.fromarray(block_scene(16, 16, block=4, seed=0)[0]).save(tmp_path / "images" / sub / "001.jpg")
+    Image.fromarray(block_scene(16, 16, block=4, seed=0)[0]).save(tmp_path / "images" / "002.jpg")
+    ds = segmentation_folder_dataset(str(tmp_path), "test_dir", require_masks=False)
+    args = run_semantic_segmentation.DataTrainingArguments()
+    assert run_semantic_segmentation.row_names(ds, args) == ["002", "001-row-000001", "001-row-000002"]
