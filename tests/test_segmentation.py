@@ -30,7 +30,7 @@ from transformers_cim.data.segmentation import (
 )
 from transformers_cim.errors import UserValueError
 from transformers_cim.finetune import param_groups_layer_decay
-from transformers_cim.segmentation import pad_to_multiple, render_segmentation_examples
+from transformers_cim.segmentation import evaluate_segmentation, pad_to_multiple, render_segmentation_examples
 from transformers_cim.segmentation_metrics import ConfusionMatrix, confusion_counts, flat_scores, segmentation_scores
 from transformers_cim.transfer import upernet_for_semantic_segmentation
 
@@ -376,3 +376,17 @@ def test_predicted_mask_names_stay_distinct_when_file_names_repeat_in_sub_folder
     ds = segmentation_folder_dataset(str(tmp_path), "test_dir", require_masks=False)
     args = run_semantic_segmentation.DataTrainingArguments()
     assert run_semantic_segmentation.row_names(ds, args) == ["002", "001-row-000001", "001-row-000002"]
+
+
+def test_evaluation_loss_leaves_out_images_whose_pixels_are_all_ignored(single_thread):
+    torch.manual_seed(0)
+    encoder = make_tiny_vit_config().encoder_config
+    encoder.num_hidden_layers = 4
+    model = upernet_for_semantic_segmentation(None, 3, encoder_config=encoder, image_size=32, hidden_size=16,
+                                              auxiliary_channels=8)
+    labelled = {"pixel_values": torch.randn(3, 32, 32), "labels": torch.randint(0, 3, (32, 32))}
+    ignored = {"pixel_values": torch.randn(3, 32, 32), "labels": torch.full((32, 32), 255)}
+    alone = evaluate_segmentation(model, [labelled], 3)
+    both = evaluate_segmentation(model, [labelled, ignored], 3)
+    assert alone.loss > 0 and both.loss == pytest.approx(alone.loss)
+    assert both.images == 2 and both.loss_images == 1

@@ -67,14 +67,16 @@ def predict_logits(model: nn.Module, pixel_values: torch.Tensor, output_size: Se
 
 @dataclass
 class SegmentationEvaluation:
-    """What :func:`evaluate_segmentation` measured: the confusion matrix, the mean cross-entropy per image, the
-    number of rows skipped, and a few (image, true mask, predicted mask) examples for the figure."""
+    """What :func:`evaluate_segmentation` measured: the confusion matrix, the mean cross-entropy per image (over the
+    `loss_images` with a labelled pixel), the number of rows skipped, and a few (image, true mask, predicted mask)
+    examples for the figure."""
 
     confusion: ConfusionMatrix
     loss: float
     images: int
     skipped: int
     examples: list[tuple[torch.Tensor, np.ndarray, np.ndarray]] = field(default_factory=list)
+    loss_images: int = 0
 
 
 def _rows_of_process(dataset: Iterable[dict], process_index: int, num_processes: int
@@ -99,7 +101,7 @@ def evaluate_segmentation(model: nn.Module, dataset: Iterable[dict], num_labels:
     was_training = model.training
     model.eval()
     confusion = ConfusionMatrix(num_labels, ignore_index)
-    loss_sum, images, skipped, examples = 0.0, 0, 0, []
+    loss_sum, loss_images, images, skipped, examples = 0.0, 0, 0, 0, []
     for index, row in _rows_of_process(dataset, process_index, num_processes):
         if not row.get("cim_valid", True):
             skipped += 1
@@ -112,13 +114,14 @@ def evaluate_segmentation(model: nn.Module, dataset: Iterable[dict], num_labels:
         confusion.update(predicted, labels)
         if (labels != ignore_index).any():
             loss_sum += float(F.cross_entropy(logits[None], labels[None], ignore_index=ignore_index))
+            loss_images += 1  # an image whose every pixel is ignored has no loss (not a loss of 0)
         images += 1
         if on_prediction is not None:
             on_prediction(index, predicted.cpu().numpy())
         if len(examples) < num_examples and (example_rows is None or index in example_rows):
             examples.append((row["pixel_values"].cpu(), labels.cpu().numpy(), predicted.cpu().numpy()))
     model.train(was_training)
-    return SegmentationEvaluation(confusion, loss_sum / max(images, 1), images, skipped, examples)
+    return SegmentationEvaluation(confusion, loss_sum / max(loss_images, 1), images, skipped, examples, loss_images)
 
 
 def spread_rows(dataset: Iterable[dict], count: int) -> set[int] | None:
@@ -158,14 +161,15 @@ class SegmentationTrainer(ClassificationTrainer):
             autocast=self.autocast_smart_context_manager, on_prediction=on_prediction,
             example_rows=spread_rows(dataset, self.figure_examples))
         counts = result.confusion.counts
-        totals = torch.tensor([result.loss * result.images, result.images, result.skipped], dtype=torch.float64)
+        totals = torch.tensor([result.loss * result.loss_images, result.loss_images, result.images, result.skipped],
+                              dtype=torch.float64)
         if self.args.world_size > 1:
             device = self.args.device
             counts = self.accelerator.reduce(counts.to(device), reduction="sum").cpu()
             totals = self.accelerator.reduce(totals.to(device), reduction="sum").cpu()
         scores = flat_scores(segmentation_scores(counts, config.id2label))
         metrics = {"loss": float(totals[0] / max(float(totals[1]), 1.0)), **scores,
-                   "images": int(totals[1]), "skipped_images": int(totals[2]),
+                   "images": int(totals[2]), "skipped_images": int(totals[3]),
                    "runtime": round(time.perf_counter() - start, 2)}
         metrics = {f"{metric_key_prefix}_{key}": value for key, value in metrics.items()}
         self.last_examples = result.examples
