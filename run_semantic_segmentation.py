@@ -48,7 +48,16 @@ from transformers_cim.checkpoints import (
     resolve_checkpoint_path,
 )
 from transformers_cim.configuration_cim import PRESET_NAMES, preset_encoder_config
-from transformers_cim.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, available_splits, find_image_column
+from transformers_cim.data import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    available_splits,
+    decode_image,
+    decode_image_with_reason,
+    find_image_column,
+    image_name,
+    without_image_decoding,
+)
 from transformers_cim.data.segmentation import (
     MaskRules,
     SeededSegmentationDataset,
@@ -299,11 +308,8 @@ def has_mask_column(raw, data_args: DataTrainingArguments) -> bool:
 
 def first_image_size(raw, data_args: DataTrainingArguments) -> tuple[int, int] | None:
     """``(height, width)`` of the split's first image (the size the saved image processor resizes to)."""
-    from transformers_cim.data import decode_image
-
     column = find_image_column(raw, data_args.image_column_name)
-    row = next(iter(raw.cast_column(column, datasets.Image(decode=False)) if raw.features is not None
-                    and isinstance(raw.features[column], datasets.Image) else raw), None)
+    row = next(iter(without_image_decoding(raw, column)), None)
     image = decode_image(row[column]) if row is not None else None
     return (image.height, image.width) if image is not None else None
 
@@ -395,13 +401,10 @@ def row_names(raw, data_args: DataTrainingArguments) -> list[str] | None:
     """The file-name stem of every image of a map-style split (``row-000012`` where it has none), with ``-row-<i>``
     added where stems repeat (``images/a/001.jpg`` and ``images/b/001.jpg``) so no mask overwrites another; None if
     streamed."""
-    from transformers_cim.data import image_name
-
     if isinstance(raw, datasets.IterableDataset):
         return None
     column = find_image_column(raw, data_args.image_column_name)
-    if isinstance(raw.features[column], datasets.Image):
-        raw = raw.cast_column(column, datasets.Image(decode=False))
+    raw = without_image_decoding(raw, column)
     values = raw.select_columns([column])[column]
     names = [os.path.splitext(os.path.basename(image_name(v) or f"row-{i:06d}"))[0] for i, v in enumerate(values)]
     repeated = {name for name, count in collections.Counter(names).items() if count > 1}
@@ -426,11 +429,8 @@ def write_predicted_masks(model: UperNetForSemanticSegmentation, raw, data_args:
                           transform: SegmentationEvalTransform, writer: MaskWriter) -> None:
     """Predicts every image of a split without masks (at its own size) and saves its index map with `writer`.
     Undecodable images are skipped with a warning."""
-    from transformers_cim.data import decode_image_with_reason, image_name
-
     column = find_image_column(raw, data_args.image_column_name)
-    if raw.features is not None and isinstance(raw.features[column], datasets.Image):
-        raw = raw.cast_column(column, datasets.Image(decode=False))
+    raw = without_image_decoding(raw, column)
     parameter = next(model.parameters())
     model.eval()
     for index, row in enumerate(raw):
