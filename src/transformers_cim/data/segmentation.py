@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ..errors import UserPathError, UserValueError
 from ..seeding import torch_generator
-from .collate import SkippingCollator, without_image_decoding
+from .collate import SkippingCollator, _row_is_valid, without_image_decoding
 from .decoding import _open_image, decode_image_with_reason, image_name
 from .sources import IMAGE_FILE_EXTENSIONS
 from .transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -376,7 +376,7 @@ class SegmentationCollator(SkippingCollator):
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         batch = super().__call__([{k: v for k, v in row.items() if k != "labels"} for row in features])
-        valid = [row for row in features if row.get("cim_valid", True) and row.get("pixel_values") is not None]
+        valid = [row for row in features if _row_is_valid(row)]  # the rows SkippingCollator stacked
         if valid:
             batch["labels"] = torch.stack([torch.as_tensor(row["labels"], dtype=torch.long) for row in valid])
         else:
