@@ -245,13 +245,15 @@ def test_smaller_inputs_match_the_authors_with_their_position_interpolation(tmp_
     reproduces their logits; the stock ViT form (``size=``) is the switch's other value."""
     sd = pretraining_state_dict(image=48, context=IMAGE)
     args = argparse.Namespace(model="cim_vit_base_patch16", template_size=16, template_num=2, sigma_cont=0.0,
-                              sigma_corr=1.0, template_min_scale=0.05, template_max_scale=0.48, context_size=IMAGE)
+                              sigma_corr=1.0, template_min_scale=0.05, template_max_scale=0.48, context_size=IMAGE,
+                              template_min_ratio=0.5, template_max_ratio=4.0)
     torch.save({"model": sd, "args": args}, tmp_path / "cim.pth")  # args: an argparse.Namespace, as their scripts do
     convert_checkpoint(tmp_path / "cim.pth", tmp_path / "out",
                        ConversionOptions(num_heads=HEADS, decoder_num_heads=DEC_HEADS))
     model = CIMForPreTraining.from_pretrained(tmp_path / "out").eval()
     assert (model.config.exemplar_size, model.config.num_exemplars) == (16, 2)
     assert model.config.exemplar_scale == [0.05, 0.48]
+    assert model.config.exemplar_aspect_ratio == [0.25, 2.0]  # their w / h range (0.5, 4) as our h / w
     assert (model.config.image_size, model.config.context_size) == (48, IMAGE)
     assert model.config.position_interpolation == "authors"
     torch.manual_seed(3)

@@ -400,6 +400,10 @@ def pretext_settings(args: dict[str, Any], options: ConversionOptions, patch_siz
     for (low, high), name in PRETEXT_RANGE_ARGS.items():
         if low in args and high in args:
             fields[name] = [float(args[low]), float(args[high])]
+    if "exemplar_aspect_ratio" in fields:
+        # their ratio is width / height (torchvision's get_params: w = sqrt(area * r)); ours is h / w
+        low, high = fields["exemplar_aspect_ratio"]
+        fields["exemplar_aspect_ratio"] = [1.0 / high, 1.0 / low]
     notes = [f"pretext settings from the checkpoint's args: {sorted(fields)}"] if fields else []
     overrides = {"exemplar_size": options.exemplar_size, "num_exemplars": options.num_exemplars,
                  "contrastive_loss_weight": options.contrastive_loss_weight}
