@@ -31,7 +31,6 @@ from .segmentation_metrics import ConfusionMatrix, flat_scores, segmentation_sco
 
 logger = logging.getLogger(__name__)
 
-IGNORE_COLOUR = (0, 0, 0)
 RESNET_STRIDE = 32
 
 
