@@ -228,6 +228,10 @@ def test_folder_pairs_images_and_masks_by_name_and_names_the_unpaired(tmp_path):
         segmentation_folder_dataset(str(tmp_path / "train"))
     with pytest.raises(UserValueError, match="images/.*masks/"):
         segmentation_folder_dataset(str(tmp_path / "train" / "images"))
+    Image.fromarray(mask.astype(np.uint8)).save(tmp_path / "train" / "masks" / "c.png")
+    Image.fromarray(mask.astype(np.uint8)).save(tmp_path / "train" / "masks" / "c.bmp")
+    with pytest.raises(UserValueError, match=r"c\.bmp and .*c\.png differ only in their extension"):
+        segmentation_folder_dataset(str(tmp_path / "train"))
 
 
 def test_missing_mask_column_is_named():

@@ -44,14 +44,22 @@ MASK_FOLDER_NAMES = ("masks", "mask", "labels", "label", "annotations", "annotat
 # ------------------------------------------------------------------------------------------------------------
 # Sources
 # ------------------------------------------------------------------------------------------------------------
-def _files_by_stem(folder: str) -> dict[str, str]:
+def _files_by_stem(folder: str, argument: str) -> dict[str, str]:
+    """``{relative path without extension: path}``; two files differing only in extension (``a.jpg``, ``a.png``)
+    cannot be paired and are refused (one would silently replace the other)."""
     found = {}
     for root, dirs, names in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(names):
             stem, ext = os.path.splitext(name)
             if ext.lower() in IMAGE_FILE_EXTENSIONS and not name.startswith("."):
-                found[os.path.relpath(os.path.join(root, stem), folder)] = os.path.join(root, name)
+                key = os.path.relpath(os.path.join(root, stem), folder)
+                if key in found:
+                    raise UserValueError(
+                        f"--{argument}: {found[key]} and {os.path.join(root, name)} differ only in their extension, so "
+                        "the image / mask pairing (by file name without the extension) is ambiguous. Rename or remove "
+                        "one.")
+                found[key] = os.path.join(root, name)
     return found
 
 
@@ -76,13 +84,13 @@ def segmentation_folder_dataset(directory: str, argument: str = "train_dir", *,
             f"--{argument} {directory!r} needs two sub-folders: images/ (the photos) and masks/ (one index-map PNG "
             "per photo, same file name, any extension; labels/ or annotations/ also work). Found: "
             f"{sorted(os.listdir(path))[:10]}.")
-    images = _files_by_stem(image_dir)
+    images = _files_by_stem(image_dir, argument)
     if not images:
         raise UserValueError(f"--{argument} {directory!r}: {image_dir} holds no image files.")
     if mask_dir is None:
         features = datasets.Features({"image": datasets.Image()})
         return datasets.Dataset.from_dict({"image": [images[k] for k in sorted(images)]}, features=features)
-    masks = _files_by_stem(mask_dir)
+    masks = _files_by_stem(mask_dir, argument)
     unmatched = sorted(set(images) - set(masks))
     if unmatched:
         raise UserValueError(
