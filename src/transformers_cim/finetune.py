@@ -57,6 +57,7 @@ _RESNET_STAGE = re.compile(r"(?:^|\.)encoder\.stages\.(\d+)\.")
 # Which encoder of a CIM checkpoint to fine-tune: the online one, or the EMA target ("ema").
 ENCODER_WEIGHTS = ("online", "ema")
 TARGET_PREFIX = "target_encoder."
+EMBEDDING_PREFIXES = ("embeddings.", "embedder.")  # ViT / ResNet: what --use_ema_encoder keeps from the online side
 
 
 # --------------------------------------------------------------------------------------------------
@@ -167,8 +168,10 @@ def load_encoder_for_classification(
     return model
 
 def load_target_encoder_(encoder: nn.Module, path: str) -> None:
-    """Overwrite ``encoder`` (a ``ViTModel`` / ``ResNetModel``) with the EMA target encoder of the CIM checkpoint in
-    ``path``, loaded through ``from_pretrained`` (which also reads the legacy weight names saved checkpoints use)."""
+    """Overwrite the blocks and final norm of ``encoder`` (a ``ViTModel``; a ``ResNetModel``'s stages) with those of
+    the EMA target encoder of the CIM checkpoint in ``path``, keeping the online embeddings (patch projection, CLS
+    token, positions; ResNet stem) as the authors' ``--use_ema`` does. Loaded through ``from_pretrained``, which
+    also reads the legacy weight names saved checkpoints use."""
     from .modeling_cim import CIMForPreTraining
 
     with quiet_loading():
@@ -176,8 +179,10 @@ def load_target_encoder_(encoder: nn.Module, path: str) -> None:
     if not cim.uses_target_encoder or any(k.startswith(TARGET_PREFIX) for k in info.get("missing_keys", [])):
         raise UserValueError(f"{path!r} has no EMA target encoder (target_encoder_mode={cim.config.target_encoder_mode!r}"
                              " or no target weights saved); fine-tune its online encoder instead.")
-    missing, unexpected = encoder.load_state_dict(cim.target_encoder.state_dict(), strict=False)
-    missing = [k for k in missing if not k.startswith("pooler.")]
+    # as the authors' --use_ema: the target's blocks and final norm (ResNet: its stages), the online embeddings
+    target_state = {k: v for k, v in cim.target_encoder.state_dict().items() if not k.startswith(EMBEDDING_PREFIXES)}
+    missing, unexpected = encoder.load_state_dict(target_state, strict=False)
+    missing = [k for k in missing if not k.startswith(("pooler.", *EMBEDDING_PREFIXES))]
     if missing or unexpected:
         raise UserValueError(f"The EMA encoder of {path!r} does not fit the classifier's encoder: missing "
                              f"{missing[:3]}, unexpected {unexpected[:3]}.")
