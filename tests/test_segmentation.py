@@ -30,7 +30,12 @@ from transformers_cim.data.segmentation import (
 )
 from transformers_cim.errors import UserValueError
 from transformers_cim.finetune import param_groups_layer_decay
-from transformers_cim.segmentation import evaluate_segmentation, pad_to_multiple, render_segmentation_examples
+from transformers_cim.segmentation import (
+    SegmentationTrainer,
+    evaluate_segmentation,
+    pad_to_multiple,
+    render_segmentation_examples,
+)
 from transformers_cim.segmentation_metrics import ConfusionMatrix, confusion_counts, flat_scores, segmentation_scores
 from transformers_cim.transfer import upernet_for_semantic_segmentation
 
@@ -394,3 +399,22 @@ def test_evaluation_loss_leaves_out_images_whose_pixels_are_all_ignored(single_t
     both = evaluate_segmentation(model, [labelled, ignored], 3)
     assert alone.loss > 0 and both.loss == pytest.approx(alone.loss)
     assert both.images == 2 and both.loss_images == 1
+
+
+def test_a_training_batch_left_with_one_usable_image_adds_a_zero_loss_instead_of_a_batchnorm_error(tmp_path,
+                                                                                                 single_thread):
+    from transformers import TrainingArguments
+
+    encoder = make_tiny_vit_config().encoder_config
+    encoder.num_hidden_layers = 4
+    model = upernet_for_semantic_segmentation(None, 3, encoder_config=encoder, image_size=32, hidden_size=16,
+                                              auxiliary_channels=8)
+    trainer = SegmentationTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to="none",
+                                                                      use_cpu=True))
+    batch = {"pixel_values": torch.randn(1, 3, 32, 32), "labels": torch.randint(0, 3, (1, 32, 32)),
+             "num_skipped": torch.tensor(1), "skipped_images": [("broken.jpg", "undecodable")]}
+    loss = trainer.compute_loss(model.train(), batch)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and trainer.num_skipped_images == 1
+    batch["pixel_values"], batch["labels"] = torch.randn(2, 3, 32, 32), torch.randint(0, 3, (2, 32, 32))
+    assert float(trainer.compute_loss(model, batch).detach()) > 0

@@ -146,6 +146,20 @@ class SegmentationTrainer(ClassificationTrainer):
         self.figure_examples = int(num_examples)
         self.last_examples: list[tuple[torch.Tensor, np.ndarray, np.ndarray]] = []
 
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: torch.Tensor | int | None = None):
+        if model.training and inputs["pixel_values"].shape[0] < 2:
+            # the collator dropped all images of this batch but one (or all): UperNet's pooling branch normalises
+            # 1x1 maps with BatchNorm, which cannot train on one image; the batch adds a zero loss instead of a crash
+            skipped = inputs.get("skipped_images")
+            if skipped:
+                self.skipped_images.add(skipped)
+            logger.warning(f"Step {self.state.global_step}: a training batch kept {inputs['pixel_values'].shape[0]} "
+                           "usable image(s), fewer than the 2 UperNet's BatchNorm needs; it is left out.")
+            zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+            return (zero, None) if return_outputs else zero
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval",
                  on_prediction: Callable[[int, np.ndarray], None] | None = None) -> dict[str, float]:
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
