@@ -40,12 +40,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import BeitConfig, BeitForImageClassification, PreTrainedModel, ViTConfig, ViTForImageClassification
+from transformers import BeitForImageClassification, PreTrainedModel, ViTConfig, ViTForImageClassification
 
 from .configuration_cim import VIT_PRESETS, CIMConfig, vit_preset_patch_size
 from .data.transforms import ResizeCenterCrop
 from .errors import UserPathError, UserValueError
 from .modeling_cim import CIMForPreTraining, sincos_position_embedding_2d
+from .transfer import beit_config_from_vit
 
 PRETRAINING = "pretraining"
 CLASSIFIER = "classifier"
@@ -384,8 +385,8 @@ def convert_contrastive_heads(reader: KeyReader, keep: bool) -> tuple[dict[str, 
 # --------------------------------------------------------------------------------------------------
 
 
-def vit_config(shape: VitShape, config_class: type = ViTConfig, **kwargs) -> ViTConfig | BeitConfig:
-    return config_class(hidden_size=shape.hidden_size, num_hidden_layers=shape.num_layers,
+def vit_config(shape: VitShape, **kwargs) -> ViTConfig:
+    return ViTConfig(hidden_size=shape.hidden_size, num_hidden_layers=shape.num_layers,
                         num_attention_heads=shape.num_heads, intermediate_size=shape.intermediate_size,
                         patch_size=shape.patch_size, image_size=shape.image_size, hidden_act="gelu",
                         layer_norm_eps=LAYER_NORM_EPS, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
@@ -502,9 +503,8 @@ def convert_classifier(state_dict: dict[str, torch.Tensor], args: dict[str, Any]
         raise UserValueError(f"--id2label has {len(id2label)} labels, the head has {num_labels} outputs.")
     labels = {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
     if has_fc_norm:
-        config = vit_config(shape, BeitConfig, use_mean_pooling=True, use_absolute_position_embeddings=True,
-                            use_relative_position_bias=False, use_shared_relative_position_bias=False,
-                            layer_scale_init_value=0.0, use_mask_token=False, drop_path_rate=0.0, **labels)
+        config = beit_config_from_vit(vit_config(shape), use_mean_pooling=True, drop_path_rate=0.0,
+                                      **labels)
         prefix, model_class = "beit.", BeitForImageClassification
         weights = convert_embeddings(reader, prefix)
         weights |= convert_vit_encoder(reader, shape, prefix, key_bias=False)
@@ -512,7 +512,7 @@ def convert_classifier(state_dict: dict[str, torch.Tensor], args: dict[str, Any]
         notes.append("global pooling + fc_norm -> BEiT with mean pooling; key biases dropped (exact: softmax "
                      "ignores a per-query constant)")
     else:
-        config = vit_config(shape, ViTConfig, qkv_bias=True, **labels)
+        config = vit_config(shape, qkv_bias=True, **labels)
         prefix, model_class = "vit.", ViTForImageClassification
         weights = convert_embeddings(reader, prefix)
         weights |= convert_vit_encoder(reader, shape, prefix)
