@@ -162,6 +162,22 @@ def test_grey_mask_saved_as_rgb_is_read_from_one_channel_and_palette_masks_keep_
     assert decode_mask({"bytes": buffer.getvalue(), "path": None})[0].tolist() == mask.tolist()
 
 
+def test_mask_gets_the_exif_orientation_its_image_would_get():
+    image, mask = block_scene(32, 48, block=8, seed=7)
+    exif = Image.Exif()
+    exif[0x0112] = 3  # rotated 180 degrees
+    rotated = {}
+    for name, array in (("image", image), ("mask", mask.astype(np.uint8))):
+        buffer = io.BytesIO()
+        Image.fromarray(array[::-1, ::-1].copy()).save(buffer, format="PNG", exif=exif.tobytes())
+        rotated[name] = {"bytes": buffer.getvalue(), "path": None}
+    row = segmentation_row(rotated["image"], rotated["mask"], SegmentationEvalTransform(mean=(0, 0, 0), std=(1, 1, 1)),
+                           MaskRules(4))
+    assert torch.equal(row["labels"], torch.from_numpy(mask))
+    derived, exact = _mask_from_view(row["pixel_values"])
+    assert exact.all() and torch.equal(derived, row["labels"])
+
+
 def test_one_bit_mask_keeps_ids_zero_and_one():
     buffer = io.BytesIO()
     Image.fromarray(np.array([[0, 1], [1, 0]], dtype=bool)).save(buffer, format="PNG")

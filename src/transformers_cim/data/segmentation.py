@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from ..errors import UserPathError, UserValueError
 from ..seeding import torch_generator
 from .collate import SkippingCollator, _row_is_valid, without_image_decoding
-from .decoding import _open_image, decode_image_with_reason, image_name
+from .decoding import _exif_transpose, _open_image, decode_image_with_reason, image_name
 from .sources import IMAGE_FILE_EXTENSIONS
 from .transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -132,7 +132,7 @@ def _describe(where: str | None, value: Any) -> str:
 
 def decode_mask(value: Any, where: str | None = None) -> tuple[np.ndarray | None, str | None]:
     """``(mask, None)`` with `mask` an ``(H, W)`` int64 index map, or ``(None, reason)`` for a mask that cannot be
-    read (undecodable, missing). Pillow modes L, P (the palette *indices*: a palette PNG stores class ids), I, I;16
+    read (undecodable, missing). An EXIF orientation is applied, as to the image. Pillow modes L, P (the palette *indices*: a palette PNG stores class ids), I, I;16
     and 1 are index maps; an RGB(A) mask whose three channels are equal is read from its first channel. A
     colour-coded RGB mask raises `UserValueError` naming `where` and the fix. Arrays (H, W) are taken as they are."""
     try:
@@ -143,6 +143,7 @@ def decode_mask(value: Any, where: str | None = None) -> tuple[np.ndarray | None
             if image is None:
                 return None, "no mask"
             image.load()
+            image = _exif_transpose(image)  # as decode_image does to its image (and datasets to both columns)
             # a 1-bit mask holds ids 0 / 1 (convert("L") would make them 0 / 255, the ignore index)
             array = np.asarray(image) if image.mode != "1" else (np.asarray(image.convert("L")) > 0)
     except Exception as err:  # noqa: BLE001 - bad data of any kind is skipped, with the reason
