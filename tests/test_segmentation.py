@@ -255,6 +255,13 @@ def test_folder_pairs_images_and_masks_by_name_and_names_the_unpaired(tmp_path):
         segmentation_folder_dataset(str(tmp_path / "train"))
 
 
+def test_an_image_level_class_label_is_not_taken_for_the_mask():
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["indoor", "street"]),
+                                  "annotation": datasets.Image()})
+    ds = datasets.Dataset.from_dict({"image": [], "label": [], "annotation": []}, features=features)
+    assert find_mask_column(ds, "image") == "annotation"
+
+
 def test_missing_mask_column_is_named():
     ds = datasets.Dataset.from_dict({"image": [b""], "caption": ["x"]})
     with pytest.raises(UserValueError, match="No mask column.*--label_column_name"):

@@ -112,8 +112,9 @@ def find_mask_column(ds: datasets.Dataset | datasets.IterableDataset, image_colu
         if requested not in names:
             raise UserValueError(f"Mask column {requested!r} (--label_column_name) not found; columns are {names}.")
         return requested
-    for name in MASK_COLUMN_NAMES:
-        if name in names and name != image_column:
+    for name in MASK_COLUMN_NAMES:  # a ClassLabel (an image-level class, e.g. a scene's "label") is never the mask
+        if name in names and name != image_column and not (
+                features is not None and isinstance(features[name], datasets.ClassLabel)):
             return name
     others = [n for n in names if n != image_column and features is not None and isinstance(features[n], datasets.Image)]
     if len(others) == 1:
