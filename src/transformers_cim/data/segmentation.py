@@ -133,9 +133,10 @@ def _describe(where: str | None, value: Any) -> str:
 
 def decode_mask(value: Any, where: str | None = None) -> tuple[np.ndarray | None, str | None]:
     """``(mask, None)`` with `mask` an ``(H, W)`` int64 index map, or ``(None, reason)`` for a mask that cannot be
-    read (undecodable, missing). An EXIF orientation is applied, as to the image. Pillow modes L, P (the palette *indices*: a palette PNG stores class ids), I, I;16
-    and 1 are index maps; an RGB(A) mask whose three channels are equal is read from its first channel. A
-    colour-coded RGB mask raises `UserValueError` naming `where` and the fix. Arrays (H, W) are taken as they are."""
+    read (undecodable, missing). An EXIF orientation is applied, as to the image. Pillow modes L, P (the palette
+    *indices*: a palette PNG stores class ids), I, I;16 and 1 are index maps; an RGB(A) mask whose three channels
+    are equal is read from its first channel. A colour-coded RGB mask raises `UserValueError` naming `where` and the
+    fix. Arrays (H, W) are taken as they are."""
     try:
         if isinstance(value, np.ndarray) or isinstance(value, list):
             array = np.asarray(value)
