@@ -121,24 +121,18 @@ def prepare_dataset(
     return ds.with_transform(fn)
 
 
-class SeededImageDataset(torch.utils.data.Dataset):
-    """Map-style training rows whose random view is a pure function of (seed, epoch, row index), with integer
-    ``labels`` too when `label_column` is given.
+class SeededRows(torch.utils.data.Dataset):
+    """Map-style training rows, each made by `_row` from its values in `columns` with random draws keyed by
+    ``(seed, epoch, row index)``: a resumed run, which the Trainer fast-forwards by skipping sampler indices without
+    loading them, then gives every later row the view the uninterrupted run gave it, whatever the number of workers.
+    The Trainer callback `EpochToDatasetCallback` sets the epoch before each pass (``set_epoch``). The image columns in
+    `encoded_columns` stay encoded until a row is fetched, so that an undecodable file is skipped, not fatal."""
 
-    Each row's crop/flip draws from its own generator, seeded with ``[seed, epoch, index]``, instead of the global
-    RNG: a resumed run, which the Trainer fast-forwards by skipping sampler indices without loading them, then gives
-    every later row the view the uninterrupted run gave it, whatever the number of workers. `CIMTrainer` sets the
-    epoch before each pass (``set_epoch``). Rows are ``{"pixel_values": tensor, "cim_valid": bool}`` as with
-    :func:`build_pretraining_transform`; images stay encoded until a row is fetched.
-    """
-
-    def __init__(self, ds: datasets.Dataset, image_column: str, transform: Callable, *, min_size: int = 32,
-                 seed: int = 0, label_column: str | None = None):
-        ds = without_image_decoding(ds, image_column)
-        self.ds = ds.select_columns([image_column] + ([label_column] if label_column else []))
-        self.image_column, self.transform, self.min_size, self.seed = image_column, transform, min_size, seed
-        self.label_column = label_column
-        self.epoch = 0
+    def __init__(self, ds: datasets.Dataset, columns: list[str], encoded_columns: list[str], seed: int = 0):
+        for column in encoded_columns:
+            ds = without_image_decoding(ds, column)
+        self.ds = ds.select_columns(columns)
+        self.columns, self.seed, self.epoch = list(columns), seed, 0
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -146,24 +140,40 @@ class SeededImageDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def _row(self, value: Any, label: Any, index: int) -> dict:
-        where = f"row {index}"
+    def _row(self, values: list[Any], index: int) -> dict:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.ds[int(index)]
+        return self._row([row[column] for column in self.columns], int(index))
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        rows = self.ds[list(map(int, indices))]  # one Arrow read for the batch
+        columns = [rows[column] for column in self.columns]
+        return [self._row(list(values), int(index)) for *values, index in zip(*columns, indices)]
+
+
+class SeededImageDataset(SeededRows):
+    """`SeededRows` of search views: ``{"pixel_values": tensor, "cim_valid": bool}`` as with
+    :func:`build_pretraining_transform`, with integer ``labels`` too when `label_column` is given; each row's
+    crop/flip draws from its own generator."""
+
+    def __init__(self, ds: datasets.Dataset, image_column: str, transform: Callable, *, min_size: int = 32,
+                 seed: int = 0, label_column: str | None = None):
+        super().__init__(ds, [image_column] + ([label_column] if label_column else []), [image_column], seed)
+        self.image_column, self.transform, self.min_size = image_column, transform, min_size
+        self.label_column = label_column
+
+    def _row(self, values: list[Any], index: int) -> dict:
+        value, where = values[0], f"row {index}"
         row = decoded_row(value, self.transform, self.min_size, numpy_rng(self.seed, self.epoch, index), where=where)
         if self.label_column is not None:  # as ClassificationBatchTransform: a missing label marks the row invalid
+            label = values[1]
             as_int = _as_label(label)
             if as_int is None:
                 _invalid_label(row, label, image_name(value) or where)
             row["labels"] = -100 if as_int is None else as_int
         return row
-
-    def __getitem__(self, index: int) -> dict:
-        row = self.ds[int(index)]
-        return self._row(row[self.image_column], row.get(self.label_column), index)
-
-    def __getitems__(self, indices: list[int]) -> list[dict]:
-        rows = self.ds[list(map(int, indices))]  # one Arrow read for the batch
-        labels = rows[self.label_column] if self.label_column else [None] * len(indices)
-        return [self._row(value, label, index) for value, label, index in zip(rows[self.image_column], labels, indices)]
 
 
 def without_image_decoding(ds, image_column: str):

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ..errors import UserPathError, UserValueError
 from ..seeding import torch_generator
-from .collate import SkippingCollator, _row_is_valid, without_image_decoding
+from .collate import SeededRows, SkippingCollator, _row_is_valid, without_image_decoding
 from .decoding import _exif_transpose, _open_image, decode_image_with_reason, image_name
 from .sources import IMAGE_FILE_EXTENSIONS
 from .transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -325,37 +325,20 @@ def segmentation_row(image_value: Any, mask_value: Any, transform, rules: MaskRu
     return {"pixel_values": pixel_values, "labels": labels, "cim_valid": True}
 
 
-class SeededSegmentationDataset(torch.utils.data.Dataset):
-    """Map-style (image, mask) rows through `transform`, each row's random draws from a generator keyed by
-    ``(seed, epoch, row)``: a resumed run gives every later row the view the uninterrupted run gave it. The Trainer
-    callback `EpochToDatasetCallback` sets the epoch (``set_epoch``)."""
+class SeededSegmentationDataset(SeededRows):
+    """`SeededRows` of (image, mask) pairs through `transform` (:func:`segmentation_row`), each row's random draws
+    from a torch generator keyed by ``(seed, epoch, row)``."""
 
     def __init__(self, ds: datasets.Dataset, image_column: str, mask_column: str, transform, rules: MaskRules, *,
                  min_size: int = 16, seed: int = 0):
-        ds = without_image_decoding(without_image_decoding(ds, image_column), mask_column)
-        self.ds = ds.select_columns([image_column, mask_column])
+        super().__init__(ds, [image_column, mask_column], [image_column, mask_column], seed)
         self.image_column, self.mask_column = image_column, mask_column
-        self.transform, self.rules, self.min_size, self.seed = transform, rules, min_size, seed
-        self.epoch = 0
+        self.transform, self.rules, self.min_size = transform, rules, min_size
 
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def _row(self, image_value: Any, mask_value: Any, index: int) -> dict:
+    def _row(self, values: list[Any], index: int) -> dict:
+        image_value, mask_value = values
         return segmentation_row(image_value, mask_value, self.transform, self.rules, min_size=self.min_size,
                                 generator=torch_generator(self.seed, self.epoch, index), where=f"row {index}")
-
-    def __getitem__(self, index: int) -> dict:
-        row = self.ds[int(index)]
-        return self._row(row[self.image_column], row[self.mask_column], int(index))
-
-    def __getitems__(self, indices: list[int]) -> list[dict]:
-        rows = self.ds[list(map(int, indices))]
-        return [self._row(image, mask, int(i))
-                for image, mask, i in zip(rows[self.image_column], rows[self.mask_column], indices)]
 
 
 class SegmentationBatchTransform:
