@@ -21,6 +21,7 @@ from transformers_cim._pretext_reference import (
 from transformers_cim.pretext import (
     _augment,
     augment_exemplars,
+    augmentation_ramp,
     correlation_maps,
     exemplar_supersampling,
     gaussian_blur,
@@ -445,6 +446,45 @@ def test_each_photometric_transform(tiny_vit_config):
                                               "exemplar_blur_prob", "exemplar_solarize_prob", "exemplar_hflip_prob")})
     out = augment_exemplars(images, allon, gen(1))
     assert out.shape == images.shape and out.min() >= 0 and out.max() <= 1
+
+
+def test_augmentation_ramp_schedule():
+    assert [augmentation_ramp(s, 100, 0.5) for s in (0, 25, 50, 75, 100)] == [0.0, 0.5, 1.0, 1.0, 1.0]
+    assert augmentation_ramp(10, 100, 0.2) == pytest.approx(0.5)
+    assert augmentation_ramp(0, 100, 0.0) == 1.0  # no ramp: the recipe from the first step
+    assert augmentation_ramp(0, 0, 0.5) == 1.0  # no known horizon: the recipe
+
+
+def test_augmentation_strength_scales_the_transforms(tiny_vit_config):
+    """Strength 1 is the recipe bit for bit, strength 0 the plain warp; in between, fewer exemplars change, and by
+    less. The random stream does not depend on the strength: the boxes and maps stay the same."""
+    on, off = tiny_vit_config(), plain_config(tiny_vit_config)
+    mean = torch.tensor(on.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(on.image_std).view(1, 3, 1, 1)
+    x = (torch.rand(64, 3, 64, 64, generator=gen(21)) - mean) / std
+    full = sample_pretext(x, on, generator=gen(22))
+    assert torch.equal(sample_pretext(x, on, generator=gen(22), augmentation_strength=1.0).exemplar_pixel_values,
+                       full.exemplar_pixel_values)
+    plain = sample_pretext(x, off, generator=gen(22)).exemplar_pixel_values
+    zero = sample_pretext(x, on, generator=gen(22), augmentation_strength=torch.tensor(0.0))
+    torch.testing.assert_close(zero.exemplar_pixel_values, plain, rtol=0, atol=1e-5)
+    assert torch.equal(zero.correlation_labels, full.correlation_labels)
+
+    def changed(batch):
+        return ((batch.exemplar_pixel_values - plain).abs().amax(dim=(2, 3, 4)) > 1e-3).float().mean().item()
+
+    half = sample_pretext(x, on, generator=gen(22), augmentation_strength=0.5)
+    assert changed(zero) == 0.0 < changed(half) < changed(full)
+    # P(untouched) = (1 - 0.4)(1 - 0.1)(1 - 0.25)(1 - 0.1)(1 - 0.25) = 27% at half strength, 3.2% at full
+    assert 0.6 < changed(half) < 0.85 and changed(full) > 0.9
+
+
+def test_half_strength_colour_jitter_stays_within_half_the_range(tiny_vit_config):
+    images = torch.full((512, 3, 4, 4), 0.5)
+    config = _only(tiny_vit_config(exemplar_color_jitter=[0.4, 0.0, 0.0, 0.0]), exemplar_color_jitter_prob=1.0)
+    factors = augment_exemplars(images, config, gen(5), strength=0.5)[:, 0, 0, 0] / 0.5  # brightness only
+    assert factors.min() >= 0.8 - 1e-6 and factors.max() <= 1.2 + 1e-6
+    assert factors.min() < 0.82 and factors.max() > 1.18  # and it does use that range
 
 
 def test_gaussian_blur_kernel():

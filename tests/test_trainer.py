@@ -20,6 +20,7 @@ from transformers_cim.trainer import (
     NonFiniteLossError,
     correlation_iou,
     cosine_momentum,
+    unwrap_cim,
 )
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -262,6 +263,41 @@ def test_momentum_callback_is_added_once(tmp_path):
     trainer = CIMTrainer(model=model, args=training_args(tmp_path), train_dataset=rows(4),
                          data_collator=SkippingCollator(), callbacks=[MomentumCallback()])
     assert sum(isinstance(cb, MomentumCallback) for cb in trainer.callback_handler.callbacks) == 1
+
+
+def test_augmentation_ramp_callback_sets_the_strength_of_every_micro_batch(tmp_path):
+    """Ramp 0.5 over 4 optimizer steps of 2 micro-batches: strengths 0, 0.5, 1, 1, the same for both micro-batches of
+    a step, logged, and the full recipe again once training ends (what evaluation and a saved model use)."""
+    model = tiny_model(exemplar_augmentation_ramp=0.5)
+    trainer = make_trainer(model, rows(16), tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                           max_steps=4)
+    seen = []
+    original = trainer.compute_loss
+
+    def compute_loss(model, inputs, *args, **kwargs):
+        seen.append((trainer.state.global_step, unwrap_cim(model).augmentation_strength.item()))
+        return original(model, inputs, *args, **kwargs)
+
+    trainer.compute_loss = compute_loss
+    trainer.train()
+    assert seen == [(0, 0.0), (0, 0.0), (1, 0.5), (1, 0.5), (2, 1.0), (2, 1.0), (3, 1.0), (3, 1.0)]
+    assert [entry["augmentation_strength"] for entry in trainer.state.log_history if "loss" in entry] == [0, 0.5, 1, 1]
+    assert model.augmentation_strength.item() == 1.0
+
+
+def test_without_a_ramp_every_step_uses_the_full_augmentation(tmp_path):
+    model = tiny_model()
+    trainer = make_trainer(model, rows(8), tmp_path, max_steps=2)
+    strengths = []
+    original = trainer.compute_loss
+
+    def compute_loss(model, inputs, *args, **kwargs):
+        strengths.append(unwrap_cim(model).augmentation_strength.item())
+        return original(model, inputs, *args, **kwargs)
+
+    trainer.compute_loss = compute_loss
+    trainer.train()
+    assert strengths == [1.0, 1.0]
 
 
 def test_create_model_card_keeps_the_cim_card(tmp_path):

@@ -62,6 +62,10 @@ class CIMConfig(PreTrainedConfig):
             s x s bilinear samples, s the largest downscale the box sizes need, at most 4), like the authors'
             antialiased PIL resize; `False` samples each pixel once (bilinear, aliased when shrinking).
         exemplar_augmentation (`bool`, defaults to `True`): photometric transforms on the exemplars only.
+        exemplar_augmentation_ramp (`float`, defaults to 0.0): fraction of training over which the photometric
+            exemplar transforms ramp linearly from off to the recipe's (their probabilities and colour-jitter
+            strengths scaled by step / (ramp * max_steps)); 0 is the authors' recipe, full from the first step.
+            Set by the Trainer callback every step; a model used outside the Trainer applies the full recipe.
         exemplar_color_jitter (`list[float]`): brightness, contrast, saturation, hue strengths.
         exemplar_color_jitter_prob, exemplar_grayscale_prob, exemplar_blur_prob, exemplar_solarize_prob,
         exemplar_hflip_prob (`float`): probabilities of each photometric transform.
@@ -118,6 +122,7 @@ class CIMConfig(PreTrainedConfig):
     exemplar_box_mode: str = "enclosing"
     exemplar_antialias: bool = True
     exemplar_augmentation: bool = True
+    exemplar_augmentation_ramp: float | int = 0.0
     exemplar_color_jitter: list[float] | tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
     exemplar_color_jitter_prob: float = 0.8
     exemplar_grayscale_prob: float = 0.2
@@ -271,6 +276,9 @@ def check_cim_config(config: CIMConfig) -> None:
     if config.exemplar_color_jitter[3] > 0.5:
         raise ValueError(f"`exemplar_color_jitter` hue strength {config.exemplar_color_jitter[3]} must be <= 0.5.")
     _check_range("exemplar_blur_sigma", config.exemplar_blur_sigma, 0.0, 10.0)
+    if not 0.0 <= config.exemplar_augmentation_ramp <= 1.0:
+        raise ValueError(f"`exemplar_augmentation_ramp`={config.exemplar_augmentation_ramp} is a fraction of training "
+                         "and must lie in [0, 1] (0: the full augmentation from the first step).")
     if config.decoder_hidden_size % config.decoder_num_attention_heads:
         raise ValueError(f"`decoder_hidden_size`={config.decoder_hidden_size} is not divisible by "
                          f"`decoder_num_attention_heads`={config.decoder_num_attention_heads}.")

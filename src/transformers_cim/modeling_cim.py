@@ -468,6 +468,9 @@ class CIMForPreTraining(CIMPreTrainedModel):
             if self.uses_target_encoder:
                 self.target_projector = CIMProjectionHead(width, config.projector_hidden_size,
                                                           config.projector_output_size, 3)
+        # the exemplar photometric augmentation's strength (0 to 1), set every step by the Trainer's ramp callback;
+        # a tensor so that a compiled forward reads a new value without recompiling
+        self.register_buffer("augmentation_strength", torch.ones(()), persistent=False)
         self.post_init()
         self._set_fixed_vit_embeddings(self.encoder)
         self._apply_freezing(self.encoder)
@@ -571,7 +574,8 @@ class CIMForPreTraining(CIMPreTrainedModel):
         return_loss (`bool`, defaults to `True`): compute the loss.
         """
         if exemplar_pixel_values is None:
-            pretext = sample_pretext(pixel_values, self.config, generator=generator, boxes=exemplar_boxes)
+            pretext = sample_pretext(pixel_values, self.config, generator=generator, boxes=exemplar_boxes,
+                                     augmentation_strength=self.augmentation_strength)
             exemplars, labels, context = pretext.exemplar_pixel_values, pretext.correlation_labels, pretext.context_pixel_values
             boxes = pretext.exemplar_boxes
         else:

@@ -421,22 +421,29 @@ class _AugmentationDraws:
     flip: torch.Tensor
 
 
-def _draw_augmentation(images: torch.Tensor, config, generator: torch.Generator | None) -> _AugmentationDraws:
+def _draw_augmentation(images: torch.Tensor, config, generator: torch.Generator | None,
+                       strength: float | torch.Tensor = 1.0) -> _AugmentationDraws:
     """Every random number of the augmentation, drawn whatever the probabilities and in a fixed order, so a
-    seeded generator gives the same stream (and the same exemplars) whichever way the transforms are applied."""
+    seeded generator gives the same stream (and the same exemplars) whichever way the transforms are applied.
+
+    `strength` in [0, 1] scales every probability and the four colour-jitter strengths (0: no transform, 1: the
+    config's); the draws themselves do not depend on it, so a ramped run consumes the stream a full one does."""
     n, device = images.shape[0], images.device
     draw = lambda *shape: _uniform(shape, 0.0, 1.0, generator, device)  # noqa: E731
-    b, c, s, hue = config.exemplar_color_jitter
-    low = images.new_tensor([max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -hue])
-    high = images.new_tensor([1 + b, 1 + c, 1 + s, hue])
+    # in float64 so that strength 1 gives the config's bounds and probabilities exactly as Python floats would
+    strength = torch.as_tensor(strength, dtype=torch.float64, device=device)
+    jitter_strengths = strength * torch.tensor(config.exemplar_color_jitter, dtype=torch.float64, device=device)
+    low = torch.cat([(1 - jitter_strengths[:3]).clamp(min=0.0), -jitter_strengths[3:]]).to(images.dtype)
+    high = torch.cat([1 + jitter_strengths[:3], jitter_strengths[3:]]).to(images.dtype)
+    chance = lambda p: (strength * p).to(torch.float32)  # noqa: E731
     factors = low + (high - low) * draw(n, 4)
-    jitter = draw(n) < config.exemplar_color_jitter_prob
-    grayscale = draw(n) < config.exemplar_grayscale_prob
+    jitter = draw(n) < chance(config.exemplar_color_jitter_prob)
+    grayscale = draw(n) < chance(config.exemplar_grayscale_prob)
     lo, hi = config.exemplar_blur_sigma
     sigma = lo + (hi - lo) * draw(n)
-    blur = draw(n) < config.exemplar_blur_prob
-    solarize = draw(n) < config.exemplar_solarize_prob
-    flip = draw(n) < config.exemplar_hflip_prob
+    blur = draw(n) < chance(config.exemplar_blur_prob)
+    solarize = draw(n) < chance(config.exemplar_solarize_prob)
+    flip = draw(n) < chance(config.exemplar_hflip_prob)
     return _AugmentationDraws(factors, jitter, grayscale, sigma, blur, solarize, flip)
 
 
@@ -458,19 +465,21 @@ def _solarize(images: torch.Tensor) -> torch.Tensor:
     return torch.where(images >= 0.5, 1 - images, images)
 
 
-def augment_exemplars(images: torch.Tensor, config, generator: torch.Generator | None = None) -> torch.Tensor:
+def augment_exemplars(images: torch.Tensor, config, generator: torch.Generator | None = None,
+                      strength: float | torch.Tensor = 1.0) -> torch.Tensor:
     """Applies colour jitter, grayscale, blur, solarize and horizontal flip, each with its own probability and
     per-sample parameters, to (N, 3, n, n) images in [0, 1]. Every random number is drawn (so a seeded
     generator gives the same stream whatever the probabilities). In eager mode on a CPU each transform runs on
-    the samples drawn for it only; elsewhere on all samples, blended in by mask; the results are identical."""
-    return _augment(images, config, generator, in_place=False)
+    the samples drawn for it only; elsewhere on all samples, blended in by mask; the results are identical.
+    `strength` (0 to 1) scales the probabilities and the colour-jitter strengths (see `augmentation_ramp`)."""
+    return _augment(images, config, generator, in_place=False, strength=strength)
 
 
 def _augment(images: torch.Tensor, config, generator: torch.Generator | None, in_place: bool = False,
-             subset: bool | None = None) -> torch.Tensor:
+             subset: bool | None = None, strength: float | torch.Tensor = 1.0) -> torch.Tensor:
     """`augment_exemplars`; `in_place` lets it overwrite `images`; `subset` forces one way of applying the
     transforms (default: on the drawn samples only in eager mode on a CPU, where it is the faster)."""
-    drawn = _draw_augmentation(images, config, generator)
+    drawn = _draw_augmentation(images, config, generator, strength)
     if subset is None:
         subset = images.device.type == "cpu" and not torch.compiler.is_compiling()
     if subset and not in_place:
@@ -483,11 +492,21 @@ def _augment(images: torch.Tensor, config, generator: torch.Generator | None, in
     return _apply_to_drawn(images, drawn.flip, lambda x, take: x.flip(-1), subset)
 
 
+def augmentation_ramp(step: int, max_steps: int, ramp: float) -> float:
+    """Strength of the exemplar photometric augmentation at optimizer step `step` of `max_steps`: rises linearly
+    from 0 to 1 over the first `ramp` fraction of training, then stays 1 (`ramp=0`: 1 from the first step)."""
+    if ramp <= 0 or max_steps <= 0:
+        return 1.0
+    return min(max(step / (ramp * max_steps), 0.0), 1.0)
+
+
 def sample_pretext(pixel_values: torch.Tensor, config, generator: torch.Generator | None = None,
-                   boxes: torch.Tensor | None = None) -> PretextBatch:
+                   boxes: torch.Tensor | None = None,
+                   augmentation_strength: float | torch.Tensor = 1.0) -> PretextBatch:
     """Builds the context, K exemplars, their true maps and boxes for a batch of normalised search views.
 
     `boxes` (B, K, 5) may be given to fix the geometry; otherwise they are sampled from `config`.
+    `augmentation_strength` (0 to 1) scales the exemplar photometric transforms (1: the config's recipe).
     """
     batch_size = pixel_values.shape[0]
     if boxes is None:
@@ -502,7 +521,7 @@ def sample_pretext(pixel_values: torch.Tensor, config, generator: torch.Generato
         std = pixel_values.new_tensor(config.image_std).view(1, 3, 1, 1)
         flat = exemplars.reshape(-1, *exemplars.shape[2:]).float()
         flat = (flat * std.float()).add_(mean.float()).clamp_(0, 1)  # the [0, 1] pixels, in a fresh tensor
-        flat = _augment(flat, config, generator, in_place=True)
+        flat = _augment(flat, config, generator, in_place=True, strength=augmentation_strength)
         exemplars = flat.sub_(mean.float()).div_(std.float()).to(pixel_values.dtype).view_as(exemplars)
     return PretextBatch(
         context_pixel_values=resize_context(pixel_values, config.context_size, config.context_resample),
@@ -515,6 +534,7 @@ def sample_pretext(pixel_values: torch.Tensor, config, generator: torch.Generato
 __all__ = [
     "PretextBatch",
     "augment_exemplars",
+    "augmentation_ramp",
     "correlation_maps",
     "exemplar_sampling_grid",
     "exemplar_supersampling",

@@ -5,6 +5,8 @@
 - `CIMTrainer.compute_loss` drops the images the data pipeline could not decode (counting them), stops on
   a non-finite loss before it can reach the weights, and accumulates the pretext IoU that is logged with the
   loss and the momentum every `logging_steps`.
+- `AugmentationRampCallback` sets the exemplar photometric augmentation's strength before every optimizer step
+  (off to the recipe's over the first `exemplar_augmentation_ramp` of training; by default full throughout).
 - `SaveOnSignalCallback` turns SIGTERM (what schedulers and `kill` send before a hard kill) into a checkpoint at
   the end of the current optimizer step, then a clean stop.
 - With a `ResumableImageStream` as training data, every checkpoint also holds where each reader of the stream
@@ -35,6 +37,7 @@ from .checkpoints import (
 )
 from .modelcard import has_cim_card
 from .modeling_cim import CIMForPreTraining
+from .pretext import augmentation_ramp
 from .pretext_metrics import correlation_iou, correlation_prior, prior_metrics
 from .streaming import STREAM_STATE_KEY, ResumableImageStream, StreamPosition
 from .training_utils import EpochToDatasetCallback, SkippedImages, StepGenerators, fetch_batches_per_process
@@ -76,6 +79,26 @@ class MomentumCallback(TrainerCallback):
         # global_step was just incremented: the update after optimizer step s uses m(s - 1)
         self.last_momentum = self.momentum_at(state.global_step - 1, state.max_steps, cim)
         cim.momentum_update(self.last_momentum)
+        return control
+
+
+class AugmentationRampCallback(TrainerCallback):
+    """Sets the exemplar photometric augmentation's strength before every optimizer step: a linear ramp from off to
+    the recipe's over the first `exemplar_augmentation_ramp` of `max_steps` (`pretext.augmentation_ramp`), a pure
+    function of the step so that a resumed run continues exactly; the full recipe again once training ends."""
+
+    def __init__(self) -> None:
+        self.last_strength: float | None = None
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        cim = unwrap_cim(model)
+        self.last_strength = augmentation_ramp(state.global_step, state.max_steps,
+                                               cim.config.exemplar_augmentation_ramp)
+        cim.augmentation_strength.fill_(self.last_strength)
+        return control
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        unwrap_cim(model).augmentation_strength.fill_(1.0)
         return control
 
 
@@ -181,8 +204,9 @@ class CIMTrainer(Trainer):
         if training_args is not None:
             fetch_batches_per_process(training_args, keep_explicit_choice=True)
         super().__init__(*args, **kwargs)
-        if not any(isinstance(cb, MomentumCallback) for cb in self.callback_handler.callbacks):
-            self.add_callback(MomentumCallback())
+        for callback in (MomentumCallback, AugmentationRampCallback):
+            if not any(isinstance(cb, callback) for cb in self.callback_handler.callbacks):
+                self.add_callback(callback())
         self.add_callback(EpochToDatasetCallback(self))
         self.skipped_images = SkippedImages()
         self._train_metrics = _MetricAccumulator()
@@ -227,6 +251,10 @@ class CIMTrainer(Trainer):
     @property
     def momentum_callback(self) -> MomentumCallback:
         return next(cb for cb in self.callback_handler.callbacks if isinstance(cb, MomentumCallback))
+
+    @property
+    def augmentation_callback(self) -> AugmentationRampCallback:
+        return next(cb for cb in self.callback_handler.callbacks if isinstance(cb, AugmentationRampCallback))
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         """Weight decay on matrices and conv kernels only: not on norms, biases, CLS/position tokens."""
@@ -399,6 +427,9 @@ class CIMTrainer(Trainer):
             self._train_metrics.reset()
             if self.momentum_callback.last_momentum is not None:
                 logs["momentum"] = round(self.momentum_callback.last_momentum, 6)
+            ramp = self.augmentation_callback.last_strength
+            if ramp is not None and unwrap_cim(self.model).config.exemplar_augmentation:
+                logs["augmentation_strength"] = round(ramp, 4)
             logs["skipped_images"] = self.total_skipped_images()
             if self.stream_position.epoch is not None:
                 # a stream's `epoch` is the Trainer's count (steps / max_steps within each pass); this is the pass over
@@ -411,6 +442,7 @@ class CIMTrainer(Trainer):
 
 
 __all__ = [
+    "AugmentationRampCallback",
     "CIMTrainer",
     "MomentumCallback",
     "NonFiniteLossError",
