@@ -108,9 +108,9 @@ class CIMArguments:
     exemplar_aspect_ratio: list[float] | None = field(default=None, metadata={"help": "h/w range (log-uniform).", "nargs": 2})
     exemplar_max_rotation: float | None = field(default=None, metadata={"help": "Max rotation in degrees (45)."})
     exemplar_augmentation: bool | None = field(default=None, metadata={"help": "Photometric exemplar transforms."})
-    exemplar_augmentation_ramp: float | None = field(default=None, metadata={
-        "help": "Fraction of training over which the photometric exemplar transforms ramp from off to the recipe's "
-                "(0: full from the first step, the authors' recipe)."})
+    exemplar_augmentation_ramp: list[float] | None = field(default=None, metadata={
+        "help": "Fractions of training (start end) between which the photometric exemplar transforms ramp from off to "
+                "the recipe's (0 0: full from the first step, the authors' recipe).", "nargs": 2})
     decoder_hidden_size: int | None = field(default=None, metadata={"help": "Decoder width (512)."})
     decoder_num_attention_heads: int | None = field(default=None, metadata={"help": "Decoder heads (16)."})
     decoder_num_layers: int | None = field(default=None, metadata={"help": "Decoder layers (1)."})

@@ -449,10 +449,12 @@ def test_each_photometric_transform(tiny_vit_config):
 
 
 def test_augmentation_ramp_schedule():
-    assert [augmentation_ramp(s, 100, 0.5) for s in (0, 25, 50, 75, 100)] == [0.0, 0.5, 1.0, 1.0, 1.0]
-    assert augmentation_ramp(10, 100, 0.2) == pytest.approx(0.5)
-    assert augmentation_ramp(0, 100, 0.0) == 1.0  # no ramp: the recipe from the first step
-    assert augmentation_ramp(0, 0, 0.5) == 1.0  # no known horizon: the recipe
+    assert [augmentation_ramp(s, 100, (0.0, 0.5)) for s in (0, 25, 50, 75, 100)] == [0.0, 0.5, 1.0, 1.0, 1.0]
+    assert [augmentation_ramp(s, 100, (0.2, 0.6)) for s in (0, 20, 30, 40, 60, 90)] == pytest.approx([0, 0, 0.25, 0.5, 1, 1])
+    assert augmentation_ramp(30, 100, (0.3, 0.3)) == 1.0  # a step from off to the recipe at 30 %
+    assert augmentation_ramp(29, 100, (0.3, 0.3)) == 0.0
+    assert augmentation_ramp(0, 100, (0.0, 0.0)) == 1.0  # no ramp: the recipe from the first step
+    assert augmentation_ramp(0, 0, (0.0, 0.5)) == 1.0  # no known horizon: the recipe
 
 
 def test_augmentation_strength_scales_the_transforms(tiny_vit_config):

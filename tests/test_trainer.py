@@ -268,7 +268,7 @@ def test_momentum_callback_is_added_once(tmp_path):
 def test_augmentation_ramp_callback_sets_the_strength_of_every_micro_batch(tmp_path):
     """Ramp 0.5 over 4 optimizer steps of 2 micro-batches: strengths 0, 0.5, 1, 1, the same for both micro-batches of
     a step, logged, and the full recipe again once training ends (what evaluation and a saved model use)."""
-    model = tiny_model(exemplar_augmentation_ramp=0.5)
+    model = tiny_model(exemplar_augmentation_ramp=[0.0, 0.5])
     trainer = make_trainer(model, rows(16), tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2,
                            max_steps=4)
     seen = []

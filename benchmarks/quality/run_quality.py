@@ -96,6 +96,8 @@ from transformers_cim.finetune import (  # noqa: E402
     soft_target_cross_entropy,
 )
 from transformers_cim.knn import extract_features, knn_predict  # noqa: E402
+from transformers_cim.pretext import augmentation_ramp, correlation_maps, sample_config_boxes  # noqa: E402
+from transformers_cim.pretext_metrics import correlation_prior, prior_metrics  # noqa: E402
 from transformers_cim.trainer import cosine_momentum  # noqa: E402
 
 DEFAULT_DATA = "/work/shared/data/imagenette-160"
@@ -537,9 +539,12 @@ def pretrain_for_budget(args: argparse.Namespace, model: nn.Module, crop_min: fl
 
 def cim_step_functions(args: argparse.Namespace, model: CIMForPreTraining,
                        ) -> tuple[Callable[[nn.Module, torch.Tensor], torch.Tensor], Callable[[float], None]]:
-    """(loss_fn, after_step) of CIM: seeded exemplar sampling on the device; cosine EMA momentum update."""
+    """(loss_fn, after_step) of CIM: seeded exemplar sampling on the device; cosine EMA momentum update; the
+    exemplar augmentation's ramp (`exemplar_augmentation_ramp`) over the time budget, for the next step."""
     generator = torch.Generator(device=torch.device(args.device)).manual_seed(args.seed)
     start, end = model.config.momentum_start, model.config.momentum_end
+    ramp = model.config.exemplar_augmentation_ramp
+    model.augmentation_strength.fill_(augmentation_ramp(0, 1, ramp))
 
     def loss_fn(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return m(pixel_values=x, generator=generator).loss
@@ -547,6 +552,7 @@ def cim_step_functions(args: argparse.Namespace, model: CIMForPreTraining,
     def after_step(progress: float) -> None:
         if model.uses_target_encoder:
             model.momentum_update(cosine_momentum(progress, 1.0, start, end))
+        model.augmentation_strength.fill_(augmentation_ramp(progress, 1.0, ramp))
 
     return loss_fn, after_step
 
@@ -572,13 +578,29 @@ def pretrain_cim(args: argparse.Namespace) -> dict:
     model = new_cim_model(args)
     loss_fn, after_step = cim_step_functions(args, model)
     record = pretrain_for_budget(args, model, args.cim_crop_min, loss_fn, after_step)
+    model.augmentation_strength.fill_(1.0)
+    record.update(cim_prior_record(model.config, record["loss_curve"], args.seed))
     checkpoint = os.path.join(method_dir(args, "cim"), "pretrain")
     model.cpu().save_pretrained(checkpoint)
     export_encoder(checkpoint, os.path.join(method_dir(args, "cim"), "encoder"))
     record["config"] = {k: getattr(model.config, k, None) for k in (
         "exemplar_box_mode", "encoder_init", "exemplar_scale", "exemplar_max_rotation", "loss_type",
-        "target_encoder_mode", "momentum_start", "context_resample", "decoder_shared_norm")}
+        "target_encoder_mode", "momentum_start", "context_resample", "decoder_shared_norm", "exemplar_augmentation",
+        "exemplar_augmentation_ramp")}
     return record
+
+
+def cim_prior_record(config: CIMConfig, loss_curve: list, seed: int, samples: int = 512) -> dict:
+    """The constant prior's loss under the run's box distribution, and the mean of the last tenth of the logged
+    losses (taken every 10 steps) against it: under 1 means CIM located its exemplars better than the prior."""
+    generator = torch.Generator().manual_seed(seed + 7)
+    boxes = sample_config_boxes(config, samples, config.num_exemplars, generator=generator)
+    labels = correlation_maps(boxes, config.context_size)
+    prior_loss = float(prior_metrics(correlation_prior(config, generator=generator), labels, config)[0])
+    tail = [loss for _, loss in loss_curve[-max(1, len(loss_curve) // 10):]]
+    last = sum(tail) / len(tail) if tail else float("nan")
+    return {"prior_loss": round(prior_loss, 4), "last_tenth_loss": round(last, 4),
+            "last_tenth_loss_to_prior": round(last / prior_loss, 3)}
 
 
 def pretrain_mae(args: argparse.Namespace) -> dict:
@@ -872,8 +894,15 @@ def pretrain_table(args: argparse.Namespace, results: dict) -> list[str]:
             continue
         lines.append(f"| {METHOD_NAMES[method]} | {pre['steps']} | {pre['images_seen']} ({pre['epochs']:.2f}) | "
                      f"{pre['images_per_s']:.1f} | {pre['data_wait_s']:.0f} s | {pre['wall_s'] / 60:.2f} min | "
-                     f"{pre['first_loss']} -> {pre['final_loss']} |")
+                     f"{pre['first_loss']} -> {pre['final_loss']}{prior_cell(pre)} |")
     return lines
+
+
+def prior_cell(pre: dict) -> str:
+    """CIM's last-tenth mean loss against the constant prior's, where recorded."""
+    if "prior_loss" not in pre:
+        return ""
+    return f" (last tenth {pre['last_tenth_loss']} = {pre['last_tenth_loss_to_prior']} x the prior's {pre['prior_loss']})"
 
 
 def settings_lines(args: argparse.Namespace, results: dict) -> list[str]:

@@ -62,10 +62,11 @@ class CIMConfig(PreTrainedConfig):
             s x s bilinear samples, s the largest downscale the box sizes need, at most 4), like the authors'
             antialiased PIL resize; `False` samples each pixel once (bilinear, aliased when shrinking).
         exemplar_augmentation (`bool`, defaults to `True`): photometric transforms on the exemplars only.
-        exemplar_augmentation_ramp (`float`, defaults to 0.0): fraction of training over which the photometric
-            exemplar transforms ramp linearly from off to the recipe's (their probabilities and colour-jitter
-            strengths scaled by step / (ramp * max_steps)); 0 is the authors' recipe, full from the first step.
-            Set by the Trainer callback every step; a model used outside the Trainer applies the full recipe.
+        exemplar_augmentation_ramp (`list[float]`, defaults to `[0.0, 0.0]`): fractions (start, end) of training
+            between which the photometric exemplar transforms ramp linearly from off to the recipe's (their
+            probabilities and colour-jitter strengths scaled by the ramp's strength, 0 before start, 1 after end).
+            `[0, 0]` is the authors' recipe, full from the first step. Set by the Trainer callback every step; a
+            model used outside the Trainer applies the full recipe.
         exemplar_color_jitter (`list[float]`): brightness, contrast, saturation, hue strengths.
         exemplar_color_jitter_prob, exemplar_grayscale_prob, exemplar_blur_prob, exemplar_solarize_prob,
         exemplar_hflip_prob (`float`): probabilities of each photometric transform.
@@ -122,7 +123,7 @@ class CIMConfig(PreTrainedConfig):
     exemplar_box_mode: str = "enclosing"
     exemplar_antialias: bool = True
     exemplar_augmentation: bool = True
-    exemplar_augmentation_ramp: float | int = 0.0
+    exemplar_augmentation_ramp: list[float] | tuple[float, float] = (0.0, 0.0)
     exemplar_color_jitter: list[float] | tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
     exemplar_color_jitter_prob: float = 0.8
     exemplar_grayscale_prob: float = 0.2
@@ -159,7 +160,7 @@ class CIMConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         for name in ("exemplar_scale", "exemplar_aspect_ratio", "exemplar_color_jitter", "exemplar_blur_sigma",
-                     "image_mean", "image_std"):
+                     "exemplar_augmentation_ramp", "image_mean", "image_std"):
             setattr(self, name, [float(v) for v in getattr(self, name)])
         if getattr(self.encoder_config, "model_type", None) == "vit":
             self.encoder_config.image_size = self.image_size
@@ -276,9 +277,10 @@ def check_cim_config(config: CIMConfig) -> None:
     if config.exemplar_color_jitter[3] > 0.5:
         raise ValueError(f"`exemplar_color_jitter` hue strength {config.exemplar_color_jitter[3]} must be <= 0.5.")
     _check_range("exemplar_blur_sigma", config.exemplar_blur_sigma, 0.0, 10.0)
-    if not 0.0 <= config.exemplar_augmentation_ramp <= 1.0:
-        raise ValueError(f"`exemplar_augmentation_ramp`={config.exemplar_augmentation_ramp} is a fraction of training "
-                         "and must lie in [0, 1] (0: the full augmentation from the first step).")
+    ramp = config.exemplar_augmentation_ramp
+    if len(ramp) != 2 or not 0.0 <= ramp[0] <= ramp[1] <= 1.0:
+        raise ValueError(f"`exemplar_augmentation_ramp`={ramp} must be fractions of training (start, end) with "
+                         "0 <= start <= end <= 1 ([0, 0]: the full augmentation from the first step).")
     if config.decoder_hidden_size % config.decoder_num_attention_heads:
         raise ValueError(f"`decoder_hidden_size`={config.decoder_hidden_size} is not divisible by "
                          f"`decoder_num_attention_heads`={config.decoder_num_attention_heads}.")

@@ -492,12 +492,18 @@ def _augment(images: torch.Tensor, config, generator: torch.Generator | None, in
     return _apply_to_drawn(images, drawn.flip, lambda x, take: x.flip(-1), subset)
 
 
-def augmentation_ramp(step: int, max_steps: int, ramp: float) -> float:
-    """Strength of the exemplar photometric augmentation at optimizer step `step` of `max_steps`: rises linearly
-    from 0 to 1 over the first `ramp` fraction of training, then stays 1 (`ramp=0`: 1 from the first step)."""
-    if ramp <= 0 or max_steps <= 0:
+def augmentation_ramp(step: float, max_steps: float, ramp: tuple[float, float]) -> float:
+    """Strength of the exemplar photometric augmentation at optimizer step `step` of `max_steps`: 0 until the
+    fraction `ramp[0]` of training, rising linearly to 1 at `ramp[1]`, then 1 (`(0, 0)`: 1 from the first step)."""
+    start, end = ramp
+    if end <= 0 or max_steps <= 0:
         return 1.0
-    return min(max(step / (ramp * max_steps), 0.0), 1.0)
+    progress = step / max_steps
+    if progress >= end:
+        return 1.0
+    if progress <= start:
+        return 0.0
+    return min((progress - start) / (end - start), 1.0)
 
 
 def sample_pretext(pixel_values: torch.Tensor, config, generator: torch.Generator | None = None,
