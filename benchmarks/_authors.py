@@ -3,12 +3,12 @@
 converted to ours with this package's converter, identical inputs fed to both, and both sides' pre-training steps.
 
 Nothing of their code is copied here: their modules are imported at run time from the directory given
-(``--authors_code DIR`` or the ``CIM_AUTHORS_CODE`` environment variable). One run-time patch is applied, to
-torchvision and numpy as their modules see them, never to their files: when torchvision's compiled operators cannot load (a torchvision wheel built for
-another torch, as on this CPU-only machine), ``torchvision._meta_registrations`` is replaced by an empty module so
-that the pure-Python transforms their dataset uses still import; and their ``util.pos_embed`` gets a view of numpy that has ``np.float``
-(removed in numpy 1.24) again. Their code needs ``timm`` and ``torchvision``
-(installed into the environment for this benchmark only; they are not dependencies of this package).
+(``--authors_code DIR`` or the ``CIM_AUTHORS_CODE`` environment variable). Two run-time patches are applied, to
+what their modules see, never to their files: (1) when torchvision's compiled operators cannot load (a torchvision
+wheel built for another torch), ``torchvision._meta_registrations`` is replaced by an empty module so that the
+pure-Python transforms their dataset uses still import; (2) their ``util.pos_embed`` gets a view of numpy that has
+the ``np.float`` alias again (removed in numpy 1.24). Their code needs ``timm`` and ``torchvision``, installed
+into the environment for this benchmark only; they are not dependencies of this package.
 
 Conventions of the two models, and how they are mapped:
 * their predictor has two logits per pixel (softmax cross-entropy); ours one logit ``l1 - l0`` (binary
@@ -27,6 +27,7 @@ import importlib
 import math
 import os
 import random
+import subprocess
 import sys
 import tempfile
 import types
@@ -166,6 +167,7 @@ def conversion_options(sizes: Sizes) -> ConversionOptions:
 def convert_authors_model(model: nn.Module, sizes: Sizes, work_dir: str) -> CIMForPreTraining:
     """Saves their model as their checkpoint file, converts it with ``cim-convert-original``'s function and loads
     the result with ``CIMForPreTraining.from_pretrained``."""
+    os.makedirs(work_dir, exist_ok=True)
     checkpoint = os.path.join(work_dir, "authors_cim.pth")
     torch.save({"model": model.state_dict(), "epoch": 0, "args": authors_args(sizes)}, checkpoint)
     out = os.path.join(work_dir, "converted")
@@ -439,13 +441,13 @@ def compare_on_fixed_inputs(authors: types.SimpleNamespace, sizes: Sizes, work_d
                             momentum: float = 0.99, perturb: str | None = None) -> list[Difference]:
     """Builds their model (their init), converts it to ours, feeds both the same context, exemplars and maps and
     compares loss, probabilities, logits, every gradient, then the weights after one AdamW step and one EMA update
-    of each side. ``perturb`` (one of our parameter names) adds 1e-3 to that weight of ours after the conversion,
-    to see the comparison fail."""
+    of each side. ``perturb`` (one of our parameter names) adds 1e-3 to the first element of that weight of ours
+    after the conversion, to see the comparison fail."""
     theirs = build_authors_model(authors, sizes, seed)
     ours = convert_authors_model(theirs, sizes, work_dir)
     if perturb is not None:
         with torch.no_grad():
-            dict(ours.named_parameters())[perturb].add_(1e-3)
+            dict(ours.named_parameters())[perturb].view(-1)[0] += 1e-3
     theirs.train()
     ours.train()
     inputs = fixed_inputs(sizes, batch, seed + 1)
@@ -457,7 +459,8 @@ def compare_on_fixed_inputs(authors: types.SimpleNamespace, sizes: Sizes, work_d
     diffs = [
         Difference("loss (per-exemplar mean CE summed over K)", max_abs(our_loss, their_loss)),
         Difference("probabilities (sigmoid(l) vs softmax(l0, l1)[1])",
-                   max_abs(our_logits.detach().sigmoid(), authors_probabilities(theirs, inputs)), "", our_logits.numel()),
+                   max_abs(our_logits.detach().sigmoid(), authors_probabilities(theirs, inputs)), "",
+                   our_logits.numel()),
         Difference("logits (l vs l1 - l0), relative to the largest |logit|",
                    max_abs(our_logits, their_logits) / float(their_logits.abs().max()), "", our_logits.numel()),
     ]
@@ -503,3 +506,20 @@ def gated(difference: Difference) -> bool:
     """Whether a row of `compare_on_fixed_inputs` must be within `TOLERANCE` (the noted rows differ by
     construction)."""
     return not difference.quantity.endswith("(not gated)")
+
+
+def git_commit(path: str) -> str:
+    """The short commit of the repository at ``path``, marked when its tracked files have uncommitted changes."""
+    def git(*command: str) -> str:
+        found = subprocess.run(["git", "-C", path, *command], capture_output=True, text=True, check=False)
+        return found.stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + (" + uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def transformers_cim_path() -> str:
+    """Where the ``transformers_cim`` in use was imported from (the editable checkout, or another copy)."""
+    import transformers_cim
+
+    return os.path.dirname(os.path.abspath(transformers_cim.__file__))
