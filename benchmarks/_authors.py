@@ -451,55 +451,64 @@ def compare_on_fixed_inputs(authors: types.SimpleNamespace, sizes: Sizes, work_d
     theirs.train()
     ours.train()
     inputs = fixed_inputs(sizes, batch, seed + 1)
+    return (forward_and_gradient_differences(theirs, ours, inputs, sizes)
+            + step_differences(theirs, ours, sizes, lr, weight_decay, momentum))
 
+
+def forward_and_gradient_differences(theirs: nn.Module, ours: CIMForPreTraining, inputs: FixedInputs,
+                                     sizes: Sizes) -> list[Difference]:
+    """Loss, probabilities, logits and gradients of one forward + backward of each side (gradients left in place)."""
     their_loss, their_logits = authors_forward(theirs, inputs)
     our_loss, our_logits = our_forward(ours, inputs)
     their_loss.backward()
     our_loss.backward()
-    diffs = [
+    grad_w = theirs.decoder_pred_mask[0].weight.grad
+    their_grads = predictor_as_one_logit(authors_tensors_as_ours(theirs, sizes, grads=True), theirs)
+    grads = our_gradients(ours)
+    return [
         Difference("loss (per-exemplar mean CE summed over K)", max_abs(our_loss, their_loss)),
         Difference("probabilities (sigmoid(l) vs softmax(l0, l1)[1])",
                    max_abs(our_logits.detach().sigmoid(), authors_probabilities(theirs, inputs)), "",
                    our_logits.numel()),
         Difference("logits (l vs l1 - l0), relative to the largest |logit|",
                    max_abs(our_logits, their_logits) / float(their_logits.abs().max()), "", our_logits.numel()),
+        Difference("their predictor gradient: channel 0 + channel 1 (must be 0)",
+                   float((grad_w[0] + grad_w[1]).abs().max())),
+        largest_difference("gradients (every trainable or frozen online / decoder parameter)",
+                           {n: g for n, g in grads.items() if not n.startswith("target_")}, their_grads),
+        Difference("gradients reaching our EMA target (must be 0)",
+                   max(float(g.abs().max()) for n, g in grads.items() if n.startswith("target_"))),
     ]
-    grad_w = theirs.decoder_pred_mask[0].weight.grad
-    diffs.append(Difference("their predictor gradient: channel 0 + channel 1 (must be 0)",
-                            float((grad_w[0] + grad_w[1]).abs().max())))
-    their_grads = predictor_as_one_logit(authors_tensors_as_ours(theirs, sizes, grads=True), theirs)
-    grads = our_gradients(ours)
-    diffs.append(largest_difference("gradients (every trainable or frozen online / decoder parameter)",
-                                    {n: g for n, g in grads.items() if not n.startswith("target_")}, their_grads))
-    diffs.append(Difference("gradients reaching our EMA target (must be 0)",
-                            max(float(g.abs().max()) for n, g in grads.items() if n.startswith("target_"))))
 
-    one_lr = copy.deepcopy(ours)  # our predictor at the same lr as everything else: what our trainer does
+
+def step_differences(theirs: nn.Module, ours: CIMForPreTraining, sizes: Sizes, lr: float, weight_decay: float,
+                     momentum: float) -> list[Difference]:
+    """The weights after one AdamW step and one EMA update of each side, from the gradients in place; and our
+    predictor after a step at the lr of every other parameter (what our trainer does), against theirs."""
+    one_lr = copy.deepcopy(ours)
     for name, param in one_lr.named_parameters():
         param.grad = dict(ours.named_parameters())[name].grad
-    set_lr(one_lr_optimizer := adamw(one_lr, lr, weight_decay, eps=STEP_CHECK_EPS), lr)
-    one_lr_optimizer.step()
-    their_optimizer = adamw(theirs, lr, weight_decay, eps=STEP_CHECK_EPS)
-    our_optimizer = adamw(ours, lr, weight_decay, predictor_lr_scale=PREDICTOR_TWO_LOGIT_LR, eps=STEP_CHECK_EPS)
-    for optimizer in (their_optimizer, our_optimizer):
+    optimizers = [adamw(one_lr, lr, weight_decay, eps=STEP_CHECK_EPS),
+                  adamw(theirs, lr, weight_decay, eps=STEP_CHECK_EPS),
+                  adamw(ours, lr, weight_decay, predictor_lr_scale=PREDICTOR_TWO_LOGIT_LR, eps=STEP_CHECK_EPS)]
+    for optimizer in optimizers:
         set_lr(optimizer, lr)
         optimizer.step()
     authors_momentum_update(theirs, momentum)
     ours.momentum_update(momentum)
     after = authors_tensors_as_ours(theirs, sizes)
-    weights = ours.state_dict()
     kinds: dict[str, dict[str, torch.Tensor]] = {"online": {}, "target": {}, "target_cls": {}}
-    for name, tensor in weights.items():
+    for name, tensor in ours.state_dict().items():
         target = name.startswith("target_")
         kind = "target_cls" if target and name.endswith("embeddings.cls_token") else "target" if target else "online"
         kinds[kind][name] = tensor
-    diffs.append(largest_difference("weights after one AdamW step (online encoder + decoder)", kinds["online"], after))
-    diffs.append(largest_difference("weights after one EMA update (target encoder, CLS token aside)",
-                                    kinds["target"], after))
-    diffs.append(largest_difference(f"{TARGET_CLS_NOTE} (not gated)", kinds["target_cls"], after))
     predictor = {n: t for n, t in one_lr.state_dict().items() if n.startswith(PREDICTOR_PREFIX)}
-    diffs.append(largest_difference(f"{ONE_LR_NOTE} (not gated)", predictor, after))
-    return diffs
+    return [
+        largest_difference("weights after one AdamW step (online encoder + decoder)", kinds["online"], after),
+        largest_difference("weights after one EMA update (target encoder, CLS token aside)", kinds["target"], after),
+        largest_difference(f"{TARGET_CLS_NOTE} (not gated)", kinds["target_cls"], after),
+        largest_difference(f"{ONE_LR_NOTE} (not gated)", predictor, after),
+    ]
 
 
 def gated(difference: Difference) -> bool:
