@@ -300,6 +300,17 @@ def test_without_a_ramp_every_step_uses_the_full_augmentation(tmp_path):
     assert strengths == [1.0, 1.0]
 
 
+def test_model_card_states_the_exemplar_augmentation_and_its_ramp():
+    def row(config) -> str:
+        card = build_model_card(config, dataset_name="photos", max_steps=1, train_images=None, final_metrics={},
+                                figure=None)
+        return next(line for line in str(card).splitlines() if line.startswith("| exemplar photometric augmentation"))
+
+    assert "off" in row(tiny_config(exemplar_augmentation=False))
+    assert "from the first step" in row(tiny_config())
+    assert "from off at 25% of training to the recipe's at 75%" in row(tiny_config(exemplar_augmentation_ramp=[0.25, 0.75]))
+
+
 def test_create_model_card_keeps_the_cim_card(tmp_path):
     """`push_to_hub` calls create_model_card: the pre-training card in the output dir must survive it."""
     trainer = make_trainer(tiny_model(), rows(4), tmp_path)

@@ -135,7 +135,8 @@ ENCODER_KEYS = ("dataset_name", "seed", "encoder", "num_layers", "patch_size", "
 PRETRAIN_KEYS = ENCODER_KEYS + ("pretrain_minutes", "batch_size", "pretrain_blr", "warmup_fraction", "clip_grad",
                                 "max_pretrain_images", "bf16", "device")
 CIM_KEYS = PRETRAIN_KEYS + ("context_size", "exemplar_size", "num_exemplars", "decoder_hidden_size",
-                            "decoder_num_attention_heads", "cim_crop_min", "cim_overrides")
+                            "decoder_num_attention_heads", "cim_crop_min", "cim_overrides",
+                            "exemplar_augmentation_ramp")
 MAE_KEYS = PRETRAIN_KEYS + ("mask_ratio", "mae_decoder_hidden_size", "mae_decoder_layers", "mae_decoder_heads",
                             "mae_crop_min")
 FROZEN_KEYS = ("max_train_images", "max_eval_images", "probe_epochs", "probe_lr", "knn_k", "knn_temperature")
@@ -185,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     cim.add_argument("--decoder_hidden_size", type=int, default=None)
     cim.add_argument("--decoder_num_attention_heads", type=int, default=None)
     cim.add_argument("--cim_crop_min", type=float, default=0.5, help="search-view crop scale (authors: 0.5)")
+    cim.add_argument("--exemplar_augmentation_ramp", type=float, nargs=2, default=None, metavar=("START", "END"),
+                     help="fractions of the budget between which the exemplar photometric augmentation ramps from "
+                          "off to the recipe's (default: the package's, 0 0 = full throughout)")
     cim.add_argument("--cim_overrides", default="", help='CIMConfig fields, "key=value,key=value" (e.g. '
                      '"exemplar_augmentation=false": the setting that learns at CPU budgets, see the README)')
     mae = p.add_argument_group("MAE")
@@ -343,6 +347,8 @@ def cim_config(args: argparse.Namespace) -> CIMConfig:
     config.encoder_config.num_hidden_layers = args.num_layers
     if args.cim_overrides:
         config.update_from_string(args.cim_overrides)
+    if args.exemplar_augmentation_ramp is not None:
+        config.exemplar_augmentation_ramp = list(args.exemplar_augmentation_ramp)
     return CIMConfig.from_dict(config.to_dict())  # re-validated with the new encoder sizes
 
 

@@ -24,6 +24,16 @@ def card_with_metadata(data: ModelCardData, body: str) -> ModelCard:
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
 
 
+def augmentation_description(config) -> str:
+    """The exemplar photometric augmentation: off, the recipe throughout, or its ramp over training."""
+    if not config.exemplar_augmentation:
+        return "off"
+    start, end = config.exemplar_augmentation_ramp
+    if end <= 0:
+        return "on (the recipe's, from the first step)"
+    return f"ramped from off at {start:.0%} of training to the recipe's at {end:.0%}"
+
+
 def _settings_table(config) -> str:
     rows = [
         ("encoder", encoder_description(config.encoder_config)),
@@ -32,7 +42,7 @@ def _settings_table(config) -> str:
         ("exemplar scale / aspect / rotation", f"{config.exemplar_scale} / {[round(a, 3) for a in config.exemplar_aspect_ratio]} / "
                                                f"+-{config.exemplar_max_rotation} deg"),
         ("exemplar boxes / antialiasing", f"{config.exemplar_box_mode} / {config.exemplar_antialias}"),
-        ("exemplar photometric augmentation", config.exemplar_augmentation),
+        ("exemplar photometric augmentation", augmentation_description(config)),
         ("encoder init", config.encoder_init),
         ("decoder", f"{config.decoder_num_layers} x cross-attention, width {config.decoder_hidden_size}, "
                     f"{config.decoder_num_attention_heads} heads, "
