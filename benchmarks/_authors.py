@@ -81,6 +81,12 @@ class Sizes:
     exemplar_ratio: tuple[float, float] = (1 / 3, 3.0)  # theirs: width / height; symmetric, so ours (h / w) too
     max_rotation: int = 45
 
+    def describe(self) -> str:
+        return (f"ViT width {self.width}, {self.depth} layers, {self.heads} heads, patch {self.patch}; {self.image} px "
+                f"views, {self.context} px context, {self.num_exemplars} exemplars of {self.exemplar} px; decoder "
+                f"{self.decoder_width} wide, {self.decoder_heads} heads; exemplar scale {self.exemplar_scale}, aspect "
+                f"1/3-3, rotation +-{self.max_rotation} deg; view scale {self.view_scale}")
+
 
 # --------------------------------------------------------------------------------------------------
 # Importing their code
@@ -470,7 +476,7 @@ def forward_and_gradient_differences(theirs: nn.Module, ours: CIMForPreTraining,
         Difference("probabilities (sigmoid(l) vs softmax(l0, l1)[1])",
                    max_abs(our_logits.detach().sigmoid(), authors_probabilities(theirs, inputs)), "",
                    our_logits.numel()),
-        Difference("logits (l vs l1 - l0), relative to the largest |logit|",
+        Difference("logits (l vs l1 - l0), relative to the largest absolute logit",
                    max_abs(our_logits, their_logits) / float(their_logits.abs().max()), "", our_logits.numel()),
         Difference("their predictor gradient: channel 0 + channel 1 (must be 0)",
                    float((grad_w[0] + grad_w[1]).abs().max())),

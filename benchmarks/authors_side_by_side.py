@@ -241,8 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     with A.temporary_directory() as work_dir:
         differences = A.compare_on_fixed_inputs(authors, sizes, os.path.join(work_dir, "equality"), seed=args.seed)
         lines += ["## 1. Equality on identical inputs (fp32)", "",
-                  f"Their model at {sizes}, their init, converted with cim-convert-original; batch 4, the same "
-                  "context, exemplars and maps on both sides. The step: AdamW lr 1e-4, wd 0.05, eps "
+                  f"Their model at {sizes.describe()}; their init, converted with cim-convert-original; batch 4, "
+                  "the same context, exemplars and maps on both sides. The step: AdamW lr 1e-4, wd 0.05, eps "
                   f"{A.STEP_CHECK_EPS:g}, our predictor at {A.PREDICTOR_TWO_LOGIT_LR:g}x lr and 1/"
                   f"{A.PREDICTOR_TWO_LOGIT_LR:g} wd (their two logits), then EMA momentum 0.99.", "",
                   equality_table(differences), ""]
