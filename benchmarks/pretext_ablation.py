@@ -147,8 +147,9 @@ def run(spec: str, images: torch.Tensor, held_out: torch.Tensor, args) -> dict:
     clip = float(train.get("clip", args.clip))
     torch.manual_seed(args.seed)
     model = CIMForPreTraining(config)
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2 and "cls_token" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and not (p.ndim >= 2 and "cls_token" not in n)]
+    decays = lambda n, p: p.ndim >= 2 and "cls_token" not in n and "prior_bias" not in n  # noqa: E731
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and decays(n, p)]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and not decays(n, p)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
                                   lr=lr, betas=(0.9, 0.95))
     minutes = float(train.get("minutes", 0.0))

@@ -714,3 +714,35 @@ def test_position_interpolation_switch(tiny_vit_config, mode):
     other = F.interpolate(patch_grid, size=(3, 3), mode="bicubic", align_corners=False) if mode == "authors" else \
         F.interpolate(patch_grid, scale_factor=(3.1 / 4, 3.1 / 4), mode="bicubic", align_corners=False)
     assert not torch.allclose(other, resized)  # the two modes really differ at this size
+
+
+# ------------------------------------------------------------------------------------------------ prior bias
+
+
+def test_prior_bias_starts_the_decoder_at_the_constant_prior(tiny_vit_config, search_views, tmp_path):
+    """With `decoder_prior_bias` the logits are the prior's plus the decoder's output: with the predictor zeroed the
+    model predicts the prior exactly, scoring the prior's loss; the bias is saved, reloaded, and not weight-decayed."""
+    from transformers_cim.pretext_metrics import correlation_prior, prior_logits, prior_metrics
+    from transformers_cim.trainer import CIMTrainer
+
+    config = tiny_vit_config(decoder_prior_bias=True)
+    model = build(config)
+    expected = prior_logits(correlation_prior(config, generator=gen(0)))
+    assert torch.equal(model.decoder.prior_bias, expected)
+    assert model.decoder.prior_bias.requires_grad
+    with torch.no_grad():
+        model.decoder.predictor.weight.zero_()
+        model.decoder.predictor.bias.zero_()
+    out = model(search_views(), generator=gen(4))
+    torch.testing.assert_close(out.logits, expected.expand_as(out.logits), rtol=0, atol=0)
+    prior_loss, _ = prior_metrics(correlation_prior(config, generator=gen(0)), out.correlation_labels, config)
+    torch.testing.assert_close(out.loss, prior_loss)
+    model.save_pretrained(tmp_path)
+    assert torch.equal(CIMForPreTraining.from_pretrained(tmp_path).decoder.prior_bias, expected)
+    assert "decoder.prior_bias" not in CIMTrainer.get_decay_parameter_names(None, model)
+    assert "decoder.predictor.weight" in CIMTrainer.get_decay_parameter_names(None, model)
+
+
+def test_without_prior_bias_the_decoder_has_the_authors_parameters_only(tiny_vit_config):
+    model = build(tiny_vit_config())
+    assert not any("prior_bias" in name for name, _ in model.named_parameters())

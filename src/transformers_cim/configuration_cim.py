@@ -93,6 +93,10 @@ class CIMConfig(PreTrainedConfig):
             encoders xavier-uniform with zero bias, the frozen patch projection xavier-uniform as a linear
             layer (fan-in 3 * patch**2), CLS token normal(0.02). "transformers": the stock ViT init
             (truncated normal 0.02). ResNet encoders always keep the stock init.
+        decoder_prior_bias (`bool`, defaults to `False`): add a learnable per-pixel bias (m x m) to the decoder's
+            logits, initialised to the logits of the constant prior (the mean true map under this config's box
+            distribution), so that training starts at the best exemplar-blind prediction and spends its steps on where
+            this exemplar differs from where exemplars usually are. `False` is the authors' decoder (one scalar bias).
         decoder_shared_norm (`bool`, defaults to `True`): one LayerNorm for the context queries and the exemplar
             tokens of a decoder layer (the authors' `norm1`); `False` gives each side its own.
         decoder_align_corners (`bool`, defaults to `True`): `align_corners` of the bilinear upsampling of the
@@ -152,6 +156,7 @@ class CIMConfig(PreTrainedConfig):
     image_std: list[float] | tuple[float, float, float] = IMAGENET_DEFAULT_STD
     initializer_range: float = 0.02
     encoder_init: str = "xavier"
+    decoder_prior_bias: bool = False
     decoder_shared_norm: bool = True
     decoder_align_corners: bool = True
     context_resample: str = "bicubic"

@@ -49,7 +49,7 @@ from .training_utils import EpochToDatasetCallback, SkippedImages, StepGenerator
 logger = logging.get_logger(__name__)
 
 # Parameter-name fragments that never get weight decay (in addition to every parameter with ndim <= 1).
-NO_WEIGHT_DECAY_NAMES = ("position_embeddings", "cls_token", "mask_token", "pos_embed")
+NO_WEIGHT_DECAY_NAMES = ("position_embeddings", "cls_token", "mask_token", "pos_embed", "prior_bias")
 
 _VIT_BLOCK = re.compile(r"(?:^|\.)(?:layers|encoder\.layer)\.(\d+)\.")
 _RESNET_STAGE = re.compile(r"(?:^|\.)encoder\.stages\.(\d+)\.")

@@ -23,7 +23,7 @@ from transformers.models.vit.modeling_vit import eager_attention_forward
 from transformers.utils import ModelOutput
 
 from .configuration_cim import CIMConfig
-from .pretext import resize_context, sample_pretext
+from .pretext import correlation_prior, prior_logits, resize_context, sample_pretext
 
 
 @dataclass
@@ -223,6 +223,9 @@ class CIMDecoderLayer(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+PRIOR_BIAS_SEED = 0  # the box sample that `decoder_prior_bias` starts from
+
+
 class CIMCorrelationDecoder(nn.Module):
     """Predicts a correlation logit map on the context grid from context and exemplar tokens (Eq. 4-6)."""
 
@@ -234,7 +237,16 @@ class CIMCorrelationDecoder(nn.Module):
         self.layers = nn.ModuleList([CIMDecoderLayer(config) for _ in range(config.decoder_num_layers)])
         self.norm = nn.LayerNorm(config.decoder_hidden_size, eps=1e-6)
         self.predictor = nn.Conv2d(config.decoder_hidden_size, 1, kernel_size=1)
+        if config.decoder_prior_bias:  # initialised to the prior's logits by `reset_prior_bias`
+            self.prior_bias = nn.Parameter(torch.zeros(config.context_size, config.context_size))
         self._position_cache: dict[tuple, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def reset_prior_bias(self) -> None:
+        """Sets the per-pixel bias to the logits of the constant prior of the config's box distribution (a fixed
+        seed: the same start for every model of one config)."""
+        prior = correlation_prior(self.config, generator=torch.Generator().manual_seed(PRIOR_BIAS_SEED))
+        self.prior_bias.copy_(prior_logits(prior))
 
     def context_position_embedding(self, grid: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         key = (grid, device, dtype)
@@ -265,7 +277,10 @@ class CIMCorrelationDecoder(nn.Module):
         size = self.config.context_size
         logits = F.interpolate(logits, size=(size, size), mode="bilinear",
                                align_corners=self.config.decoder_align_corners)
-        return logits.view(batch, num_exemplars, size, size)
+        logits = logits.view(batch, num_exemplars, size, size)
+        if self.config.decoder_prior_bias:
+            logits = logits + self.prior_bias.to(logits.dtype)
+        return logits
 
 
 class CIMProjectionHead(nn.Module):
@@ -397,6 +412,9 @@ class CIMPreTrainedModel(PreTrainedModel):
         (transformers dispatches a nested `ViTModel` to its own `_init_weights`, which `_init_weights` here
         never reaches)."""
         super().initialize_weights()
+        for module in self.modules():
+            if isinstance(module, CIMCorrelationDecoder) and module.config.decoder_prior_bias:
+                module.reset_prior_bias()
         if self.config.encoder_init == "xavier":
             for module in self.children():
                 if isinstance(module, ViTModel):
@@ -524,6 +542,8 @@ class CIMForPreTraining(CIMPreTrainedModel):
         kwargs.setdefault("use_safetensors", True)  # never unpickle weights from an untrusted checkpoint
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         model._apply_freezing(model.encoder)
+        with torch.no_grad():  # not saved, and built on the meta device: uninitialised memory until set here
+            model.augmentation_strength.fill_(1.0)
         # reset only the targets the checkpoint lacks (e.g. a new target_projector), keep a saved EMA encoder
         missing = {key.split(".", 1)[0] for key in info.get("missing_keys", [])}
         if any(name.startswith("target_") for name in missing):

@@ -175,6 +175,31 @@ def sample_config_boxes(config, batch_size: int, num_exemplars: int, generator: 
                    config.exemplar_max_rotation, generator=generator, device=device)
 
 
+# The constant prior: the mean true map under a config's box distribution, the best map a model can predict
+# without looking at the exemplar (`pretext_metrics` scores it; `decoder_prior_bias` starts the decoder at it).
+PRIOR_SAMPLES = 8192
+PROBABILITY_FLOOR = 1e-4
+
+
+def correlation_prior(config, num_samples: int = PRIOR_SAMPLES, generator: torch.Generator | None = None,
+                      chunk: int = 1024) -> torch.Tensor:
+    """The mean true map (m, m) over `num_samples` boxes drawn from `config`'s exemplar distribution."""
+    total = torch.zeros(config.context_size, config.context_size, dtype=torch.float64)
+    drawn = 0
+    while drawn < num_samples:
+        count = min(chunk, num_samples - drawn)
+        boxes = sample_config_boxes(config, count, 1, generator=generator)
+        total += correlation_maps(boxes, config.context_size).sum(dim=(0, 1)).double()
+        drawn += count
+    return (total / num_samples).float()
+
+
+def prior_logits(prior: torch.Tensor) -> torch.Tensor:
+    """Logits of the constant prior map, clamped away from 0 and 1 so its loss stays finite."""
+    probability = prior.clamp(PROBABILITY_FLOOR, 1 - PROBABILITY_FLOOR)
+    return probability.log() - (-probability).log1p()
+
+
 def exemplar_sampling_grid(boxes: torch.Tensor, size: int, supersample: int = 1) -> torch.Tensor:
     """The `grid_sample` grid (B, s*s*K*n, n, 2) that reads all K boxes of each image into n x n exemplars,
     with s x s samples per exemplar pixel (`supersample` s).
@@ -539,6 +564,8 @@ def sample_pretext(pixel_values: torch.Tensor, config, generator: torch.Generato
 
 __all__ = [
     "PretextBatch",
+    "correlation_prior",
+    "prior_logits",
     "augment_exemplars",
     "augmentation_ramp",
     "correlation_maps",

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .pretext import correlation_maps, sample_config_boxes
-
-PRIOR_SAMPLES = 8192
+from .pretext import PRIOR_SAMPLES, PROBABILITY_FLOOR, correlation_prior, prior_logits  # noqa: F401 (re-exported)
 
 
 def correlation_iou(logits: torch.Tensor, labels: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
@@ -23,26 +21,6 @@ def correlation_iou(logits: torch.Tensor, labels: torch.Tensor, threshold: float
     intersection = (predicted & truth).flatten(-2).sum(-1).float()
     union = (predicted | truth).flatten(-2).sum(-1).float()
     return torch.where(union > 0, intersection / union.clamp(min=1), torch.ones_like(union)).mean()
-PROBABILITY_FLOOR = 1e-4
-
-
-def correlation_prior(config, num_samples: int = PRIOR_SAMPLES, generator: torch.Generator | None = None,
-                      chunk: int = 1024) -> torch.Tensor:
-    """The mean true map (m, m) over `num_samples` boxes drawn from `config`'s exemplar distribution."""
-    total = torch.zeros(config.context_size, config.context_size, dtype=torch.float64)
-    drawn = 0
-    while drawn < num_samples:
-        count = min(chunk, num_samples - drawn)
-        boxes = sample_config_boxes(config, count, 1, generator=generator)
-        total += correlation_maps(boxes, config.context_size).sum(dim=(0, 1)).double()
-        drawn += count
-    return (total / num_samples).float()
-
-
-def prior_logits(prior: torch.Tensor) -> torch.Tensor:
-    """Logits of the constant prior map, clamped away from 0 and 1 so its loss stays finite."""
-    probability = prior.clamp(PROBABILITY_FLOOR, 1 - PROBABILITY_FLOOR)
-    return probability.log() - (-probability).log1p()
 
 
 @torch.no_grad()

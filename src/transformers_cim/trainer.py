@@ -257,10 +257,11 @@ class CIMTrainer(Trainer):
         return next(cb for cb in self.callback_handler.callbacks if isinstance(cb, AugmentationRampCallback))
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
-        """Weight decay on matrices and conv kernels only: not on norms, biases, CLS/position tokens."""
+        """Weight decay on matrices and conv kernels only: not on norms, biases (the decoder's per-pixel prior bias
+        too), CLS/position tokens."""
         return [
             name for name, param in model.named_parameters()
-            if param.ndim >= 2 and "cls_token" not in name and "position_embeddings" not in name
+            if param.ndim >= 2 and not any(key in name for key in ("cls_token", "position_embeddings", "prior_bias"))
         ]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
