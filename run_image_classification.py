@@ -45,13 +45,13 @@ import torch
 import transformers
 from transformers import BeitForImageClassification, EvalPrediction, TrainingArguments
 
-from transformers_cim.checkpoints import (
+from transformers_cim.training.checkpoints import (
     checkpoint_kind,
     encoder_config_from_checkpoint,
     image_stats_from_checkpoint,
     resolve_checkpoint_path,
 )
-from transformers_cim.data import (
+from transformers_cim.training.data import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
     RandomResizedCropFlip,
@@ -68,13 +68,13 @@ from transformers_cim.data import (
     prepare_dataset,
 )
 from transformers_cim.errors import UserPathError, UserValueError, exit_on_user_error
-from transformers_cim.finetune import (
+from transformers_cim.training.classification_trainer import (
     ClassificationTrainer,
     LinearProbeForImageClassification,
     load_encoder_for_classification,
 )
-from transformers_cim.modelcard import build_classification_card, card_license, write_model_card as write_card_file
-from transformers_cim.script_args import (
+from transformers_cim.training.modelcard import build_classification_card, card_license, write_model_card as write_card_file
+from transformers_cim.training.script_args import (
     DataSourceArguments,
     ResumableTrainingArguments,
     ScriptArgumentParser,
@@ -82,7 +82,7 @@ from transformers_cim.script_args import (
     parse_with_given,
     set_learning_rate,
 )
-from transformers_cim.training_utils import fetch_batches_per_process
+from transformers_cim.training.utils import fetch_batches_per_process
 from transformers_cim.transfer import beit_for_image_classification
 
 

@@ -28,7 +28,7 @@ import transformers
 
 from transformers_cim import CIMConfig, CIMForPreTraining
 from transformers_cim.configuration_cim import PRESET_NAMES
-from transformers_cim.data import (
+from transformers_cim.training.data import (
     RandomResizedCropFlip,
     ResizeCenterCrop,
     SeededImageDataset,
@@ -42,17 +42,17 @@ from transformers_cim.data import (
     prepare_dataset,
 )
 from transformers_cim.errors import UserPathError, UserValueError, exit_on_user_error
-from transformers_cim.knn import KNNCallback
-from transformers_cim.modelcard import build_model_card, card_license, write_model_card
-from transformers_cim.script_args import (
+from transformers_cim.training.knn import KNNCallback
+from transformers_cim.training.modelcard import build_model_card, card_license, write_model_card
+from transformers_cim.training.script_args import (
     DataSourceArguments,
     ResumableTrainingArguments,
     ScriptArgumentParser,
     set_learning_rate,
 )
-from transformers_cim.streaming import ResumableImageStream
-from transformers_cim.trainer import CIMTrainer, SaveOnSignalCallback
-from transformers_cim.training_utils import fetch_batches_per_process
+from transformers_cim.training.streaming import ResumableImageStream
+from transformers_cim.training.trainer import CIMTrainer, SaveOnSignalCallback
+from transformers_cim.training.utils import fetch_batches_per_process
 from transformers_cim.visualization import VisualizationCallback
 
 logger = logging.getLogger("run_pretraining")

@@ -41,14 +41,14 @@ import torch
 import transformers
 from transformers import BeitImageProcessorPil, PreTrainedConfig, UperNetForSemanticSegmentation
 
-from transformers_cim.checkpoints import (
+from transformers_cim.training.checkpoints import (
     checkpoint_kind,
     encoder_config_from_checkpoint,
     image_stats_from_checkpoint,
     resolve_checkpoint_path,
 )
 from transformers_cim.configuration_cim import PRESET_NAMES, preset_encoder_config
-from transformers_cim.data import (
+from transformers_cim.training.data import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
     available_splits,
@@ -58,7 +58,7 @@ from transformers_cim.data import (
     image_name,
     without_image_decoding,
 )
-from transformers_cim.data.segmentation import (
+from transformers_cim.training.data.segmentation import (
     MaskRules,
     SeededSegmentationDataset,
     SegmentationCollator,
@@ -71,17 +71,17 @@ from transformers_cim.data.segmentation import (
     shorter_side_size,
 )
 from transformers_cim.errors import UserPathError, UserValueError, exit_on_user_error
-from transformers_cim.modelcard import build_segmentation_card, card_license, write_model_card
-from transformers_cim.script_args import (
+from transformers_cim.training.modelcard import build_segmentation_card, card_license, write_model_card
+from transformers_cim.training.script_args import (
     DataSourceArguments,
     ResumableTrainingArguments,
     ScriptArgumentParser,
     choose_stages,
     parse_with_given,
 )
-from transformers_cim.segmentation import SegmentationTrainer, input_multiple, predict_logits, \
+from transformers_cim.training.segmentation import SegmentationTrainer, input_multiple, predict_logits, \
     render_segmentation_examples
-from transformers_cim.training_utils import fetch_batches_per_process
+from transformers_cim.training.utils import fetch_batches_per_process
 from transformers_cim.transfer import upernet_for_semantic_segmentation
 
 logger = logging.getLogger("run_semantic_segmentation")

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from transformers_cim import CIMConfig, CIMForPreTraining  # noqa: E402
 from transformers_cim.pretext_metrics import correlation_iou, correlation_prior, prior_metrics  # noqa: E402
-from transformers_cim.trainer import cosine_momentum  # noqa: E402
+from transformers_cim.training.trainer import cosine_momentum  # noqa: E402
 
 IMAGENETTE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "imagenette-160")
 
@@ -96,7 +96,7 @@ def load_images(source: str, count: int, size: int, split: str = "train") -> tor
 
     images = []
     if source == "skimage":
-        from transformers_cim.data import default_image_dataset  # the quick start's photos
+        from transformers_cim.training.data import default_image_dataset  # the quick start's photos
 
         pil_images = list(default_image_dataset()["image"])
     else:

@@ -72,8 +72,8 @@ def test_trainer_torch_compile_matches_the_eager_run(tmp_path, tiny_vit_config, 
     same exemplars, so their losses agree step by step."""
     from transformers import TrainingArguments
 
-    from transformers_cim.data import SkippingCollator
-    from transformers_cim.trainer import CIMTrainer
+    from transformers_cim.training.data import SkippingCollator
+    from transformers_cim.training.trainer import CIMTrainer
 
     monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     rows = [{"pixel_values": v, "cim_valid": True} for v in search_views(batch=8, seed=3)]

@@ -76,7 +76,7 @@ from transformers import (  # noqa: E402
 )
 
 from transformers_cim import CIMConfig, CIMForPreTraining  # noqa: E402
-from transformers_cim.data import (  # noqa: E402
+from transformers_cim.training.data import (  # noqa: E402
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
     RandomResizedCropFlip,
@@ -88,15 +88,15 @@ from transformers_cim.data import (  # noqa: E402
     prepare_dataset,
 )
 from transformers_cim.export import export_encoder  # noqa: E402
-from transformers_cim.finetune import (  # noqa: E402
+from transformers_cim.training.classification_trainer import (  # noqa: E402
     LinearProbeHead,
     is_no_weight_decay,
     mixup_cutmix,
     param_groups_layer_decay,
     soft_target_cross_entropy,
 )
-from transformers_cim.knn import extract_features, knn_predict  # noqa: E402
-from transformers_cim.trainer import cosine_momentum  # noqa: E402
+from transformers_cim.training.knn import extract_features, knn_predict  # noqa: E402
+from transformers_cim.training.trainer import cosine_momentum  # noqa: E402
 
 DEFAULT_DATA = "/work/shared/data/imagenette-160"
 METHODS = ("cim", "mae", "random")
@@ -668,7 +668,7 @@ def linear_probe(args: argparse.Namespace, train_x: torch.Tensor, train_y: torch
 
 def knn(args: argparse.Namespace, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor,
         val_y: torch.Tensor, num_classes: int) -> dict:
-    """Weighted k-NN (cosine similarity, weights exp(sim / T)), `transformers_cim.knn.knn_predict`."""
+    """Weighted k-NN (cosine similarity, weights exp(sim / T)), `transformers_cim.training.knn.knn_predict`."""
     device = torch.device(args.device)
     scores = knn_predict(train_x.to(device), train_y.to(device), val_x.to(device), k=args.knn_k,
                          temperature=args.knn_temperature, num_classes=num_classes)

@@ -43,7 +43,7 @@ import torch
 from transformers import BeitForImageClassification, PreTrainedModel, ViTConfig, ViTForImageClassification
 
 from .configuration_cim import VIT_PRESETS, CIMConfig, vit_preset_patch_size
-from .data.transforms import ResizeCenterCrop
+from .training.data.transforms import ResizeCenterCrop
 from .errors import UserPathError, UserValueError
 from .modeling_cim import CIMForPreTraining, sincos_position_embedding_2d
 from .transfer import beit_config_from_vit

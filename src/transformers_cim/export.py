@@ -22,17 +22,17 @@ import torch
 from huggingface_hub import ModelCard, ModelCardData
 from transformers import ResNetModel, ViTModel
 
-from .checkpoints import (
+from .training.checkpoints import (
     checkpoint_kind,
     encoder_config_from_checkpoint,
     image_stats_from_checkpoint,
     quiet_loading,
     resolve_checkpoint_path,
 )
-from .data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ResizeCenterCrop
+from .training.data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ResizeCenterCrop
 from .errors import UserValueError
 from .features import GLOBAL_FEATURE_DESCRIPTIONS
-from .modelcard import card_with_metadata, encoder_description, write_model_card
+from .training.modelcard import card_with_metadata, encoder_description, write_model_card
 
 
 def _model_card(source: str, config) -> ModelCard:

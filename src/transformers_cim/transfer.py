@@ -37,7 +37,7 @@ from transformers import (
 )
 
 from .errors import UserValueError
-from .finetune import load_encoder_for_classification
+from .training.classification_trainer import load_encoder_for_classification
 
 # The BEiT / MAE fine-tuning head: classifier weights drawn with this std (a near-zero start).
 HEAD_INIT_STD = 2e-5

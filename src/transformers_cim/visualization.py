@@ -146,7 +146,7 @@ class VisualizationCallback(TrainerCallback):
     def _write(self, args, state, model, name: str | None) -> None:
         if not state.is_world_process_zero:
             return
-        from .trainer import unwrap_cim
+        from .training.trainer import unwrap_cim
 
         path = os.path.join(args.output_dir, name) if name else None
         grid = visualize_model(unwrap_cim(model), self.pixel_values, path)

@@ -12,9 +12,9 @@ import sys
 import pytest
 
 from transformers_cim.errors import UserError, UserPathError, UserValueError, exit_on_user_error
-from transformers_cim.script_args import TRAINER_GROUP_TITLE, accelerator_available, set_learning_rate
+from transformers_cim.training.script_args import TRAINER_GROUP_TITLE, accelerator_available, set_learning_rate
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 import run_image_classification  # noqa: E402
 import run_pretraining  # noqa: E402

@@ -20,10 +20,10 @@ from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModelForPreTraining, TrainerCallback
 
 from transformers_cim import CIMForPreTraining
-from transformers_cim.checkpoints import last_complete_checkpoint
-from transformers_cim.trainer import NonFiniteLossError, cosine_momentum
+from transformers_cim.training.checkpoints import last_complete_checkpoint
+from transformers_cim.training.trainer import NonFiniteLossError, cosine_momentum
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 import run_pretraining  # noqa: E402

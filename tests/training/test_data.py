@@ -1,4 +1,4 @@
-"""Tests for transformers_cim.data: sources, column detection, decoding, transforms, batching, workers."""
+"""Tests for transformers_cim.training.data: sources, column detection, decoding, transforms, batching, workers."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from transformers_cim import data
-from transformers_cim.data import (
+from transformers_cim.training.data import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
     RandomResizedCropFlip,

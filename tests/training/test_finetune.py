@@ -1,4 +1,4 @@
-"""Tests for transformers_cim.finetune and run_image_classification.py (tiny models, self-made data)."""
+"""Tests for transformers_cim.training.classification_trainer and run_image_classification.py (tiny models, self-made data)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from transformers import (
 
 from transformers_cim import CIMConfig, CIMForPreTraining
 from transformers_cim.errors import UserValueError
-from transformers_cim.finetune import (
+from transformers_cim.training.classification_trainer import (
     ClassificationTrainer,
     LinearProbeForImageClassification,
     load_encoder_for_classification,
@@ -36,7 +36,7 @@ from transformers_cim.finetune import (
 )
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 import run_image_classification  # noqa: E402
 
@@ -687,7 +687,7 @@ def test_recipe_refuses_contradictory_heads(argv, encoder_type, message):
 
 
 def test_random_erasing_is_seeded_noise_in_one_rectangle():
-    from transformers_cim.data import RandomResizedCropFlip
+    from transformers_cim.training.data import RandomResizedCropFlip
 
     image = Image.fromarray(np.full((48, 48, 3), 128, np.uint8))
     plain = RandomResizedCropFlip(size=32, scale=(1.0, 1.0), hflip=False)

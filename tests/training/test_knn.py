@@ -1,4 +1,4 @@
-"""Tests for transformers_cim.knn: weighted k-NN on frozen features."""
+"""Tests for transformers_cim.training.knn: weighted k-NN on frozen features."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import ResNetConfig, ResNetModel, TrainerControl, TrainerState, TrainingArguments, ViTConfig, ViTModel
 
-from transformers_cim.data import ResizeCenterCrop, build_classification_transform, prepare_dataset
-from transformers_cim.knn import KNNCallback, extract_features, knn_accuracy, knn_evaluate, knn_predict
+from transformers_cim.training.data import ResizeCenterCrop, build_classification_transform, prepare_dataset
+from transformers_cim.training.knn import KNNCallback, extract_features, knn_accuracy, knn_evaluate, knn_predict
 
 
 def tiny_vit() -> ViTModel:

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from transformers_cim import CIMForPreTraining
-from transformers_cim.data.segmentation import (
+from transformers_cim.training.data.segmentation import (
     MaskRules,
     SeededSegmentationDataset,
     SegmentationCollator,
@@ -29,19 +29,19 @@ from transformers_cim.data.segmentation import (
     segmentation_row,
 )
 from transformers_cim.errors import UserValueError
-from transformers_cim.finetune import param_groups_layer_decay
-from transformers_cim.segmentation import (
+from transformers_cim.training.classification_trainer import param_groups_layer_decay
+from transformers_cim.training.segmentation import (
     SegmentationTrainer,
     evaluate_segmentation,
     pad_to_multiple,
     render_segmentation_examples,
 )
-from transformers_cim.segmentation_metrics import ConfusionMatrix, confusion_counts, flat_scores, segmentation_scores
+from transformers_cim.training.segmentation_metrics import ConfusionMatrix, confusion_counts, flat_scores, segmentation_scores
 from transformers_cim.transfer import upernet_for_semantic_segmentation
 
 from conftest import make_tiny_resnet_config, make_tiny_vit_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
 # class id -> colour: the image of a block-painted scene determines its mask

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from transformers_cim.data import RandomResizedCropFlip, SkippingCollator
-from transformers_cim.streaming import STREAM_STATE_KEY, ResumableImageStream, StreamPosition
+from transformers_cim.training.data import RandomResizedCropFlip, SkippingCollator
+from transformers_cim.training.streaming import STREAM_STATE_KEY, ResumableImageStream, StreamPosition
 
 ROWS_PER_SHARD, NUM_SHARDS, BATCH = 12, 4, 4
 CORRUPT = {(1, 3), (2, 0)}  # (shard, row) holding undecodable bytes
@@ -188,7 +188,7 @@ def test_the_re_read_at_resume_is_bounded_by_the_oldest_buffered_record(monkeypa
     source = datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()}))
 
     def spans(max_age_factor: int) -> list[int]:
-        monkeypatch.setattr("transformers_cim.streaming._Reader.MAX_AGE_BUFFERS", max_age_factor)
+        monkeypatch.setattr("transformers_cim.training.streaming._Reader.MAX_AGE_BUFFERS", max_age_factor)
         stream = ResumableImageStream(source.to_iterable_dataset(), "image", RandomResizedCropFlip(size=8),
                                       min_size=8, buffer_size=8, seed=0)
         states = [b[STREAM_STATE_KEY] for b in read(stream, 0)]

@@ -1,4 +1,4 @@
-"""Tests for transformers_cim.trainer: the momentum schedule and callback, the pretext IoU, weight-decay groups,
+"""Tests for transformers_cim.training.trainer: the momentum schedule and callback, the pretext IoU, weight-decay groups,
 logging, the non-finite-loss stop, batches whose every image was dropped, and exact pretext sampling per step."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback, TrainingArguments, ViTConfig
 
 from transformers_cim import CIMConfig, CIMForPreTraining
-from transformers_cim.data import SkippingCollator
-from transformers_cim.modelcard import build_model_card, has_cim_card, write_model_card
-from transformers_cim.trainer import (
+from transformers_cim.training.data import SkippingCollator
+from transformers_cim.training.modelcard import build_model_card, has_cim_card, write_model_card
+from transformers_cim.training.trainer import (
     CIMTrainer,
     MomentumCallback,
     NonFiniteLossError,
@@ -393,7 +393,7 @@ def test_pretext_generator_depends_on_step_and_micro_batch_only(tmp_path):
 
 
 def test_skipped_images_counted_once_saved_and_restored(tmp_path, caplog):
-    from transformers_cim.training_utils import SkippedImages
+    from transformers_cim.training.utils import SkippedImages
 
     skipped = SkippedImages(log_first=2)
     with caplog.at_level("WARNING"):

@@ -37,7 +37,7 @@ from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel, ResNetConfig, ViTConfig
 from transformers.utils import logging
 
-from .errors import UserPathError, UserValueError
+from ..errors import UserPathError, UserValueError
 
 logger = logging.get_logger(__name__)
 

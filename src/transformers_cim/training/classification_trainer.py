@@ -39,11 +39,11 @@ from .checkpoints import (
     quiet_loading,
     resolve_checkpoint_path,
 )
-from .errors import UserValueError
-from .features import global_feature_size, global_features
+from ..errors import UserValueError
+from ..features import global_feature_size, global_features
 from .modelcard import has_cim_card
 from .seeding import numpy_rng_from_torch
-from .training_utils import EpochToDatasetCallback, SkippedImages, StepGenerators
+from .utils import EpochToDatasetCallback, SkippedImages, StepGenerators
 
 
 logger = logging.get_logger(__name__)
@@ -172,7 +172,7 @@ def load_target_encoder_(encoder: nn.Module, path: str) -> None:
     the EMA target encoder of the CIM checkpoint in ``path``, keeping the online embeddings (patch projection, CLS
     token, positions; ResNet stem) as the authors' ``--use_ema`` does. Loaded through ``from_pretrained``, which
     also reads the legacy weight names saved checkpoints use."""
-    from .modeling_cim import CIMForPreTraining
+    from ..modeling_cim import CIMForPreTraining
 
     with quiet_loading():
         cim, info = CIMForPreTraining.from_pretrained(path, output_loading_info=True)

@@ -20,7 +20,7 @@ from transformers import HfArgumentParser, IntervalStrategy, TrainingArguments
 
 from .checkpoints import checkpoint_to_resume
 from .data import load_image_dataset
-from .errors import UserPathError, UserValueError
+from ..errors import UserPathError, UserValueError
 
 
 @dataclass
@@ -46,7 +46,7 @@ class DataSourceArguments:
 
     def load_split(self, split: str, *, cache_dir: str | None = None,
                    token: str | None = None) -> datasets.Dataset | datasets.IterableDataset:
-        """One split of the chosen source (see :func:`~transformers_cim.data.load_image_dataset`)."""
+        """One split of the chosen source (see :func:`~transformers_cim.training.data.load_image_dataset`)."""
         return load_image_dataset(
             dataset_name=self.dataset_name,
             dataset_config_name=self.dataset_config_name,
@@ -73,7 +73,7 @@ def accelerator_available() -> bool:
 
 @dataclass
 class ResumableTrainingArguments(TrainingArguments):
-    """`TrainingArguments` with the resume rule of both scripts (`transformers_cim.checkpoints.checkpoint_to_resume`):
+    """`TrainingArguments` with the resume rule of both scripts (`transformers_cim.training.checkpoints.checkpoint_to_resume`):
     a run resumes from the newest complete checkpoint in output_dir unless --overwrite_output_dir;
     --resume_from_checkpoint PATH or `last` names one. Data-loader memory is pinned only when torch sees an
     accelerator (on a CPU-only machine pinning does nothing and torch warns about it)."""

@@ -4,8 +4,8 @@
   multiple of the encoder's stride (the ViT's positions are interpolated to the padded grid), and the logits are
   cropped back and resized to the size the scores are computed at.
 * :func:`evaluate_segmentation` scores a dataset of (image, mask) rows at the masks' own resolution: confusion
-  matrix -> mean IoU, per-class IoU, pixel accuracy (:mod:`transformers_cim.segmentation_metrics`).
-* :class:`SegmentationTrainer` is :class:`~transformers_cim.finetune.ClassificationTrainer` (layer-decay AdamW,
+  matrix -> mean IoU, per-class IoU, pixel accuracy (:mod:`transformers_cim.training.segmentation_metrics`).
+* :class:`SegmentationTrainer` is :class:`~transformers_cim.training.classification_trainer.ClassificationTrainer` (layer-decay AdamW,
   skipped-image counting, the package's card kept) whose ``evaluate`` is that whole-image evaluation.
 * :func:`render_segmentation_examples` draws image / true mask / predicted mask rows as one PNG.
 """
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
 
-from .finetune import ClassificationTrainer
+from .classification_trainer import ClassificationTrainer
 from .segmentation_metrics import ConfusionMatrix, flat_scores, segmentation_scores
 
 logger = logging.getLogger(__name__)

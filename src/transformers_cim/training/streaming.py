@@ -1,7 +1,7 @@
 """Streamed pre-training data that a checkpoint resumes exactly.
 
 `ResumableImageStream` reads a `datasets.IterableDataset` whose images are still encoded and yields decoded,
-augmented rows for :class:`~transformers_cim.data.SkippingCollator`. Every reader (one per DataLoader worker, or one
+augmented rows for :class:`~transformers_cim.training.data.SkippingCollator`. Every reader (one per DataLoader worker, or one
 per process without workers) owns its part of the stream, a shuffle buffer and two seeded generators (shuffling and
 crop/flip), so what it yields depends only on (seed, rank, worker, epoch) and on where it is.
 
@@ -28,7 +28,7 @@ import torch
 from datasets.distributed import split_dataset_by_node
 
 from .data.collate import decoded_row, register_batch_annotator, without_image_decoding
-from .errors import UserValueError
+from ..errors import UserValueError
 from .seeding import numpy_rng
 
 STREAM_STATE_KEY = "stream_state"
@@ -202,7 +202,7 @@ class ResumableImageStream(torch.utils.data.IterableDataset):
         source: the stream; its image column may still decode (it is read encoded).
         image_column: the column holding the images.
         transform: called as ``transform(pil_image, rng=numpy_generator)``; returns a (3, H, W) tensor and has a
-            ``size`` attribute (e.g. :class:`~transformers_cim.data.RandomResizedCropFlip`).
+            ``size`` attribute (e.g. :class:`~transformers_cim.training.data.RandomResizedCropFlip`).
         min_size: images with a shorter side are yielded with ``cim_valid=False`` (the collator drops them).
         buffer_size: the shuffle buffer of each reader (records are held encoded).
         seed: with the rank, worker and epoch, seeds each reader's shuffling and augmentation.

@@ -34,10 +34,10 @@ from .checkpoints import (
     loads_through_from_pretrained,
 )
 from .modelcard import has_cim_card
-from .modeling_cim import CIMForPreTraining
-from .pretext_metrics import correlation_iou, correlation_prior, prior_metrics
+from ..modeling_cim import CIMForPreTraining
+from ..pretext_metrics import correlation_iou, correlation_prior, prior_metrics
 from .streaming import STREAM_STATE_KEY, ResumableImageStream, StreamPosition
-from .training_utils import EpochToDatasetCallback, SkippedImages, StepGenerators, fetch_batches_per_process
+from .utils import EpochToDatasetCallback, SkippedImages, StepGenerators, fetch_batches_per_process
 
 logger = logging.get_logger(__name__)
 

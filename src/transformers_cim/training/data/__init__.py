@@ -20,7 +20,7 @@ crop-and-correlate pretext task itself runs batched on the device inside the mod
   ``num_skipped`` to the trainer.
 * ``workers`` - :func:`count_shards` and :func:`check_num_workers` keep streaming data-loader workers busy.
 
-Everything public is importable from ``transformers_cim.data`` directly.
+Everything public is importable from ``transformers_cim.training.data`` directly.
 """
 
 from .collate import (

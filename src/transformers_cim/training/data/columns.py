@@ -7,7 +7,7 @@ from typing import Any
 
 import datasets
 
-from ..errors import UserValueError
+from ...errors import UserValueError
 
 IMAGE_COLUMN_NAMES = ("image", "img", "pixel_values", "jpg", "jpeg", "png", "webp")
 LABEL_COLUMN_NAMES = ("label", "labels", "cls", "class", "target")

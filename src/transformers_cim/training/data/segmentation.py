@@ -12,7 +12,7 @@
 * :class:`SeededSegmentationDataset` (map-style, each row's draws a function of (seed, epoch, row)) and
   :func:`prepare_segmentation_stream` (streamed) produce rows ``{"pixel_values", "labels", "cim_valid"}``;
   :class:`SegmentationCollator` stacks the usable rows and counts the skipped ones (undecodable images or masks),
-  as :class:`~transformers_cim.data.collate.SkippingCollator` does for classification.
+  as :class:`~transformers_cim.training.data.collate.SkippingCollator` does for classification.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserPathError, UserValueError
+from ...errors import UserPathError, UserValueError
 from ..seeding import torch_generator
 from .collate import SeededRows, SkippingCollator, _row_is_valid, without_image_decoding
 from .decoding import _exif_transpose, _open_image, decode_image_with_reason, image_name

@@ -18,7 +18,7 @@ from datasets.data_files import EmptyDatasetError
 from datasets.exceptions import DataFilesNotFoundError, DatasetNotFoundError
 from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 
-from ..errors import UserPathError, UserValueError
+from ...errors import UserPathError, UserValueError
 
 try:  # extension -> packaged builder table used by datasets itself (private; a fallback keeps us working)
     from datasets.packaged_modules import _EXTENSION_TO_MODULE

@@ -12,7 +12,7 @@ import PIL.Image
 import torch
 from transformers import ViTImageProcessorPil
 
-from ..configuration_cim import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from ...configuration_cim import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from ..seeding import numpy_rng_from_torch
 from .decoding import to_rgb
 
