@@ -45,12 +45,7 @@ import torch
 import transformers
 from transformers import BeitForImageClassification, EvalPrediction, TrainingArguments
 
-from transformers_cim.training.checkpoints import (
-    checkpoint_kind,
-    encoder_config_from_checkpoint,
-    image_stats_from_checkpoint,
-    resolve_checkpoint_path,
-)
+from transformers_cim.checkpoint_loading import checkpoint_kind, encoder_config_from_checkpoint, image_stats_from_checkpoint, resolve_checkpoint_path
 from transformers_cim.training.data import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
@@ -68,11 +63,9 @@ from transformers_cim.training.data import (
     prepare_dataset,
 )
 from transformers_cim.errors import UserPathError, UserValueError, exit_on_user_error
-from transformers_cim.training.classification_trainer import (
-    ClassificationTrainer,
-    LinearProbeForImageClassification,
-    load_encoder_for_classification,
-)
+from transformers_cim.encoder_loading import load_encoder_for_classification
+from transformers_cim.training.classification_trainer import ClassificationTrainer
+from transformers_cim.training.linear_probe import LinearProbeForImageClassification
 from transformers_cim.training.modelcard import build_classification_card, card_license, write_model_card as write_card_file
 from transformers_cim.training.script_args import (
     DataSourceArguments,

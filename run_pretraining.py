@@ -53,7 +53,7 @@ from transformers_cim.training.script_args import (
 from transformers_cim.training.streaming import ResumableImageStream
 from transformers_cim.training.trainer import CIMTrainer, SaveOnSignalCallback
 from transformers_cim.training.utils import fetch_batches_per_process
-from transformers_cim.visualization import VisualizationCallback
+from transformers_cim.training.visualization_callback import VisualizationCallback
 
 logger = logging.getLogger("run_pretraining")
 

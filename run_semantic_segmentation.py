@@ -41,12 +41,7 @@ import torch
 import transformers
 from transformers import BeitImageProcessorPil, PreTrainedConfig, UperNetForSemanticSegmentation
 
-from transformers_cim.training.checkpoints import (
-    checkpoint_kind,
-    encoder_config_from_checkpoint,
-    image_stats_from_checkpoint,
-    resolve_checkpoint_path,
-)
+from transformers_cim.checkpoint_loading import checkpoint_kind, encoder_config_from_checkpoint, image_stats_from_checkpoint, resolve_checkpoint_path
 from transformers_cim.configuration_cim import PRESET_NAMES, preset_encoder_config
 from transformers_cim.training.data import (
     IMAGENET_DEFAULT_MEAN,

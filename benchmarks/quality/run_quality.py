@@ -88,13 +88,9 @@ from transformers_cim.training.data import (  # noqa: E402
     prepare_dataset,
 )
 from transformers_cim.export import export_encoder  # noqa: E402
-from transformers_cim.training.classification_trainer import (  # noqa: E402
-    LinearProbeHead,
-    is_no_weight_decay,
-    mixup_cutmix,
-    param_groups_layer_decay,
-    soft_target_cross_entropy,
-)
+from transformers_cim.training.layer_decay import is_no_weight_decay, param_groups_layer_decay  # noqa: E402
+from transformers_cim.training.linear_probe import LinearProbeHead  # noqa: E402
+from transformers_cim.training.mixup import mixup_cutmix, soft_target_cross_entropy  # noqa: E402
 from transformers_cim.training.knn import extract_features, knn_predict  # noqa: E402
 from transformers_cim.training.trainer import cosine_momentum  # noqa: E402
 

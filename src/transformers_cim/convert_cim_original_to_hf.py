@@ -43,8 +43,8 @@ import torch
 from transformers import BeitForImageClassification, PreTrainedModel, ViTConfig, ViTForImageClassification
 
 from .configuration_cim import VIT_PRESETS, CIMConfig, vit_preset_patch_size
-from .training.data.transforms import ResizeCenterCrop
 from .errors import UserPathError, UserValueError
+from .image_processing import eval_image_processor
 from .modeling_cim import CIMForPreTraining, sincos_position_embedding_2d
 from .transfer import beit_config_from_vit
 
@@ -553,7 +553,7 @@ def save_atomically(model: PreTrainedModel, kind: str, output_dir: str) -> None:
         model.save_pretrained(staging)
         if kind == CLASSIFIER:
             size = int(model.config.image_size)
-            ResizeCenterCrop(size, crop_pct=authors_eval_crop_pct(size)).image_processor().save_pretrained(staging)
+            eval_image_processor(size, crop_pct=authors_eval_crop_pct(size)).save_pretrained(staging)
         if os.path.isdir(output_dir):
             os.rmdir(output_dir)  # empty (checked before converting)
         os.replace(staging, output_dir)

@@ -22,17 +22,18 @@ import torch
 from huggingface_hub import ModelCard, ModelCardData
 from transformers import ResNetModel, ViTModel
 
-from .training.checkpoints import (
+from .configuration_cim import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from .errors import UserValueError
+from .features import GLOBAL_FEATURE_DESCRIPTIONS
+from .hub_card import card_with_metadata, encoder_description, write_model_card
+from .image_processing import eval_image_processor
+from .checkpoint_loading import (
     checkpoint_kind,
     encoder_config_from_checkpoint,
     image_stats_from_checkpoint,
     quiet_loading,
     resolve_checkpoint_path,
 )
-from .training.data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ResizeCenterCrop
-from .errors import UserValueError
-from .features import GLOBAL_FEATURE_DESCRIPTIONS
-from .training.modelcard import card_with_metadata, encoder_description, write_model_card
 
 
 def _model_card(source: str, config) -> ModelCard:
@@ -59,7 +60,7 @@ def export_encoder(cim_checkpoint_dir: str | os.PathLike, output_dir: str | os.P
     saved as the identity on the final CLS token (``pooler.dense`` = identity matrix, zero bias, ``pooler_act``
     ``linear``), so ``pooler_output`` is exactly ``last_hidden_state[:, 0]``, the feature probes and k-NN read; a
     ResNet's pooler is its global average pooling. The image processor computes the
-    evaluation transform (`ResizeCenterCrop`, crop_pct 0.875) with the checkpoint's mean / std when it has one, else
+    evaluation transform (`eval_image_processor`, crop_pct 0.875) with the checkpoint's mean / std when it has one, else
     ImageNet's. A stock ViT / ResNet checkpoint is accepted too (its encoder is re-saved).
     """
     source = resolve_checkpoint_path(cim_checkpoint_dir)
@@ -111,7 +112,7 @@ def export_encoder(cim_checkpoint_dir: str | os.PathLike, output_dir: str | os.P
         image_size = source_config.get("image_size", 224) if source_config.get("model_type") == "cim" else 224
     if isinstance(image_size, (list, tuple)):
         image_size = image_size[0]
-    ResizeCenterCrop(int(image_size), mean=mean, std=std).image_processor().save_pretrained(output_dir)
+    eval_image_processor(int(image_size), mean=mean, std=std).save_pretrained(output_dir)
     write_model_card(output_dir, _model_card(os.fspath(cim_checkpoint_dir), config))
     return output_dir
 

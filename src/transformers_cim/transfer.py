@@ -36,8 +36,8 @@ from transformers import (
     ViTModel,
 )
 
+from .encoder_loading import load_encoder_for_classification
 from .errors import UserValueError
-from .training.classification_trainer import load_encoder_for_classification
 
 # The BEiT / MAE fine-tuning head: classifier weights drawn with this std (a near-zero start).
 HEAD_INIT_STD = 2e-5

@@ -238,7 +238,7 @@ def test_any_tracker_gets_the_figure_and_pretext_metrics_without_extra_flags(ima
 def test_figure_goes_to_wandb_and_mlflow_like_trackers():
     from PIL import Image as PILImage
 
-    from transformers_cim.visualization import log_figure_to_integrations
+    from transformers_cim.training.visualization_callback import log_figure_to_integrations
 
     class FakeWandb:
         logged = []

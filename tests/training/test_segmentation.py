@@ -29,7 +29,7 @@ from transformers_cim.training.data.segmentation import (
     segmentation_row,
 )
 from transformers_cim.errors import UserValueError
-from transformers_cim.training.classification_trainer import param_groups_layer_decay
+from transformers_cim.training.layer_decay import param_groups_layer_decay
 from transformers_cim.training.segmentation import (
     SegmentationTrainer,
     evaluate_segmentation,

@@ -1,27 +1,19 @@
-"""Model cards for CIM pre-training checkpoints, fine-tuned classifiers and exported encoders, written with
-huggingface_hub's ModelCard tooling (`ModelCardData` for the YAML header)."""
+"""Model cards of training runs: CIM pre-training checkpoints, fine-tuned classifiers and segmentation models, with
+their `model-index` results (the shared card basics are in :mod:`transformers_cim.hub_card`)."""
 
 from __future__ import annotations
 
-import os
-
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-CARD_TAGS = ["self-supervised", "cim", "image-feature-extraction", "vision", "transformers-cim"]
-
-
-def encoder_description(encoder_config) -> str:
-    """One line on a stock ViT / ResNet config: widths, depth, heads, patch."""
-    enc = encoder_config
-    if enc.model_type == "resnet":
-        return f"ResNet (depths {list(enc.depths)}, widths {list(enc.hidden_sizes)})"
-    return (f"ViT (hidden {enc.hidden_size}, {enc.num_hidden_layers} layers, {enc.num_attention_heads} heads, "
-            f"patch {enc.patch_size})")
-
-
-def card_with_metadata(data: ModelCardData, body: str) -> ModelCard:
-    """A model card: `data` as its YAML header, then the markdown `body`."""
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+from ..hub_card import (  # the card basics, re-exported: the scripts write cards with them
+    CARD_TAGS,
+    card_license,
+    card_with_metadata,
+    encoder_description,
+    has_cim_card,
+    is_hub_id,
+    write_model_card,
+)
 
 
 def _settings_table(config) -> str:
@@ -41,23 +33,6 @@ def _settings_table(config) -> str:
         ("target encoder", f"{config.target_encoder_mode}, momentum {config.momentum_start} -> {config.momentum_end} (cosine)"),
     ]
     return "\n".join(["| setting | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
-
-
-def is_hub_id(name: str | None) -> bool:
-    """Whether a model or dataset name is a Hub id (``owner/name``) rather than a local path."""
-    return bool(name) and "/" in name and not os.path.exists(name) and not os.path.isabs(name) \
-        and name.count("/") == 1 and not name.startswith(".")
-
-
-def card_license(checkpoint_dir: str | None) -> str | None:
-    """The licence stated in the card (README.md metadata) of a checkpoint folder, or None."""
-    path = os.path.join(checkpoint_dir, "README.md") if checkpoint_dir else None
-    if not path or not os.path.isfile(path):
-        return None
-    try:
-        return ModelCard.load(path, ignore_metadata_errors=True).data.license or None
-    except Exception:  # noqa: BLE001 - an unreadable card states no licence
-        return None
 
 
 def build_model_card(config, *, dataset_name: str, max_steps: int, train_images: int | None,
@@ -235,19 +210,15 @@ The saved image processor resizes to the evaluation size and normalises with the
 """
     return card_with_metadata(data, body)
 
-
-def has_cim_card(output_dir: str) -> bool:
-    """Whether `output_dir` holds a card of this package (README.md tagged `transformers-cim`), which the Trainer's
-    generic card must not replace."""
-    path = os.path.join(output_dir, "README.md")
-    return os.path.isfile(path) and "transformers-cim" in (ModelCard.load(path).data.tags or [])
-
-
-def write_model_card(output_dir: str, card: ModelCard) -> str:
-    path = os.path.join(output_dir, "README.md")
-    card.save(path)
-    return path
-
-
-__all__ = ["CARD_TAGS", "build_classification_card", "build_model_card", "build_segmentation_card", "card_license", "card_with_metadata",
-           "encoder_description", "has_cim_card", "is_hub_id", "write_model_card"]
+__all__ = [
+    "CARD_TAGS",
+    "card_license",
+    "card_with_metadata",
+    "encoder_description",
+    "has_cim_card",
+    "is_hub_id",
+    "write_model_card",
+    "build_classification_card",
+    "build_model_card",
+    "build_segmentation_card",
+]

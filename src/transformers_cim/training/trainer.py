@@ -27,13 +27,9 @@ from accelerate.data_loader import DataLoaderShard
 from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
-from .checkpoints import (
-    CHECKPOINT_COMPLETE_MARKER,
-    checkpoint_to_resume,
-    load_weights_strictly,
-    loads_through_from_pretrained,
-)
-from .modelcard import has_cim_card
+from ..checkpoint_loading import load_weights_strictly, loads_through_from_pretrained
+from ..hub_card import has_cim_card
+from .checkpoints import CHECKPOINT_COMPLETE_MARKER, checkpoint_to_resume
 from ..modeling_cim import CIMForPreTraining
 from ..pretext_metrics import correlation_iou, correlation_prior, prior_metrics
 from .streaming import STREAM_STATE_KEY, ResumableImageStream, StreamPosition

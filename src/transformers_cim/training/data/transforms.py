@@ -13,6 +13,7 @@ import torch
 from transformers import ViTImageProcessorPil
 
 from ...configuration_cim import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from ...image_processing import eval_image_processor
 from ..seeding import numpy_rng_from_torch
 from .decoding import to_rgb
 
@@ -152,14 +153,9 @@ class ResizeCenterCrop:
         return to_normalized_tensor(image, self.mean, self.std)
 
     def image_processor(self) -> ViTImageProcessorPil:
-        """The stock image processor that computes this transform (what `pipeline()` and `AutoImageProcessor` users
-        get): resize the shorter side to ``int(size / crop_pct)`` (bicubic), centre-crop ``size``, normalise. It saves
-        as a plain ``ViTImageProcessor`` config, loadable without custom code for ViT and ResNet models alike."""
-        return ViTImageProcessorPil(
-            do_resize=True, size={"shortest_edge": int(self.size / self.crop_pct)}, resample=PIL.Image.Resampling.BICUBIC,
-            do_center_crop=True, crop_size={"height": self.size, "width": self.size},
-            image_mean=self.mean.flatten().tolist(), image_std=self.std.flatten().tolist(),
-        )
+        """The stock image processor that computes this transform (see
+        :func:`transformers_cim.image_processing.eval_image_processor`)."""
+        return eval_image_processor(self.size, self.crop_pct, self.mean.flatten().tolist(), self.std.flatten().tolist())
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(size={self.size}, crop_pct={self.crop_pct})"

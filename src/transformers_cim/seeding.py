@@ -1,0 +1,5 @@
+"""Deprecated import path: moved to `transformers_cim.training.seeding`. This alias goes in 0.2.0."""
+
+from ._deprecation import alias_module
+
+alias_module(__name__, "transformers_cim.training.seeding")
