@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
-from transformers_cim import data  # noqa: E402
+from transformers_cim.training import data  # noqa: E402
 from transformers_cim.training.streaming import ResumableImageStream  # noqa: E402
 
 PIPELINES = ("resumable", "datasets")

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
-from transformers_cim import data  # noqa: E402
+from transformers_cim.training import data  # noqa: E402
 from transformers_cim.training.streaming import STREAM_STATE_KEY, ResumableImageStream, StreamPosition  # noqa: E402
 
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "imagenette-160")

@@ -31,7 +31,7 @@ DRIVER = textwrap.dedent('''
     torch.set_num_threads(1)
     import run_pretraining
     from transformers import TrainerCallback
-    from transformers_cim import streaming
+    from transformers_cim.training import streaming
 
     record_dir = os.environ["CIM_TEST_RECORD_DIR"]
     rank = int(os.environ["RANK"])

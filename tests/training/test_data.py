@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from transformers_cim import data
+from transformers_cim.training import data
 from transformers_cim.training.data import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
