@@ -10,13 +10,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .exemplar_augmentation import _grayscale, _rotate_hue, _uniform, gaussian_blur
 from .pretext import (
     PretextBatch,
-    _grayscale,
-    _rotate_hue,
-    _uniform,
     exemplar_supersampling,
-    gaussian_blur,
     resize_context,
     sample_config_boxes,
 )
