@@ -15,7 +15,7 @@ from transformers_cim.errors import UserError, UserPathError, UserValueError, ex
 from transformers_cim.training.script_args import TRAINER_GROUP_TITLE, accelerator_available, set_learning_rate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests", "training"), os.path.join(ROOT, "tests", "scripts")]
 import run_image_classification  # noqa: E402
 import run_pretraining  # noqa: E402
 from test_finetune import make_color_folder, save_tiny_cim  # noqa: E402
