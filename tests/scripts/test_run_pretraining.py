@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModelForPreTraining, TrainerCallback
 
-from transformers_cim import CIMForPreTraining
+from transformers_cim import CIMConfig, CIMForPreTraining
 from transformers_cim.training.checkpoints import last_complete_checkpoint
 from transformers_cim.training.trainer import NonFiniteLossError, cosine_momentum
 
@@ -27,6 +27,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 import run_pretraining  # noqa: E402
+from transformers_cim.training.pretraining import apply_overrides  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -324,17 +325,17 @@ def test_json_arguments_file(image_folder, tmp_path):
 
 
 def test_config_overrides_typed_by_field_and_unknown_keys_named():
-    config = run_pretraining.CIMConfig.from_preset("vit-tiny-patch16")
-    run_pretraining.apply_overrides(config, "num_exemplars=4, encoder.num_hidden_layers=6,exemplar_augmentation=false")
+    config = CIMConfig.from_preset("vit-tiny-patch16")
+    apply_overrides(config, "num_exemplars=4, encoder.num_hidden_layers=6,exemplar_augmentation=false")
     assert (config.num_exemplars, config.encoder_config.num_hidden_layers, config.exemplar_augmentation) == (4, 6, False)
     with pytest.raises(ValueError, match="CIMConfig has no field 'num_exemplar'"):
-        run_pretraining.apply_overrides(config, "num_exemplar=4")
+        apply_overrides(config, "num_exemplar=4")
     with pytest.raises(ValueError, match="ViTConfig has no field 'layers'"):
-        run_pretraining.apply_overrides(config, "encoder.layers=4")
+        apply_overrides(config, "encoder.layers=4")
     with pytest.raises(ValueError, match="'num_exemplars' is not key=value"):
-        run_pretraining.apply_overrides(config, "num_exemplars")
+        apply_overrides(config, "num_exemplars")
     with pytest.raises(ValueError, match="--config_overrides: CIMConfig: invalid literal for int"):
-        run_pretraining.apply_overrides(config, "num_exemplars=four")
+        apply_overrides(config, "num_exemplars=four")
 
 
 def test_encoder_width_that_its_heads_do_not_divide_is_refused(no_training, image_folder, tmp_path):
