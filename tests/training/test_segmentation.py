@@ -30,6 +30,7 @@ from transformers_cim.training.data.segmentation import (
 )
 from transformers_cim.errors import UserValueError
 from transformers_cim.training.layer_decay import param_groups_layer_decay
+from transformers_cim.training.segmentation_data import row_names
 from transformers_cim.training.segmentation import (
     SegmentationTrainer,
     evaluate_segmentation,
@@ -407,7 +408,7 @@ def test_predicted_mask_names_stay_distinct_when_file_names_repeat_in_sub_folder
     Image.fromarray(block_scene(16, 16, block=4, seed=0)[0]).save(tmp_path / "images" / "002.jpg")
     ds = segmentation_folder_dataset(str(tmp_path), "test_dir", require_masks=False)
     args = run_semantic_segmentation.DataTrainingArguments()
-    assert run_semantic_segmentation.row_names(ds, args) == ["002", "001-row-000001", "001-row-000002"]
+    assert row_names(ds, args) == ["002", "001-row-000001", "001-row-000002"]
 
 
 def test_evaluation_loss_leaves_out_images_whose_pixels_are_all_ignored(single_thread):

@@ -1,11 +1,35 @@
-"""``--do_predict`` of the classification script: every test row predicted in order and written as
-``predictions.csv`` (row, top-1 label, its softmax probability; an empty label and score for an unusable image)."""
+"""``--do_predict`` of the scripts: the classification script's ``predictions.csv`` (every test row in order: row,
+top-1 label, its softmax probability; an empty label and score for an unusable image), and the segmentation script's
+predicted masks, one PNG index map per test image (:class:`MaskWriter`)."""
 
 from __future__ import annotations
 
+import logging
+import os
+
+import numpy as np
+import torch
+from transformers import UperNetForSemanticSegmentation
+
+from .data import (
+    decode_image_with_reason,
+    find_image_column,
+    image_name,
+    without_image_decoding,
+)
+from .data.segmentation import (
+    SegmentationEvalTransform,
+    mask_to_image,
+)
+from .script_args import (
+    DataSourceArguments,
+)
+from .segmentation import predict_logits
+
+logger = logging.getLogger("run_semantic_segmentation")
+
 import csv
 
-import torch
 from transformers import TrainingArguments
 
 
@@ -37,6 +61,41 @@ def write_predictions(model: torch.nn.Module, test_ds, names: list[str], args: T
     model.train(was_training)
     return count
 
+
+class MaskWriter:
+    """Saves predicted index maps as PNGs in `folder`, named after the images (or their rows), keeping count."""
+
+    def __init__(self, folder: str, names: list[str] | None):
+        self.folder, self.names, self.count = folder, names, 0
+        os.makedirs(folder, exist_ok=True)
+
+    def __call__(self, index: int, predicted: np.ndarray) -> None:
+        name = self.names[index] if self.names is not None else f"row-{index:06d}"
+        mask_to_image(predicted).save(os.path.join(self.folder, f"{name}.png"))
+        self.count += 1
+
+@torch.no_grad()
+def write_predicted_masks(model: UperNetForSemanticSegmentation, raw, data_args: DataSourceArguments,
+                          transform: SegmentationEvalTransform, writer: MaskWriter) -> None:
+    """Predicts every image of a split without masks (at its own size) and saves its index map with `writer`.
+    Undecodable images are skipped with a warning."""
+    column = find_image_column(raw, data_args.image_column_name)
+    raw = without_image_decoding(raw, column)
+    parameter = next(model.parameters())
+    model.eval()
+    for index, row in enumerate(raw):
+        image, reason = decode_image_with_reason(row[column], min_size=data_args.min_image_size)
+        if image is None:
+            logger.warning(f"Prediction skipped row {index} ({image_name(row[column]) or 'no file name'}): {reason}")
+            continue
+        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+        pixel_values, _ = transform(pixels, torch.zeros(1, 1))
+        logits = predict_logits(model, pixel_values[None].to(parameter.device, parameter.dtype),
+                                (image.height, image.width))
+        writer(index, logits[0].argmax(0).cpu().numpy())
+
 __all__ = [
+    "MaskWriter",
+    "write_predicted_masks",
     "write_predictions",
 ]
