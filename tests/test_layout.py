@@ -19,7 +19,7 @@ SCRIPTS = ("run_pretraining.py", "run_image_classification.py", "run_semantic_se
 LAYERS = {
     "geometry": ["pretext", "exemplar_augmentation", "_pretext_reference"],
     "library": ["__init__", "configuration_cim", "modeling_cim", "pretext_metrics", "features", "errors",
-                "image_processing", "hub_card", "checkpoint_loading", "encoder_loading", "transfer", "export",
+                "image_processing", "hub_card", "resnet_checkpointing", "checkpoint_loading", "encoder_loading", "transfer", "export",
                 "visualization", "convert_cim_original_to_hf", "original_checkpoint", "_deprecation"],
     "training data": ["training.seeding", "training.data", "training.checkpoints", "training.knn", "training.modelcard",
                       "training.metrics", "training.segmentation_metrics"],

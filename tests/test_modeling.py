@@ -3,6 +3,8 @@ backends, gradient checkpointing, precomputed inputs, contrastive option and sha
 
 from __future__ import annotations
 
+import copy
+
 import math
 import warnings
 
@@ -624,6 +626,43 @@ def test_encoder_width_the_heads_do_not_divide_is_refused():
         CIMConfig(encoder_config=encoder)
 
 
+@pytest.mark.parametrize("implementation", ["eager", "sdpa", "flex_attention"])
+def test_resnet_models_take_every_attention_implementation_the_class_claims(implementation, tiny_resnet_config,
+                                                                           search_views, tmp_path):
+    """`_supports_sdpa` / `_supports_flex_attn` hold for a ResNet encoder too: the implementation asked for is the
+    decoder's (the ResNet has no attention and stays as it is), through `from_pretrained` and
+    `set_attn_implementation`, and the logits do not change."""
+    assert CIMForPreTraining._supports_sdpa and CIMForPreTraining._supports_flex_attn
+    build(tiny_resnet_config()).save_pretrained(tmp_path)
+    reference = CIMForPreTraining.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    loaded = CIMForPreTraining.from_pretrained(tmp_path, attn_implementation=implementation).eval()
+    switched = CIMForPreTraining.from_pretrained(tmp_path).eval()
+    switched.set_attn_implementation(implementation)
+    x = search_views()
+    with torch.no_grad():  # flex attention has no CPU backward
+        expected = reference(x, generator=gen(2)).logits
+        for model in (loaded, switched):
+            assert model.config._attn_implementation == implementation
+            torch.testing.assert_close(model(x, generator=gen(2)).logits, expected, rtol=0, atol=1e-5)
+
+
+def test_a_resnet_model_dispatches_its_decoder_to_the_chosen_backend(tiny_resnet_config, search_views):
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    calls = []
+
+    def counting_attention(module, query, key, value, attention_mask, **kwargs):
+        calls.append(type(module).__name__)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("cim_test_counting_resnet", counting_attention)
+    model = build(tiny_resnet_config())
+    model.set_attn_implementation("cim_test_counting_resnet")
+    model(search_views(), generator=gen(3))
+    assert "CIMCrossAttention" in calls
+
+
 def test_decoder_attention_goes_through_the_configured_backend(tiny_vit_config, search_views):
     """The decoder's cross-attention is dispatched through transformers' attention interface, so the backend
     the config names (sdpa, flash, flex, or a registered one) is the one that runs."""
@@ -646,10 +685,38 @@ def test_decoder_attention_goes_through_the_configured_backend(tiny_vit_config, 
     torch.testing.assert_close(counted, reference, rtol=0, atol=1e-5)
 
 
-def test_gradient_checkpointing_is_refused_for_resnet_with_the_reason(tiny_resnet_config):
-    model = CIMForPreTraining(tiny_resnet_config())
-    with pytest.raises(ValueError, match="not available for ResNet encoders"):
-        model.gradient_checkpointing_enable()
+def test_gradient_checkpointing_works_for_resnet_encoders(tiny_resnet_config, search_views):
+    """supports_gradient_checkpointing holds for ResNet too: each stage is recomputed in backward, with the same
+    loss, gradients and BatchNorm running statistics as without checkpointing."""
+    torch.manual_seed(0)
+    plain = CIMForPreTraining(tiny_resnet_config()).train()
+    ckpt = copy.deepcopy(plain)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # renamed activation_checkpointing_* in 5.x
+        ckpt.gradient_checkpointing_enable()
+    assert ckpt.is_gradient_checkpointing and not plain.is_gradient_checkpointing
+    assert ckpt.state_dict().keys() == plain.state_dict().keys()  # checkpoints load and save unchanged
+    calls = {"plain": 0, "ckpt": 0}
+    for name, model in (("plain", plain), ("ckpt", ckpt)):
+        # the first block of a stage runs again when backward recomputes the stage (the recomputation stops once
+        # the last tensor backward needs is rebuilt, so a hook on the whole stage would not see it end)
+        model.resnet.encoder.stages[0].layers[0].layer[0].register_forward_hook(
+            lambda *args, name=name: calls.__setitem__(name, calls[name] + 1))
+    x = search_views()
+    loss, grads = _gradients(plain, x)
+    loss_ckpt, grads_ckpt = _gradients(ckpt, x)
+    assert calls["plain"] >= 1 and calls["ckpt"] == 2 * calls["plain"]  # every stage pass recomputed once
+    torch.testing.assert_close(loss_ckpt, loss, rtol=0, atol=1e-6)
+    assert grads.keys() == grads_ckpt.keys() and len(grads) > 20
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=0, atol=1e-5, msg=name)
+    buffers = dict(plain.named_buffers())
+    for name, buffer in ckpt.named_buffers():  # running statistics updated once per forward, as without
+        torch.testing.assert_close(buffer, buffers[name], rtol=0, atol=1e-6, msg=name)
+    with torch.no_grad():  # no backward to replay: no checkpointing, no recomputation
+        calls["ckpt"] = 0
+        ckpt(x, generator=gen(5))
+    assert calls["ckpt"] == calls["plain"]
 
 
 @pytest.mark.parametrize("shared_norm", [True, False])

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel, ResNetModel, ViTModel
 from transformers import initialization as init
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -24,6 +25,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_cim import CIMConfig
 from .pretext import resize_context, sample_pretext
+from .resnet_checkpointing import make_stages_checkpointable
 
 
 @dataclass
@@ -88,6 +90,8 @@ def sincos_position_embedding_2d(grid_size: int, dim: int, with_cls: bool = Fals
 def build_encoder(config: CIMConfig) -> nn.Module:
     """A stock transformers encoder from `config.encoder_config`."""
     if config.encoder_type == "resnet":
+        # a ResNet has no attention: an implementation asked of the CIM model is the decoder's alone
+        config.encoder_config._attn_implementation_internal = None
         return ResNetModel(config.encoder_config)
     encoder = ViTModel(config.encoder_config, add_pooling_layer=False)
     use_position_interpolation(encoder, config.position_interpolation)
@@ -359,13 +363,20 @@ class CIMPreTrainedModel(PreTrainedModel):
         """The online encoder (a stock `ViTModel` or `ResNetModel`)."""
         return getattr(self, encoder_attribute(self.config))
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
-        """Checkpoints the ViT encoders' layers; transformers' ResNet has no gradient checkpointing, so a ResNet
-        CIM model refuses with the reason instead of failing inside transformers."""
-        if self.config.encoder_type == "resnet":
-            raise ValueError("Gradient checkpointing is not available for ResNet encoders (transformers' ResNetModel "
-                             "does not support it); drop --gradient_checkpointing or use a ViT encoder.")
-        return super().gradient_checkpointing_enable(gradient_checkpointing_kwargs)
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=checkpoint,
+                                    every_n_layers: int = 1):
+        """As `PreTrainedModel`'s; a ResNet encoder (transformers' has no checkpointing) first gets checkpointable
+        stages (see `resnet_checkpointing`), so the class's `supports_gradient_checkpointing` holds for both families."""
+        if isinstance(self.encoder, ResNetModel):
+            make_stages_checkpointable(self.encoder)
+        super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, every_n_layers)
+
+    def set_attn_implementation(self, attn_implementation: str | dict, *args, **kwargs):
+        """As `PreTrainedModel`'s; with a ResNet encoder (no attention) a single implementation is the decoder's,
+        so `_supports_sdpa` / `_supports_flex_attn` hold for both encoder families."""
+        if self.config.encoder_type == "resnet" and isinstance(attn_implementation, str):
+            attn_implementation = {"": attn_implementation}
+        return super().set_attn_implementation(attn_implementation, *args, **kwargs)
 
     def get_input_embeddings(self) -> nn.Module:
         if isinstance(self.encoder, ViTModel):
