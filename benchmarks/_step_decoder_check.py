@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+
 from transformers_cim import CIMForPreTraining
 from transformers_cim.modeling_cim import CIMCorrelationDecoder, CIMDecoderLayer
 from transformers_cim.pretext import sample_config_boxes

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 from transformers import ViTMAEConfig
+
 from transformers_cim import CIMConfig
 
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from transformers import ViTMAEConfig
-from transformers_cim import CIMConfig
-
 import _common as C
 from _step_decoder_check import CHECK_TOLERANCE
+from transformers import ViTMAEConfig
+
+from transformers_cim import CIMConfig
 
 
 def size_line(cim: CIMConfig, mae: ViTMAEConfig, size: str, model: str) -> str:

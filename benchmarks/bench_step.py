@@ -46,13 +46,13 @@ import torch
 from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from transformers_cim import CIMConfig, CIMForPreTraining  # noqa: E402
-from transformers_cim.pretext import sample_pretext  # noqa: E402
-
 import _common as C  # noqa: E402
 from _step_decoder_check import decoder_check, emulate_repeated_queries  # noqa: E402
 from _step_flops import analytic_flops, flop_prefixes  # noqa: E402
 from _step_report import check_line, ratio_lines, size_line  # noqa: E402
+
+from transformers_cim import CIMConfig, CIMForPreTraining  # noqa: E402
+from transformers_cim.pretext import sample_pretext  # noqa: E402
 
 MODELS = ("vit-tiny-patch16", "vit-small-patch16", "vit-base-patch16")
 CIM_VARIANTS = ("cim-shared", "cim-repeated")

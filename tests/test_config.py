@@ -11,7 +11,6 @@ from transformers import ResNetConfig, ViTConfig
 
 from transformers_cim import PRESET_NAMES, CIMConfig, CIMForPreTraining, preset_encoder_config
 
-
 RECIPE = {
     "image_size": 224,
     "context_size": 160,

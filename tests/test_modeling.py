@@ -4,14 +4,12 @@ backends, gradient checkpointing, precomputed inputs, contrastive option and sha
 from __future__ import annotations
 
 import copy
-
 import math
 import warnings
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-
 from transformers import ViTModel
 
 from transformers_cim import CIMForPreTraining, CIMModel

@@ -31,7 +31,6 @@ from transformers_cim.pretext import (
     warp_exemplars,
 )
 
-
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_resnet_config, make_tiny_vit_config
 from PIL import Image
 from transformers import (
     BeitImageProcessor,
@@ -26,8 +27,6 @@ from transformers_cim.transfer import (
     default_out_indices,
     upernet_for_semantic_segmentation,
 )
-
-from conftest import make_tiny_resnet_config, make_tiny_vit_config
 
 
 def _vit_with_random_biases(seed: int = 0) -> ViTModel:

@@ -18,6 +18,7 @@ from transformers import (
     ViTMAEConfig,
     ViTMAEForPreTraining,
 )
+
 from transformers_cim import CIMConfig, CIMForPreTraining
 from transformers_cim.training.data import (
     IMAGENET_DEFAULT_MEAN,

@@ -15,6 +15,7 @@ from torch import nn
 from transformers import (
     ViTModel,
 )
+
 from transformers_cim.training.knn import extract_features, knn_predict
 from transformers_cim.training.linear_probe import LinearProbeHead
 

@@ -58,6 +58,7 @@ for _path in (os.path.join(REPO, "src"), os.path.dirname(HERE)):
 
 import datasets  # noqa: E402
 import transformers  # noqa: E402
+
 from quality.common import METHODS, log  # noqa: E402
 from quality.probe import frozen_stage  # noqa: E402
 from quality.report import write_report  # noqa: E402

@@ -22,6 +22,7 @@ from transformers import (
     ViTMAEForPreTraining,
     ViTModel,
 )
+
 from transformers_cim import CIMForPreTraining
 from transformers_cim.export import export_encoder
 from transformers_cim.training.layer_decay import is_no_weight_decay, param_groups_layer_decay

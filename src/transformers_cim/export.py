@@ -22,11 +22,6 @@ import torch
 from huggingface_hub import ModelCard, ModelCardData
 from transformers import ResNetModel, ViTModel
 
-from .configuration_cim import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from .errors import UserValueError
-from .features import GLOBAL_FEATURE_DESCRIPTIONS
-from .hub_card import card_with_metadata, encoder_description, write_model_card
-from .image_processing import eval_image_processor
 from .checkpoint_loading import (
     checkpoint_kind,
     encoder_config_from_checkpoint,
@@ -34,6 +29,11 @@ from .checkpoint_loading import (
     quiet_loading,
     resolve_checkpoint_path,
 )
+from .configuration_cim import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from .errors import UserValueError
+from .features import GLOBAL_FEATURE_DESCRIPTIONS
+from .hub_card import card_with_metadata, encoder_description, write_model_card
+from .image_processing import eval_image_processor
 
 
 def _model_card(source: str, config) -> ModelCard:

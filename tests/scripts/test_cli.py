@@ -16,10 +16,11 @@ from transformers_cim.training.script_args import TRAINER_GROUP_TITLE, accelerat
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests", "training"), os.path.join(ROOT, "tests", "scripts")]
-import run_image_classification  # noqa: E402
-import run_pretraining  # noqa: E402
 from test_finetune import make_color_folder, save_tiny_cim  # noqa: E402
 from test_run_pretraining import base_args  # noqa: E402
+
+import run_image_classification  # noqa: E402
+import run_pretraining  # noqa: E402
 
 
 def run_script(script: str, *args: str, tmp_path) -> subprocess.CompletedProcess:

@@ -24,18 +24,16 @@ from transformers import (
 )
 
 from transformers_cim import CIMConfig, CIMForPreTraining
-from transformers_cim.errors import UserValueError
 from transformers_cim.encoder_loading import load_encoder_for_classification
+from transformers_cim.errors import UserValueError
 from transformers_cim.training.classification_trainer import ClassificationTrainer
 from transformers_cim.training.layer_decay import param_groups_layer_decay
 from transformers_cim.training.linear_probe import LinearProbeForImageClassification
 from transformers_cim.training.mixup import mixup_cutmix, smooth_one_hot, soft_target_cross_entropy
 
-
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 import run_image_classification  # noqa: E402
-
 
 COLORS = {
     "red": (220, 30, 30),

@@ -11,7 +11,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
-from transformers import ResNetConfig, ResNetModel, TrainerControl, TrainerState, TrainingArguments, ViTConfig, ViTModel
+from transformers import (
+    ResNetConfig,
+    ResNetModel,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+    ViTConfig,
+    ViTModel,
+)
 
 from transformers_cim.training.data import ResizeCenterCrop, build_classification_transform, prepare_dataset
 from transformers_cim.training.knn import KNNCallback, extract_features, knn_accuracy, knn_evaluate, knn_predict

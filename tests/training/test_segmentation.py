@@ -13,9 +13,11 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_resnet_config, make_tiny_vit_config
 from PIL import Image
 
 from transformers_cim import CIMForPreTraining
+from transformers_cim.errors import UserValueError
 from transformers_cim.training.data.segmentation import (
     MaskRules,
     SeededSegmentationDataset,
@@ -28,19 +30,21 @@ from transformers_cim.training.data.segmentation import (
     segmentation_folder_dataset,
     segmentation_row,
 )
-from transformers_cim.errors import UserValueError
 from transformers_cim.training.layer_decay import param_groups_layer_decay
-from transformers_cim.training.segmentation_data import row_names
 from transformers_cim.training.segmentation import (
     SegmentationTrainer,
     evaluate_segmentation,
     pad_to_multiple,
     render_segmentation_examples,
 )
-from transformers_cim.training.segmentation_metrics import ConfusionMatrix, confusion_counts, flat_scores, segmentation_scores
+from transformers_cim.training.segmentation_data import row_names
+from transformers_cim.training.segmentation_metrics import (
+    ConfusionMatrix,
+    confusion_counts,
+    flat_scores,
+    segmentation_scores,
+)
 from transformers_cim.transfer import upernet_for_semantic_segmentation
-
-from conftest import make_tiny_resnet_config, make_tiny_vit_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)

@@ -16,9 +16,9 @@ from ..checkpoint_loading import (
     load_weights_strictly,
     loads_through_from_pretrained,
 )
+from ..hub_card import has_cim_card
 from .layer_decay import param_groups_layer_decay
 from .mixup import mixup_cutmix, soft_target_cross_entropy
-from ..hub_card import has_cim_card
 from .utils import EpochToDatasetCallback, SkippedImages, StepGenerators
 
 logger = logging.get_logger(__name__)

@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader
 from transformers import TrainerCallback
 from transformers.utils import logging
 
-from .data import SkippingCollator
 from ..features import global_features
+from .data import SkippingCollator
 
 logger = logging.get_logger(__name__)
 

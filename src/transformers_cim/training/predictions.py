@@ -4,12 +4,13 @@ predicted masks, one PNG index map per test image (:class:`MaskWriter`)."""
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 
 import numpy as np
 import torch
-from transformers import UperNetForSemanticSegmentation
+from transformers import TrainingArguments, UperNetForSemanticSegmentation
 
 from .data import (
     decode_image_with_reason,
@@ -27,10 +28,6 @@ from .script_args import (
 from .segmentation import predict_logits
 
 logger = logging.getLogger("run_semantic_segmentation")
-
-import csv
-
-from transformers import TrainingArguments
 
 
 def _collate_all_rows(rows: list[dict]) -> dict[str, torch.Tensor]:

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 from transformers import HfArgumentParser, IntervalStrategy, TrainingArguments
 
+from ..errors import UserPathError, UserValueError
 from .checkpoints import checkpoint_to_resume
 from .data import load_image_dataset
-from ..errors import UserPathError, UserValueError
 
 
 @dataclass

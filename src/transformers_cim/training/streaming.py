@@ -20,19 +20,20 @@ without decoding them, to refill it (at most 4 x the buffer size: see `_Reader`)
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import datasets
 import torch
 from datasets.distributed import split_dataset_by_node
 
-from .data.collate import decoded_row, register_batch_annotator, without_image_decoding
 from ..errors import UserValueError
+from .data.collate import decoded_row, register_batch_annotator, without_image_decoding
 from .seeding import numpy_rng
 
 STREAM_STATE_KEY = "stream_state"
-_ACTIVE_READER: "_Reader | None" = None  # the reader iterating in this process (one per worker process)
+_ACTIVE_READER: _Reader | None = None  # the reader iterating in this process (one per worker process)
 
 
 def current_snapshot() -> dict | None:

@@ -22,16 +22,16 @@ import threading
 from collections.abc import Iterator
 
 import torch
-from torch import nn
 from accelerate.data_loader import DataLoaderShard
+from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
 from ..checkpoint_loading import load_weights_strictly, loads_through_from_pretrained
 from ..hub_card import has_cim_card
-from .checkpoints import CHECKPOINT_COMPLETE_MARKER, checkpoint_to_resume
 from ..modeling_cim import CIMForPreTraining
 from ..pretext_metrics import correlation_iou, correlation_prior, prior_metrics
+from .checkpoints import CHECKPOINT_COMPLETE_MARKER, checkpoint_to_resume
 from .streaming import STREAM_STATE_KEY, ResumableImageStream, StreamPosition
 from .utils import EpochToDatasetCallback, SkippedImages, StepGenerators, fetch_batches_per_process
 

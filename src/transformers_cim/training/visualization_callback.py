@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 from transformers import Trainer, TrainerCallback
 
-logger = logging.getLogger(__name__)
-
 from ..visualization import visualize_model
 from .trainer import unwrap_cim
+
+logger = logging.getLogger(__name__)
 
 FIGURE_KEY = "pretext/correlation_maps"
 AUTO_FIGURES_PER_RUN = 10
