@@ -86,54 +86,111 @@ class ModelArguments:
 
     _argument_group_name = "model and fine-tuning recipe"
 
-    model_name_or_path: str | None = field(default=None, metadata={
-        "help": "Required. A CIM pre-training checkpoint, an exported encoder or a ViT/ResNet checkpoint: a local "
-                "directory or a Hub model id (downloaded, or from the Hub cache when HF_HUB_OFFLINE=1)."})
-    model_revision: str = field(default="main", metadata={
-        "help": "The Hub revision (branch, tag or commit) of --model_name_or_path and --image_processor_name."})
-    image_processor_name: str | None = field(default=None, metadata={
-        "help": "An image processor (local folder or Hub id) whose mean / std normalise the images instead of the "
-                "checkpoint's; resizing stays --image_size with the bicubic resize + centre crop of the saved processor."})
-    ignore_mismatched_sizes: bool = field(default=False, metadata={
-        "help": "Re-initialise encoder weights whose shapes do not fit the checkpoint's config instead of stopping. "
-                "The classification head is always new when the label count differs."})
-    trust_remote_code: bool = field(default=False, metadata={
-        "help": "Allow custom code from the Hub for --image_processor_name. (The model is always a stock ViT / ResNet "
-                "loaded without custom code, and datasets runs no dataset scripts.)"})
-    license: str | None = field(default=None, metadata={
-        "help": "Licence stated in the model card (a Hub licence id, e.g. apache-2.0, mit, cc-by-nc-4.0). Default: "
-                "the base checkpoint card's licence, else none stated."})
-    image_size: int = field(default=224, metadata={
-        "help": "Training / evaluation resolution. For ViT, the position embeddings are interpolated (bicubic) "
-                "when it differs from the checkpoint's."})
-    pooling: str | None = field(default=None, metadata={
-        "help": "ViT fine-tuning head: 'mean' (mean of the patch tokens + a new LayerNorm, the CIM authors' default; "
-                "saved as a stock BeitForImageClassification that computes exactly the ViT) or 'cls' (the CLS token "
-                "after the final LayerNorm; a ViTForImageClassification). Default: mean, or cls for --linear_probe.",
-        "choices": ["mean", "cls"]})
-    drop_path_rate: float | None = field(default=None, metadata={
-        "help": "Stochastic depth of the ViT blocks (needs --pooling mean: ViTForImageClassification has none). "
-                "Default: 0.1 (the authors' recipe) with mean pooling, else 0."})
-    random_erasing: float | None = field(default=None, metadata={
-        "help": "Probability of random erasing (one rectangle of per-pixel noise) of a training view. Default: 0.25 "
-                "for fine-tuning (the authors' recipe), 0 for linear probing."})
-    use_ema_encoder: bool = field(default=False, metadata={
-        "help": "Fine-tune the EMA target encoder of a CIM pre-training checkpoint instead of its online encoder "
-                "(the authors' --use_ema option)."})
-    linear_probe: bool = field(default=False, metadata={
-        "help": "Freeze the encoder; train BatchNorm1d(affine=False) + Linear on the CLS (ViT) / pooled (ResNet) "
-                "feature (MAE's linear probing). The saved model folds the probe into a stock classifier."})
-    layer_decay: float | None = field(default=None, metadata={
-        "help": "Layer-wise lr decay (1.0 = off). Default: 0.8 for ViT fine-tuning (the CIM authors' recipe; MAE's "
-                "ViT-B recipe uses 0.65), else 1.0."})
-    mixup: float | None = field(default=None, metadata={
-        "help": "Mixup alpha (0 = off). Default: 0.8 for fine-tuning, 0 for linear probing."})
-    cutmix: float | None = field(default=None, metadata={
-        "help": "CutMix alpha (0 = off). Default: 1.0 for fine-tuning, 0 for linear probing."})
-    label_smoothing: float | None = field(default=None, metadata={
-        "help": "Deprecated alias of --label_smoothing_factor (the Trainer's flag), with a warning."})
-    attn_implementation: str | None = field(default="sdpa", metadata={
-        "help": "ViT attention: eager, sdpa or flash_attention_2."})
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Required. A CIM pre-training checkpoint, an exported encoder or a ViT/ResNet checkpoint: a local "
+            "directory or a Hub model id (downloaded, or from the Hub cache when HF_HUB_OFFLINE=1)."
+        },
+    )
+    model_revision: str = field(
+        default="main",
+        metadata={
+            "help": "The Hub revision (branch, tag or commit) of --model_name_or_path and --image_processor_name."
+        },
+    )
+    image_processor_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "An image processor (local folder or Hub id) whose mean / std normalise the images instead of the "
+            "checkpoint's; resizing stays --image_size with the bicubic resize + centre crop of the saved processor."
+        },
+    )
+    ignore_mismatched_sizes: bool = field(
+        default=False,
+        metadata={
+            "help": "Re-initialise encoder weights whose shapes do not fit the checkpoint's config instead of stopping. "
+            "The classification head is always new when the label count differs."
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": "Allow custom code from the Hub for --image_processor_name. (The model is always a stock ViT / ResNet "
+            "loaded without custom code, and datasets runs no dataset scripts.)"
+        },
+    )
+    license: str | None = field(
+        default=None,
+        metadata={
+            "help": "Licence stated in the model card (a Hub licence id, e.g. apache-2.0, mit, cc-by-nc-4.0). Default: "
+            "the base checkpoint card's licence, else none stated."
+        },
+    )
+    image_size: int = field(
+        default=224,
+        metadata={
+            "help": "Training / evaluation resolution. For ViT, the position embeddings are interpolated (bicubic) "
+            "when it differs from the checkpoint's."
+        },
+    )
+    pooling: str | None = field(
+        default=None,
+        metadata={
+            "help": "ViT fine-tuning head: 'mean' (mean of the patch tokens + a new LayerNorm, the CIM authors' default; "
+            "saved as a stock BeitForImageClassification that computes exactly the ViT) or 'cls' (the CLS token "
+            "after the final LayerNorm; a ViTForImageClassification). Default: mean, or cls for --linear_probe.",
+            "choices": ["mean", "cls"],
+        },
+    )
+    drop_path_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Stochastic depth of the ViT blocks (needs --pooling mean: ViTForImageClassification has none). "
+            "Default: 0.1 (the authors' recipe) with mean pooling, else 0."
+        },
+    )
+    random_erasing: float | None = field(
+        default=None,
+        metadata={
+            "help": "Probability of random erasing (one rectangle of per-pixel noise) of a training view. Default: 0.25 "
+            "for fine-tuning (the authors' recipe), 0 for linear probing."
+        },
+    )
+    use_ema_encoder: bool = field(
+        default=False,
+        metadata={
+            "help": "Fine-tune the EMA target encoder of a CIM pre-training checkpoint instead of its online encoder "
+            "(the authors' --use_ema option)."
+        },
+    )
+    linear_probe: bool = field(
+        default=False,
+        metadata={
+            "help": "Freeze the encoder; train BatchNorm1d(affine=False) + Linear on the CLS (ViT) / pooled (ResNet) "
+            "feature (MAE's linear probing). The saved model folds the probe into a stock classifier."
+        },
+    )
+    layer_decay: float | None = field(
+        default=None,
+        metadata={
+            "help": "Layer-wise lr decay (1.0 = off). Default: 0.8 for ViT fine-tuning (the CIM authors' recipe; MAE's "
+            "ViT-B recipe uses 0.65), else 1.0."
+        },
+    )
+    mixup: float | None = field(
+        default=None, metadata={"help": "Mixup alpha (0 = off). Default: 0.8 for fine-tuning, 0 for linear probing."}
+    )
+    cutmix: float | None = field(
+        default=None, metadata={"help": "CutMix alpha (0 = off). Default: 1.0 for fine-tuning, 0 for linear probing."}
+    )
+    label_smoothing: float | None = field(
+        default=None,
+        metadata={"help": "Deprecated alias of --label_smoothing_factor (the Trainer's flag), with a warning."},
+    )
+    attn_implementation: str | None = field(
+        default="sdpa", metadata={"help": "ViT attention: eager, sdpa or flash_attention_2."}
+    )
     cache_dir: str | None = field(default=None, metadata={"help": "Where datasets and Hub models are cached."})
     token: str | None = field(default=None, metadata={"help": "Hub token for private datasets and models."})
 
@@ -145,22 +202,38 @@ class DataTrainingArguments(DataSourceArguments):
 
     _argument_group_name = "data"
 
-    test_dir: str | None = field(default=None, metadata={
-        "help": "A folder of images to predict with --do_predict (no labels needed). Default: a dataset's test split."})
+    test_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "A folder of images to predict with --do_predict (no labels needed). Default: a dataset's test split."
+        },
+    )
     test_files: list[str] | None = field(default=None, metadata={"help": "Data files to predict with --do_predict."})
     label_column_name: str | None = field(default=None, metadata={"help": "Label column; auto-detected if unset."})
-    train_val_split: float | None = field(default=0.15, metadata={
-        "help": "Fraction of the training set held out for validation when there is no validation split "
-                "(0 = no evaluation)."})
+    train_val_split: float | None = field(
+        default=0.15,
+        metadata={
+            "help": "Fraction of the training set held out for validation when there is no validation split "
+            "(0 = no evaluation)."
+        },
+    )
     shuffle_buffer_size: int = field(default=10_000, metadata={"help": "Shuffle buffer of a streamed dataset."})
     crop_min_scale: float = field(default=0.08, metadata={"help": "Smallest area fraction of the training crop."})
-    crop_pct: float | None = field(default=None, metadata={
-        "help": "Evaluation: resize to image_size/crop_pct, center-crop. Default: the CIM authors' 0.95 up to 224 px, "
-                "1.0 above (MAE's is 0.875)."})
+    crop_pct: float | None = field(
+        default=None,
+        metadata={
+            "help": "Evaluation: resize to image_size/crop_pct, center-crop. Default: the CIM authors' 0.95 up to 224 px, "
+            "1.0 above (MAE's is 0.875)."
+        },
+    )
     min_image_size: int = field(default=16, metadata={"help": "Images with a shorter side are skipped."})
-    hub_metrics: bool = field(default=False, metadata={
-        "help": "Score top-1 with the Hub's evaluate-metric/accuracy (needs a connection) instead of this package's "
-                "offline copy; the two give the same number."})
+    hub_metrics: bool = field(
+        default=False,
+        metadata={
+            "help": "Score top-1 with the Hub's evaluate-metric/accuracy (needs a connection) instead of this package's "
+            "offline copy; the two give the same number."
+        },
+    )
 
 
 @dataclass
@@ -169,12 +242,20 @@ class ClassificationTrainingArguments(ResumableTrainingArguments):
 
     _argument_group_name = "training (the fine-tuning recipe's defaults)"
 
-    base_learning_rate: float | None = field(default=None, metadata={
-        "help": "lr = base_learning_rate * total batch / 256 unless --learning_rate is given. Default: 1.2e-3 "
-                "(ViT fine-tuning, the CIM authors' recipe), 5e-4 (ResNet fine-tuning) or 1e-3 (linear probing)."})
-    label_smoothing_factor: float | None = field(default=None, metadata={
-        "help": "Label smoothing (training only; with Mixup / CutMix, of the mixed targets). Default: 0.1 for "
-                "fine-tuning, 0 for linear probing."})
+    base_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "lr = base_learning_rate * total batch / 256 unless --learning_rate is given. Default: 1.2e-3 "
+            "(ViT fine-tuning, the CIM authors' recipe), 5e-4 (ResNet fine-tuning) or 1e-3 (linear probing)."
+        },
+    )
+    label_smoothing_factor: float | None = field(
+        default=None,
+        metadata={
+            "help": "Label smoothing (training only; with Mixup / CutMix, of the mixed targets). Default: 0.1 for "
+            "fine-tuning, 0 for linear probing."
+        },
+    )
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (none on norms/biases/tokens)."})
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
@@ -183,7 +264,9 @@ class ClassificationTrainingArguments(ResumableTrainingArguments):
     save_strategy: str = field(default="epoch", metadata={"help": "When to save checkpoints."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep False: the collator needs its columns."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep False: the collator needs its columns."}
+    )
     output_dir: str | None = field(default="outputs/image-classification", metadata={"help": "Where to write."})
 
     def __post_init__(self):
@@ -198,18 +281,15 @@ def parse_arguments(argv: list[str] | None = None):
     return model_args, data_args, training_args, given
 
 
-
-
-
-
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     # parse
     model_args, data_args, training_args, given = parse_arguments(argv)
     # logging
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
-                        handlers=[logging.StreamHandler(sys.stdout)])
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
     log_level = training_args.get_process_log_level()
     logger.setLevel(logging.INFO if training_args.should_log else log_level)  # this script's lines on the main process
     datasets.utils.logging.set_verbosity(log_level)
@@ -218,14 +298,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # stages and the checkpoint: what it is decides the recipe and whether its head is trained
     if choose_stages(training_args, given):
         logger.info("No --do_train / --do_eval / --do_predict given: training and evaluating (--do_train --do_eval).")
-    path = resolve_checkpoint_path(model_args.model_name_or_path, cache_dir=model_args.cache_dir, token=model_args.token,
-                                   revision=model_args.model_revision)
+    path = resolve_checkpoint_path(
+        model_args.model_name_or_path,
+        cache_dir=model_args.cache_dir,
+        token=model_args.token,
+        revision=model_args.model_revision,
+    )
     fine_tuned_beit = saved_model_type(path) == "beit"
     if fine_tuned_beit:
         if training_args.do_train:
-            raise UserValueError(f"{model_args.model_name_or_path} is a fine-tuned (BEiT-class) classifier; fine-tune "
-                                 "from the pre-training checkpoint or the exported encoder instead. --do_eval / "
-                                 "--do_predict score it as it is.")
+            raise UserValueError(
+                f"{model_args.model_name_or_path} is a fine-tuned (BEiT-class) classifier; fine-tune "
+                "from the pre-training checkpoint or the exported encoder instead. --do_eval / "
+                "--do_predict score it as it is."
+            )
         encoder_type = "vit"
     else:
         _, encoder_type = checkpoint_kind(path)
@@ -236,8 +322,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not training_args.do_train:  # evaluate / predict the checkpoint as it is: its head must be trained
         class_names = fine_tuned_class_names(path)
         if class_names is None:
-            raise UserValueError(f"{model_args.model_name_or_path} is not a fine-tuned classifier (its classification "
-                                 "head would be new, hence random): evaluating or predicting with it needs --do_train.")
+            raise UserValueError(
+                f"{model_args.model_name_or_path} is not a fine-tuned classifier (its classification "
+                "head would be new, hence random): evaluating or predicting with it needs --do_train."
+            )
         if model_args.linear_probe:
             logger.warning("--linear_probe is ignored without --do_train: the checkpoint is evaluated as it is.")
             model_args.linear_probe = False
@@ -248,28 +336,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         base = 1e-3 if model_args.linear_probe else (1.2e-3 if encoder_type == "vit" else 5e-4)
     if training_args.do_train:
         logger.info(set_learning_rate(training_args, base, "learning_rate" in given))
-        logger.info(f"Layer decay {model_args.layer_decay}, mixup {model_args.mixup}, cutmix {model_args.cutmix}, "
-                    f"label smoothing {training_args.label_smoothing_factor}, random erasing "
-                    f"{model_args.random_erasing}, pooling {model_args.pooling}, drop-path {model_args.drop_path_rate}, "
-                    f"linear probe {model_args.linear_probe}.")
+        logger.info(
+            f"Layer decay {model_args.layer_decay}, mixup {model_args.mixup}, cutmix {model_args.cutmix}, "
+            f"label smoothing {training_args.label_smoothing_factor}, random erasing "
+            f"{model_args.random_erasing}, pooling {model_args.pooling}, drop-path {model_args.drop_path_rate}, "
+            f"linear probe {model_args.linear_probe}."
+        )
     transformers.set_seed(training_args.seed)
 
     # transforms
     if data_args.crop_pct is None:
         data_args.crop_pct = 0.95 if model_args.image_size <= 224 else 1.0
     mean, std = image_statistics(model_args, path)
-    train_transform = RandomResizedCropFlip(size=model_args.image_size, scale=(data_args.crop_min_scale, 1.0),
-                                            hflip=True, mean=mean, std=std, random_erasing=model_args.random_erasing)
+    train_transform = RandomResizedCropFlip(
+        size=model_args.image_size,
+        scale=(data_args.crop_min_scale, 1.0),
+        hflip=True,
+        mean=mean,
+        std=std,
+        random_erasing=model_args.random_erasing,
+    )
     eval_transform = ResizeCenterCrop(size=model_args.image_size, crop_pct=data_args.crop_pct, mean=mean, std=std)
     # data
     train_ds, eval_ds, names, _, _, eval_split = build_datasets(
-        data_args, model_args, training_args, train_transform, eval_transform, class_names)
+        data_args, model_args, training_args, train_transform, eval_transform, class_names
+    )
     test_ds = None
     if training_args.do_predict:  # opened now: a missing test split fails before training
         test_raw = load_split(data_args, model_args, "test")
         test_column = find_image_column(test_raw, data_args.image_column_name)
-        test_ds = prepare_dataset(test_raw, test_column, build_pretraining_transform(test_column, eval_transform,
-                                                                                     data_args.min_image_size))
+        test_ds = prepare_dataset(
+            test_raw, test_column, build_pretraining_transform(test_column, eval_transform, data_args.min_image_size)
+        )
     if not training_args.do_train:
         train_ds = None
     if data_args.streaming and train_ds is not None:
@@ -295,12 +393,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model = BeitForImageClassification.from_pretrained(path)
     elif encoder_type == "vit" and model_args.pooling == "mean" and training_args.do_train:
         model = beit_for_image_classification(
-            path, len(names), id2label=id2label, label2id=label2id, drop_path_rate=model_args.drop_path_rate,
-            image_size=model_args.image_size, seed=training_args.seed, encoder_weights=encoder_weights)
+            path,
+            len(names),
+            id2label=id2label,
+            label2id=label2id,
+            drop_path_rate=model_args.drop_path_rate,
+            image_size=model_args.image_size,
+            seed=training_args.seed,
+            encoder_weights=encoder_weights,
+        )
     else:
-        model = load_encoder_for_classification(path, len(names), id2label, label2id, model_args.image_size,
-                                                ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
-                                                encoder_weights=encoder_weights, **load_kwargs)
+        model = load_encoder_for_classification(
+            path,
+            len(names),
+            id2label,
+            label2id,
+            model_args.image_size,
+            ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+            encoder_weights=encoder_weights,
+            **load_kwargs,
+        )
     if model_args.linear_probe:
         model = LinearProbeForImageClassification(model)
     image_processor = eval_transform.image_processor()  # pipeline() users get the evaluated pixels
@@ -353,8 +465,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 image_processor.save_pretrained(training_args.output_dir)
         else:
             trainer.save_model()  # model + image processor (processing_class)
-        write_classification_card(trainer, model_args, data_args, path, len(names), eval_split if training_args.do_eval
-                         else None, results)
+        write_classification_card(
+            trainer, model_args, data_args, path, len(names), eval_split if training_args.do_eval else None, results
+        )
         logger.info(f"Saved the {type(final).__name__} and its image processor to {training_args.output_dir}.")
 
     # predict

@@ -61,8 +61,15 @@ logger = logging.getLogger("run_pretraining")
 # (README, "Does CIM learn its task?"): ViT-Tiny width with 2 layers, patch 8 (a 32 px exemplar is 4 x 4 tokens),
 # 96 px views, 64 px context, rotated exemplars, and the exemplars' photometric augmentation off: with it on, no
 # run of up to 1,000 steps got clearly below the constant prior. Every other setting is the authors'.
-QUICKSTART_CONFIG = dict(image_size=96, context_size=64, exemplar_size=32, num_exemplars=6,
-                         decoder_hidden_size=256, decoder_num_attention_heads=8, exemplar_augmentation=False)
+QUICKSTART_CONFIG = dict(
+    image_size=96,
+    context_size=64,
+    exemplar_size=32,
+    num_exemplars=6,
+    decoder_hidden_size=256,
+    decoder_num_attention_heads=8,
+    exemplar_augmentation=False,
+)
 QUICKSTART_ENCODER = dict(patch_size=8, num_hidden_layers=2)
 QUICKSTART_MAX_STEPS = 2000
 QUICKSTART_LEARNING_RATE = 5e-4
@@ -75,23 +82,43 @@ class ModelArguments:
 
     _argument_group_name = "model"
 
-    model_name_or_path: str | None = field(default=None, metadata={
-        "help": "A CIM checkpoint to continue from, or a ViT/ResNet checkpoint to initialise the encoder with."})
-    config_name: str | None = field(default=None, metadata={
-        "help": f"A preset ({', '.join(PRESET_NAMES)}) or a path to a CIM config. Default: vit-base-patch16, "
-                "or the small quick-start model when no dataset is given."})
-    config_overrides: str | None = field(default=None, metadata={
-        "help": "Comma-separated key=value CIM config overrides; `encoder.` keys go to the encoder config, e.g. "
-                "'num_exemplars=4,encoder.num_hidden_layers=6'."})
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A CIM checkpoint to continue from, or a ViT/ResNet checkpoint to initialise the encoder with."
+        },
+    )
+    config_name: str | None = field(
+        default=None,
+        metadata={
+            "help": f"A preset ({', '.join(PRESET_NAMES)}) or a path to a CIM config. Default: vit-base-patch16, "
+            "or the small quick-start model when no dataset is given."
+        },
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated key=value CIM config overrides; `encoder.` keys go to the encoder config, e.g. "
+            "'num_exemplars=4,encoder.num_hidden_layers=6'."
+        },
+    )
     attn_implementation: str | None = field(default="sdpa", metadata={"help": "eager, sdpa or flash_attention_2."})
-    channels_last: bool = field(default=False, metadata={
-        "help": "ResNet encoders: keep the convolution weights (hence activations) in channels-last memory format, "
-                "faster with bf16 on recent GPUs. Results equal the default layout up to rounding."})
+    channels_last: bool = field(
+        default=False,
+        metadata={
+            "help": "ResNet encoders: keep the convolution weights (hence activations) in channels-last memory format, "
+            "faster with bf16 on recent GPUs. Results equal the default layout up to rounding."
+        },
+    )
     cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded datasets/models are cached."})
     token: str | None = field(default=None, metadata={"help": "Hub token for private data or pushing."})
-    license: str | None = field(default=None, metadata={
-        "help": "Licence stated in the model card (a Hub licence id, e.g. apache-2.0, mit). Default: the licence of "
-                "--model_name_or_path's card when it states one, else none."})
+    license: str | None = field(
+        default=None,
+        metadata={
+            "help": "Licence stated in the model card (a Hub licence id, e.g. apache-2.0, mit). Default: the licence of "
+            "--model_name_or_path's card when it states one, else none."
+        },
+    )
 
 
 @dataclass
@@ -104,8 +131,12 @@ class CIMArguments:
     context_size: int | None = field(default=None, metadata={"help": "Context side m (default 160)."})
     exemplar_size: int | None = field(default=None, metadata={"help": "Exemplar side n (default 64)."})
     num_exemplars: int | None = field(default=None, metadata={"help": "Exemplars per image K (default 6)."})
-    exemplar_scale: list[float] | None = field(default=None, metadata={"help": "Exemplar area fraction range.", "nargs": 2})
-    exemplar_aspect_ratio: list[float] | None = field(default=None, metadata={"help": "h/w range (log-uniform).", "nargs": 2})
+    exemplar_scale: list[float] | None = field(
+        default=None, metadata={"help": "Exemplar area fraction range.", "nargs": 2}
+    )
+    exemplar_aspect_ratio: list[float] | None = field(
+        default=None, metadata={"help": "h/w range (log-uniform).", "nargs": 2}
+    )
     exemplar_max_rotation: float | None = field(default=None, metadata={"help": "Max rotation in degrees (45)."})
     exemplar_augmentation: bool | None = field(default=None, metadata={"help": "Photometric exemplar transforms."})
     decoder_hidden_size: int | None = field(default=None, metadata={"help": "Decoder width (512)."})
@@ -114,7 +145,9 @@ class CIMArguments:
     loss_type: str | None = field(default=None, metadata={"help": "ce, balanced_ce, mse or focal."})
     momentum_start: float | None = field(default=None, metadata={"help": "EMA momentum at step 0 (0.99)."})
     momentum_end: float | None = field(default=None, metadata={"help": "EMA momentum at the last step (1.0)."})
-    contrastive_loss_weight: float | None = field(default=None, metadata={"help": "Global contrastive loss weight (0)."})
+    contrastive_loss_weight: float | None = field(
+        default=None, metadata={"help": "Global contrastive loss weight (0)."}
+    )
     target_encoder_mode: str | None = field(default=None, metadata={"help": "ema (paper) or shared."})
 
 
@@ -124,22 +157,36 @@ class DataTrainingArguments(DataSourceArguments):
 
     _argument_group_name = "data"
 
-    shuffle_buffer_size: int = field(default=10_000, metadata={
-        "help": "Shuffle buffer of a streamed dataset, per data reader (each worker of each process holds its own, of "
-                "encoded images)."})
-    view_scale: list[float] = field(default_factory=lambda: [0.5, 1.0], metadata={
-        "help": "Random-resized-crop scale range of the search view (recipe: 0.5 1.0).", "nargs": 2})
+    shuffle_buffer_size: int = field(
+        default=10_000,
+        metadata={
+            "help": "Shuffle buffer of a streamed dataset, per data reader (each worker of each process holds its own, of "
+            "encoded images)."
+        },
+    )
+    view_scale: list[float] = field(
+        default_factory=lambda: [0.5, 1.0],
+        metadata={"help": "Random-resized-crop scale range of the search view (recipe: 0.5 1.0).", "nargs": 2},
+    )
     min_image_size: int = field(default=32, metadata={"help": "Images with a shorter side are skipped."})
-    visualize_every_steps: int | None = field(default=None, metadata={
-        "help": "Also write the correlation-map figure every N steps (correlation_maps_stepN.png, and to the --report_to "
-                "trackers). Default: to the trackers about 10 times per run when --report_to names any, else only at "
-                "the end; 0: only at the end."})
+    visualize_every_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Also write the correlation-map figure every N steps (correlation_maps_stepN.png, and to the --report_to "
+            "trackers). Default: to the trackers about 10 times per run when --report_to names any, else only at "
+            "the end; 0: only at the end."
+        },
+    )
     num_visualize_images: int = field(default=4, metadata={"help": "Images in the correlation-map figure."})
-    knn_eval_steps: int = field(default=0, metadata={
-        "help": "Every N optimizer steps (and at the last), log knn_top1: the weighted k-NN top-1 accuracy of the "
-                "online encoder's CLS / pooled feature, with labelled training images as the memory bank and the "
-                "labelled validation split as queries (needs a label column, e.g. class sub-folders, and a validation "
-                "split: --validation_dir / --validation_files / a dataset's). 0: off."})
+    knn_eval_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Every N optimizer steps (and at the last), log knn_top1: the weighted k-NN top-1 accuracy of the "
+            "online encoder's CLS / pooled feature, with labelled training images as the memory bank and the "
+            "labelled validation split as queries (needs a label column, e.g. class sub-folders, and a validation "
+            "split: --validation_dir / --validation_files / a dataset's). 0: off."
+        },
+    )
     knn_max_train_samples: int = field(default=1000, metadata={"help": "k-NN monitor: memory-bank images."})
     knn_max_eval_samples: int = field(default=500, metadata={"help": "k-NN monitor: query images."})
     knn_k: int = field(default=20, metadata={"help": "k-NN monitor: neighbours (cosine, weights exp(sim / 0.07))."})
@@ -152,18 +199,30 @@ class CIMTrainingArguments(ResumableTrainingArguments):
 
     _argument_group_name = "training (the CIM recipe's defaults)"
 
-    base_learning_rate: float = field(default=1.5e-4, metadata={
-        "help": "lr = base_learning_rate * total batch / 256 (ignored when --learning_rate is given)."})
+    base_learning_rate: float = field(
+        default=1.5e-4,
+        metadata={"help": "lr = base_learning_rate * total batch / 256 (ignored when --learning_rate is given)."},
+    )
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay (none on norms/biases)."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
-    warmup_steps: float = field(default=40 / 300, metadata={
-        "help": "Linear warm-up: steps, or a fraction of the run when < 1 (default 40/300: the recipe's 40 of 300 epochs)."})
-    max_grad_norm: float = field(default=0.0, metadata={
-        "help": "Gradient clipping (0 = off). Off like the authors' runs: their script asks for 1.0, but their code "
-                "clips only on an AMP path their fp32 runs never took."})
+    warmup_steps: float = field(
+        default=40 / 300,
+        metadata={
+            "help": "Linear warm-up: steps, or a fraction of the run when < 1 (default 40/300: the recipe's 40 of 300 epochs)."
+        },
+    )
+    max_grad_norm: float = field(
+        default=0.0,
+        metadata={
+            "help": "Gradient clipping (0 = off). Off like the authors' runs: their script asks for 1.0, but their code "
+            "clips only on an AMP path their fp32 runs never took."
+        },
+    )
     logging_steps: float = field(default=10, metadata={"help": "Log loss, momentum and pretext IoU every N steps."})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep False: the collator needs its columns."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep False: the collator needs its columns."}
+    )
     dataloader_drop_last: bool = field(default=True, metadata={"help": "Drop the last incomplete batch."})
     save_total_limit: int | None = field(default=3, metadata={"help": "Checkpoints kept."})
 
@@ -218,20 +277,28 @@ def main(argv: list[str] | None = None) -> dict:
     if training_args.do_eval:
         raw_eval = load_split(data_args, model_args, "validation")
         if data_args.max_eval_samples:
-            raw_eval = raw_eval.take(data_args.max_eval_samples) if data_args.streaming else raw_eval.select(
-                range(min(data_args.max_eval_samples, len(raw_eval))))
-        eval_ds = prepare_dataset(raw_eval, image_column,
-                                  build_pretraining_transform(image_column, eval_transform, data_args.min_image_size))
+            raw_eval = (
+                raw_eval.take(data_args.max_eval_samples)
+                if data_args.streaming
+                else raw_eval.select(range(min(data_args.max_eval_samples, len(raw_eval))))
+            )
+        eval_ds = prepare_dataset(
+            raw_eval, image_column, build_pretraining_transform(image_column, eval_transform, data_args.min_image_size)
+        )
     knn_sets = None
     if data_args.knn_eval_steps > 0:
         knn_sets = knn_datasets(data_args, model_args, training_args, raw_train, image_column, eval_transform)
     if data_args.streaming:
         use_shards_per_rank(training_args, train_ds.source.num_shards)
-        training_args.dataloader_num_workers = check_num_workers(training_args.dataloader_num_workers,
-                                                                 train_ds.num_shards)
-    logger.info("Training %s on %s (image column %r)", config.encoder_type,
-                data_args.dataset_name or data_args.train_dir or data_args.train_files or "the embedded photos",
-                image_column)
+        training_args.dataloader_num_workers = check_num_workers(
+            training_args.dataloader_num_workers, train_ds.num_shards
+        )
+    logger.info(
+        "Training %s on %s (image column %r)",
+        config.encoder_type,
+        data_args.dataset_name or data_args.train_dir or data_args.train_files or "the embedded photos",
+        image_column,
+    )
     logger.info(choose_learning_rate(training_args, explicit_lr, QUICKSTART_LEARNING_RATE if quickstart else None))
 
     # model
@@ -239,20 +306,41 @@ def main(argv: list[str] | None = None) -> dict:
     model = build_model(model_args, config)
     if model_args.channels_last:
         if config.encoder_type != "resnet":
-            raise UserValueError("--channels_last is for ResNet encoders; a ViT's only convolution is its patch "
-                                 "embedding, which gains nothing from it.")
+            raise UserValueError(
+                "--channels_last is for ResNet encoders; a ViT's only convolution is its patch "
+                "embedding, which gains nothing from it."
+            )
         model = model.to(memory_format=torch.channels_last)
     # Trainer, with the correlation-map figures and the k-NN monitor
     image_processor = eval_transform.image_processor()
     on_signal = SaveOnSignalCallback()
-    trainer = CIMTrainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         data_collator=SkippingCollator(), processing_class=image_processor, callbacks=[on_signal])
-    trainer.add_callback(VisualizationCallback(preview_batch(preflight, config, data_args.num_visualize_images),
-                                               every_steps=data_args.visualize_every_steps, trainer=trainer))
+    trainer = CIMTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=SkippingCollator(),
+        processing_class=image_processor,
+        callbacks=[on_signal],
+    )
+    trainer.add_callback(
+        VisualizationCallback(
+            preview_batch(preflight, config, data_args.num_visualize_images),
+            every_steps=data_args.visualize_every_steps,
+            trainer=trainer,
+        )
+    )
     knn = None
     if knn_sets is not None:  # k-NN top-1 every --knn_eval_steps, logged next to the loss
-        knn = KNNCallback(*knn_sets, metric_key_prefix="knn", every_steps=data_args.knn_eval_steps, on_evaluate=False,
-                          trainer=trainer, k=data_args.knn_k, batch_size=training_args.per_device_eval_batch_size)
+        knn = KNNCallback(
+            *knn_sets,
+            metric_key_prefix="knn",
+            every_steps=data_args.knn_eval_steps,
+            on_evaluate=False,
+            trainer=trainer,
+            k=data_args.knn_k,
+            batch_size=training_args.per_device_eval_batch_size,
+        )
         trainer.add_callback(knn)
 
     # train (resuming by the scripts' one rule), then save
@@ -264,8 +352,11 @@ def main(argv: list[str] | None = None) -> dict:
     results.update(train_result.metrics)
     results["skipped_images"] = trainer.total_skipped_images()  # distinct images, all processes
     if results["skipped_images"]:
-        logger.warning("Skipped %d undecodable or too-small training images (each counted once; the first few are "
-                       "named above with the reason).", results["skipped_images"])
+        logger.warning(
+            "Skipped %d undecodable or too-small training images (each counted once; the first few are "
+            "named above with the reason).",
+            results["skipped_images"],
+        )
     if knn is not None and knn.last_result is not None:
         results.update(knn.last_result)  # the k-NN top-1 after the last step
     # evaluate
@@ -276,9 +367,18 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.save_state()
     # model card, push
     if trainer.is_world_process_zero():
-        write_card(trainer, config, data_args, results, license=model_args.license or card_license(
-            model_args.model_name_or_path if model_args.model_name_or_path and os.path.isdir(
-                model_args.model_name_or_path) else None))
+        write_card(
+            trainer,
+            config,
+            data_args,
+            results,
+            license=model_args.license
+            or card_license(
+                model_args.model_name_or_path
+                if model_args.model_name_or_path and os.path.isdir(model_args.model_name_or_path)
+                else None
+            ),
+        )
     if training_args.push_to_hub:
         trainer.push_to_hub(commit_message="CIM pre-training: checkpoint, correlation-map figure and model card")
     end_distributed(trainer)

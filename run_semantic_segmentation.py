@@ -85,26 +85,44 @@ class ModelArguments:
 
     _argument_group_name = "model"
 
-    model_name_or_path: str | None = field(default=None, metadata={
-        "help": "A CIM pre-training checkpoint, an exported encoder, a ViT/ResNet checkpoint or a trained UperNet "
-                "(local or Hub id). Omit it for random init of --encoder_config."})
-    encoder_config: str | None = field(default=None, metadata={
-        "help": f"Random init: a preset ({', '.join(PRESET_NAMES)}) or a checkpoint folder whose encoder "
-                "architecture (config.json) is copied without its weights."})
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A CIM pre-training checkpoint, an exported encoder, a ViT/ResNet checkpoint or a trained UperNet "
+            "(local or Hub id). Omit it for random init of --encoder_config."
+        },
+    )
+    encoder_config: str | None = field(
+        default=None,
+        metadata={
+            "help": f"Random init: a preset ({', '.join(PRESET_NAMES)}) or a checkpoint folder whose encoder "
+            "architecture (config.json) is copied without its weights."
+        },
+    )
     patch_size: int | None = field(default=None, metadata={"help": "Random init: override the ViT patch size."})
     num_layers: int | None = field(default=None, metadata={"help": "Random init: override the ViT depth."})
     model_revision: str = field(default="main", metadata={"help": "Hub revision of --model_name_or_path."})
-    decoder_hidden_size: int = field(default=512, metadata={
-        "help": "UperNet head width (the paper's 512; use 128-256 on a CPU)."})
-    auxiliary_channels: int | None = field(default=None, metadata={
-        "help": "Width of the auxiliary FCN head. Default: half of --decoder_hidden_size."})
+    decoder_hidden_size: int = field(
+        default=512, metadata={"help": "UperNet head width (the paper's 512; use 128-256 on a CPU)."}
+    )
+    auxiliary_channels: int | None = field(
+        default=None, metadata={"help": "Width of the auxiliary FCN head. Default: half of --decoder_hidden_size."}
+    )
     auxiliary_loss_weight: float = field(default=0.4, metadata={"help": "Weight of the auxiliary head's loss."})
-    out_indices: list[int] | None = field(default=None, metadata={
-        "help": "ViT blocks (1-based) feeding the FPN, 4 of them. Default: 4, 6, 8, 12 of 12 and the same fractions "
-                "of other depths."})
+    out_indices: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "ViT blocks (1-based) feeding the FPN, 4 of them. Default: 4, 6, 8, 12 of 12 and the same fractions "
+            "of other depths."
+        },
+    )
     drop_path_rate: float = field(default=0.1, metadata={"help": "Stochastic depth in the ViT blocks."})
-    layer_decay: float = field(default=0.65, metadata={
-        "help": "Layer-wise lr decay: block i of L trains at lr x decay^(L+1-i), the neck and heads at lr (1 = off)."})
+    layer_decay: float = field(
+        default=0.65,
+        metadata={
+            "help": "Layer-wise lr decay: block i of L trains at lr x decay^(L+1-i), the neck and heads at lr (1 = off)."
+        },
+    )
     license: str | None = field(default=None, metadata={"help": "Licence for the card. Default: the base card's."})
     cache_dir: str | None = field(default=None, metadata={"help": "Where datasets and Hub models are cached."})
     token: str | None = field(default=None, metadata={"help": "Hub token for private datasets and models."})
@@ -116,34 +134,63 @@ class DataTrainingArguments(DataSourceArguments):
 
     _argument_group_name = "data"
 
-    train_dir: str | None = field(default=None, metadata={
-        "help": "A folder with images/ and masks/ sub-folders (labels/ or annotations/ also accepted), paired by file "
-                "name without the extension; masks are single-channel index maps."})
+    train_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "A folder with images/ and masks/ sub-folders (labels/ or annotations/ also accepted), paired by file "
+            "name without the extension; masks are single-channel index maps."
+        },
+    )
     validation_dir: str | None = field(default=None, metadata={"help": "Validation folder, laid out as --train_dir."})
-    test_dir: str | None = field(default=None, metadata={
-        "help": "--do_predict: a folder laid out as --train_dir (masks/ optional), instead of the test split."})
-    label_column_name: str | None = field(default=None, metadata={
-        "help": "The mask column; auto-detected (label, mask, annotation, ... or the other Image column)."})
-    id2label: str | None = field(default=None, metadata={
-        "help": "A JSON file {id: name} (or a list of names) of the classes after --reduce_labels. Default: the "
-                "dataset's id2label.json."})
-    reduce_labels: bool = field(default=False, metadata={
-        "help": "Mask value 0 means 'unlabelled': it becomes the ignore index and every other id is lowered by 1 "
-                "(ADE20K)."})
+    test_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "--do_predict: a folder laid out as --train_dir (masks/ optional), instead of the test split."
+        },
+    )
+    label_column_name: str | None = field(
+        default=None,
+        metadata={"help": "The mask column; auto-detected (label, mask, annotation, ... or the other Image column)."},
+    )
+    id2label: str | None = field(
+        default=None,
+        metadata={
+            "help": "A JSON file {id: name} (or a list of names) of the classes after --reduce_labels. Default: the "
+            "dataset's id2label.json."
+        },
+    )
+    reduce_labels: bool = field(
+        default=False,
+        metadata={
+            "help": "Mask value 0 means 'unlabelled': it becomes the ignore index and every other id is lowered by 1 "
+            "(ADE20K)."
+        },
+    )
     ignore_index: int = field(default=255, metadata={"help": "Mask value left out of the loss and the scores."})
-    crop_size: list[int] = field(default_factory=lambda: [512], metadata={
-        "help": "Training crop: one size (square) or height width."})
-    base_size: int | None = field(default=None, metadata={
-        "help": "Shorter side the images are rescaled to before the random scale, and at evaluation. Default: the "
-                "crop's shorter side for training; evaluation at the images' own size."})
-    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0], metadata={
-        "help": "Random rescale of the training images: factor range of base_size."})
+    crop_size: list[int] = field(
+        default_factory=lambda: [512], metadata={"help": "Training crop: one size (square) or height width."}
+    )
+    base_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Shorter side the images are rescaled to before the random scale, and at evaluation. Default: the "
+            "crop's shorter side for training; evaluation at the images' own size."
+        },
+    )
+    scale_range: list[float] = field(
+        default_factory=lambda: [0.5, 2.0],
+        metadata={"help": "Random rescale of the training images: factor range of base_size."},
+    )
     hflip: bool = field(default=True, metadata={"help": "Random horizontal flips in training."})
     test_split_name: str = field(default="test", metadata={"help": "The split --do_predict uses."})
     shuffle_buffer_size: int = field(default=1_000, metadata={"help": "Shuffle buffer of a streamed dataset."})
     min_image_size: int = field(default=16, metadata={"help": "Images with a shorter side are skipped."})
-    num_figure_images: int = field(default=4, metadata={
-        "help": f"Validation images drawn in {FIGURE_FILE} (image, true mask, predicted mask); 0 = no figure."})
+    num_figure_images: int = field(
+        default=4,
+        metadata={
+            "help": f"Validation images drawn in {FIGURE_FILE} (image, true mask, predicted mask); 0 = no figure."
+        },
+    )
 
 
 @dataclass
@@ -161,9 +208,15 @@ class SegmentationTrainingArguments(ResumableTrainingArguments):
     save_strategy: str = field(default="epoch", metadata={"help": "When to save checkpoints."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep False: the collator needs its columns."})
-    dataloader_drop_last: bool = field(default=True, metadata={
-        "help": "Drop an epoch's last, incomplete batch (a batch of one image cannot train UperNet's BatchNorm)."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep False: the collator needs its columns."}
+    )
+    dataloader_drop_last: bool = field(
+        default=True,
+        metadata={
+            "help": "Drop an epoch's last, incomplete batch (a batch of one image cannot train UperNet's BatchNorm)."
+        },
+    )
     output_dir: str | None = field(default="outputs/semantic-segmentation", metadata={"help": "Where to write."})
 
     def __post_init__(self):
@@ -200,8 +253,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # parse
     model_args, data_args, training_args, given = parse_arguments(argv)
     # logging
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
-                        handlers=[logging.StreamHandler(sys.stdout)])
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
     log_level = training_args.get_process_log_level()
     logger.setLevel(logging.INFO if training_args.should_log else log_level)
     datasets.utils.logging.set_verbosity(log_level)
@@ -215,16 +271,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # classes, mask rules and transforms
     id2label = find_id2label(data_args, model_args)
-    rules = MaskRules(num_labels=len(id2label), ignore_index=data_args.ignore_index,
-                      reduce_labels=data_args.reduce_labels)
+    rules = MaskRules(
+        num_labels=len(id2label), ignore_index=data_args.ignore_index, reduce_labels=data_args.reduce_labels
+    )
     mean, std = image_statistics(model_args, path)
-    train_transform = SegmentationTrainTransform(crop, base_size=data_args.base_size,
-                                                 scale_range=tuple(data_args.scale_range), hflip=data_args.hflip,
-                                                 mean=mean, std=std, ignore_index=data_args.ignore_index)
+    train_transform = SegmentationTrainTransform(
+        crop,
+        base_size=data_args.base_size,
+        scale_range=tuple(data_args.scale_range),
+        hflip=data_args.hflip,
+        mean=mean,
+        std=std,
+        ignore_index=data_args.ignore_index,
+    )
     eval_transform = SegmentationEvalTransform(data_args.base_size, mean=mean, std=std)
-    logger.info(f"{len(id2label)} classes ({', '.join(list(id2label.values())[:12])}"
-                f"{', ...' if len(id2label) > 12 else ''}); ignore index {data_args.ignore_index}; "
-                f"reduce_labels {data_args.reduce_labels}; training view {train_transform}.")
+    logger.info(
+        f"{len(id2label)} classes ({', '.join(list(id2label.values())[:12])}"
+        f"{', ...' if len(id2label) > 12 else ''}); ignore index {data_args.ignore_index}; "
+        f"reduce_labels {data_args.reduce_labels}; training view {train_transform}."
+    )
 
     # data: the splits each stage needs, opened before any model is built
     splits = split_names(data_args, model_args)
@@ -241,34 +306,57 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             logger.warning(f"No validation split (the source has {splits}): --do_eval is ignored.")
             training_args.do_eval, training_args.eval_strategy = False, transformers.IntervalStrategy.NO
         else:
-            eval_raw = subset(load_split(data_args, model_args, eval_split), data_args.max_eval_samples,
-                               data_args.streaming, training_args.seed)
+            eval_raw = subset(
+                load_split(data_args, model_args, eval_split),
+                data_args.max_eval_samples,
+                data_args.streaming,
+                training_args.seed,
+            )
             eval_ds = prepare_rows(eval_raw, data_args, eval_transform, rules, training_args.seed, split=eval_split)
     if training_args.do_predict:  # opened now: a missing test split fails before training
         if not data_args.test_dir and data_args.test_split_name not in splits:
-            raise UserValueError(f"--do_predict: no {data_args.test_split_name!r} split in {splits}; give --test_dir "
-                                 "or --test_split_name.")
+            raise UserValueError(
+                f"--do_predict: no {data_args.test_split_name!r} split in {splits}; give --test_dir "
+                "or --test_split_name."
+            )
         test_raw = load_split(data_args, model_args, "test" if data_args.test_dir else data_args.test_split_name)
     if data_args.streaming and train_ds is not None:
         fetch_batches_per_process(training_args)
-    if train_ds is not None and not data_args.streaming and training_args.dataloader_drop_last \
-            and len(train_ds) < training_args.per_device_train_batch_size * training_args.world_size:
-        raise UserValueError(f"The training set has {len(train_ds)} images, fewer than one batch "
-                             f"({training_args.per_device_train_batch_size} per device): lower "
-                             "--per_device_train_batch_size (incomplete batches are dropped).")
+    if (
+        train_ds is not None
+        and not data_args.streaming
+        and training_args.dataloader_drop_last
+        and len(train_ds) < training_args.per_device_train_batch_size * training_args.world_size
+    ):
+        raise UserValueError(
+            f"The training set has {len(train_ds)} images, fewer than one batch "
+            f"({training_args.per_device_train_batch_size} per device): lower "
+            "--per_device_train_batch_size (incomplete batches are dropped)."
+        )
 
     # model and its image processor
     model = build_upernet(model_args, path, id2label, crop, data_args.ignore_index)
     size_source = next((raw for raw in (eval_raw, test_raw, train_raw) if raw is not None), None)
-    size = processor_size(first_image_size(size_source, data_args) if size_source is not None else None,
-                          data_args.base_size, crop, input_multiple(model))
+    size = processor_size(
+        first_image_size(size_source, data_args) if size_source is not None else None,
+        data_args.base_size,
+        crop,
+        input_multiple(model),
+    )
     image_processor = image_processor_for(size, mean, std, data_args.reduce_labels)
 
     # Trainer
     trainer = SegmentationTrainer(
-        model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
-        data_collator=SegmentationCollator(), processing_class=image_processor, layer_decay=model_args.layer_decay,
-        ignore_index=data_args.ignore_index, num_examples=data_args.num_figure_images)
+        model=model,
+        args=training_args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=SegmentationCollator(),
+        processing_class=image_processor,
+        layer_decay=model_args.layer_decay,
+        ignore_index=data_args.ignore_index,
+        num_examples=data_args.num_figure_images,
+    )
 
     # train
     results: dict[str, Any] = {}
@@ -290,9 +378,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results.update(eval_metrics)
         if trainer.last_examples and trainer.is_world_process_zero():
             os.makedirs(training_args.output_dir, exist_ok=True)
-            render_segmentation_examples(trainer.last_examples, list(id2label.values()), mean, std,
-                                         data_args.ignore_index).save(os.path.join(training_args.output_dir,
-                                                                                   FIGURE_FILE))
+            render_segmentation_examples(
+                trainer.last_examples, list(id2label.values()), mean, std, data_args.ignore_index
+            ).save(os.path.join(training_args.output_dir, FIGURE_FILE))
             figure = FIGURE_FILE
 
     # predict: scored and saved when the test split has masks, else only saved
@@ -314,8 +402,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         final.config.architectures = [type(final).__name__]
         trainer.save_model()  # model + image processor (processing_class)
         if trainer.is_world_process_zero():
-            write_segmentation_card(trainer, model_args, data_args, results, id2label, crop, path,
-                                    eval_split, figure)
+            write_segmentation_card(trainer, model_args, data_args, results, id2label, crop, path, eval_split, figure)
         logger.info(f"Saved the UperNet and its image processor to {training_args.output_dir}.")
     # push
     if training_args.push_to_hub and training_args.do_train:

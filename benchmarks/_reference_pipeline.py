@@ -17,6 +17,7 @@ import torch
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
+
 class ReferenceSettings:
     """The recipe's pretext settings (the same numbers as CIMConfig's defaults)."""
 
@@ -27,9 +28,11 @@ class ReferenceSettings:
         self.jitter, self.jitter_p = (0.4, 0.4, 0.2, 0.1), 0.8
         self.gray_p, self.blur_p, self.blur_sigma, self.solarize_p, self.flip_p = 0.2, 0.5, (0.1, 2.0), 0.2, 0.5
 
+
 def normalize(image: PIL.Image.Image) -> np.ndarray:
     arr = np.asarray(image, dtype=np.float32) / 255.0
     return ((arr - MEAN) / STD).transpose(2, 0, 1)
+
 
 def sample_box(width: int, height: int, s: ReferenceSettings, rng: np.random.Generator):
     """(x0, y0, w, h, theta_degrees): an axis-aligned box in the frame of the view rotated by theta."""
@@ -46,10 +49,12 @@ def sample_box(width: int, height: int, s: ReferenceSettings, rng: np.random.Gen
     x0, y0 = rng.uniform(0, width - w), rng.uniform(0, height - h)
     return x0, y0, w, h, theta
 
+
 def _hue_shift(image: PIL.Image.Image, shift: float) -> PIL.Image.Image:
     hsv = np.array(image.convert("HSV"), dtype=np.uint8)
     hsv[..., 0] = (hsv[..., 0].astype(np.int16) + int(round(shift * 255))) % 256
     return PIL.Image.fromarray(hsv, "HSV").convert("RGB")
+
 
 def photometric(image: PIL.Image.Image, s: ReferenceSettings, rng: np.random.Generator) -> PIL.Image.Image:
     if rng.random() < s.jitter_p:
@@ -73,6 +78,7 @@ def photometric(image: PIL.Image.Image, s: ReferenceSettings, rng: np.random.Gen
         image = image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
     return image
 
+
 def mask_pil(box, width: int, height: int, size: int) -> np.ndarray:
     """Draw the box in the rotated frame, rotate it back into the view (PIL), resize to the context grid."""
     x0, y0, w, h, theta = box
@@ -81,6 +87,7 @@ def mask_pil(box, width: int, height: int, size: int) -> np.ndarray:
     back = canvas.rotate(-theta, resample=PIL.Image.Resampling.NEAREST, expand=False)
     back = back.resize((size, size), PIL.Image.Resampling.NEAREST)
     return (np.asarray(back) > 127).astype(np.float32)
+
 
 def mask_loop(box, width: int, height: int, size: int) -> np.ndarray:
     """A Python loop over the context pixels: map each pixel centre into the rotated frame, test the box."""
@@ -102,6 +109,7 @@ def mask_loop(box, width: int, height: int, size: int) -> np.ndarray:
                 out[i, j] = 1.0
     return out
 
+
 def reference_pretext(view: np.ndarray, s: ReferenceSettings, rng: np.random.Generator, mask_mode: str):
     """One image -> (context (3, m, m), exemplars (K, 3, n, n), maps (K, m, m)), float32 numpy."""
     image = PIL.Image.fromarray(view)
@@ -121,10 +129,12 @@ def reference_pretext(view: np.ndarray, s: ReferenceSettings, rng: np.random.Gen
         maps.append(make_mask(box, width, height, s.context_size))
     return context, np.stack(exemplars), np.stack(maps)
 
+
 def reference_batch(views: list[np.ndarray], s: ReferenceSettings, rng: np.random.Generator, mask_mode: str):
     """Per-image pipeline over a list of views, then collation into batch arrays (as a data loader would)."""
     out = [reference_pretext(v, s, rng, mask_mode) for v in views]
     return tuple(np.stack(parts) for parts in zip(*out))
+
 
 # worker-process side (one process per core, like data-loader workers)
 _WORKER: dict = {}
@@ -132,8 +142,10 @@ _WORKER: dict = {}
 
 def _worker_init(views, augmentation, seed):
     torch.set_num_threads(1)
-    _WORKER.update(views=views, settings=ReferenceSettings(augmentation),
-                   rng=np.random.default_rng(seed + os.getpid()))
+    _WORKER.update(
+        views=views, settings=ReferenceSettings(augmentation), rng=np.random.default_rng(seed + os.getpid())
+    )
+
 
 def _worker_run(task):
     start, count, mask_mode = task
@@ -141,6 +153,7 @@ def _worker_run(task):
     chunk = [views[(start + i) % len(views)] for i in range(count)]
     context, exemplars, maps = reference_batch(chunk, _WORKER["settings"], _WORKER["rng"], mask_mode)
     return float(context.sum() + exemplars.sum() + maps.sum())  # a checksum only: no transfer charged
+
 
 def _worker_ready(_):
     return os.getpid()

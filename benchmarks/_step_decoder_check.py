@@ -28,6 +28,7 @@ def repeat_queries_per_exemplar(layer: CIMDecoderLayer) -> None:
 
     layer.forward = forward
 
+
 def emulate_repeated_queries(decoder: CIMCorrelationDecoder) -> None:
     """The decoder before its first layer shared the query-side work across the K exemplars: every layer gets
     (B*K, Lc, D) queries and runs per exemplar. Only the first layer is ever called with num_exemplars > 1;
@@ -35,14 +36,21 @@ def emulate_repeated_queries(decoder: CIMCorrelationDecoder) -> None:
     for layer in decoder.layers:
         repeat_queries_per_exemplar(layer)
 
+
 @torch.no_grad()
-def check_repeated_matches_shared(shared: CIMForPreTraining, repeated: CIMForPreTraining,
-                                  pixel_values: torch.Tensor, seed: int) -> dict[str, float]:
+def check_repeated_matches_shared(
+    shared: CIMForPreTraining, repeated: CIMForPreTraining, pixel_values: torch.Tensor, seed: int
+) -> dict[str, float]:
     """Runs both models (same weights, fp32, training mode) on the same views with the same fixed exemplar
     boxes and the same seeded augmentation draws; returns the largest |difference| of the logits and of the
     loss. BatchNorm-free models: the forward changes no state."""
-    boxes = sample_config_boxes(shared.config, pixel_values.shape[0], shared.config.num_exemplars,
-                                generator=torch.Generator().manual_seed(seed), device=pixel_values.device)
+    boxes = sample_config_boxes(
+        shared.config,
+        pixel_values.shape[0],
+        shared.config.num_exemplars,
+        generator=torch.Generator().manual_seed(seed),
+        device=pixel_values.device,
+    )
     outputs = []
     for model in (shared, repeated):
         generator = torch.Generator(device=pixel_values.device).manual_seed(seed)
@@ -50,8 +58,14 @@ def check_repeated_matches_shared(shared: CIMForPreTraining, repeated: CIMForPre
     a, b = outputs
     return {"logits": (a.logits - b.logits).abs().max().item(), "loss": (a.loss - b.loss).abs().item()}
 
-def decoder_check(models: dict[str, torch.nn.Module], device: torch.device, pixel_values: torch.Tensor, seed: int,
-                  build_shared: Callable[[], torch.nn.Module]) -> dict[str, float] | None:
+
+def decoder_check(
+    models: dict[str, torch.nn.Module],
+    device: torch.device,
+    pixel_values: torch.Tensor,
+    seed: int,
+    build_shared: Callable[[], torch.nn.Module],
+) -> dict[str, float] | None:
     """The check of the emulated decoder, on the timed model(s) before their first step (a shared-query copy
     with the same weights, made by `build_shared`, stands in when only `repeated` is timed). None when `repeated`
     is not timed."""
@@ -64,6 +78,8 @@ def decoder_check(models: dict[str, torch.nn.Module], device: torch.device, pixe
         shared.load_state_dict(repeated.state_dict())
     diff = check_repeated_matches_shared(shared, repeated, pixel_values, seed)
     if max(diff.values()) > CHECK_TOLERANCE:
-        raise SystemExit(f"the emulated repeated-query decoder does not reproduce the package's: {diff} "
-                         f"(tolerance {CHECK_TOLERANCE:g})")
+        raise SystemExit(
+            f"the emulated repeated-query decoder does not reproduce the package's: {diff} "
+            f"(tolerance {CHECK_TOLERANCE:g})"
+        )
     return diff

@@ -63,19 +63,33 @@ DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch_size", type=int, default=64, help="images per call of the batched sampler")
-    p.add_argument("--reference_images", type=int, default=12,
-                   help="images per round and per worker process for the reference pipeline")
-    p.add_argument("--reference_mask", choices=("loop", "pil", "both", "none"), default="both",
-                   help="how the reference builds the true maps (default: %(default)s = time both variants; "
-                        "none: no PIL pipeline)")
+    p.add_argument(
+        "--reference_images",
+        type=int,
+        default=12,
+        help="images per round and per worker process for the reference pipeline",
+    )
+    p.add_argument(
+        "--reference_mask",
+        choices=("loop", "pil", "both", "none"),
+        default="both",
+        help="how the reference builds the true maps (default: %(default)s = time both variants; "
+        "none: no PIL pipeline)",
+    )
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--data", default=DEFAULT_DATA,
-                   help="parquet dataset of real photos for the views (random images when it does not exist)")
+    p.add_argument(
+        "--data",
+        default=DEFAULT_DATA,
+        help="parquet dataset of real photos for the views (random images when it does not exist)",
+    )
     p.add_argument("--no_augmentation", action="store_true", help="exemplar photometric transforms off (both sides)")
-    p.add_argument("--compare_reference", action="store_true",
-                   help="also time the batched implementation from before issue 11 side by side (whole sampler "
-                        "and its parts), after checking both give identical outputs")
+    p.add_argument(
+        "--compare_reference",
+        action="store_true",
+        help="also time the batched implementation from before issue 11 side by side (whole sampler "
+        "and its parts), after checking both give identical outputs",
+    )
     C.add_common_args(p)
     args = p.parse_args(argv)
     return args
@@ -111,8 +125,6 @@ def to_normalized_batch(views: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
-
-
 class CpuTimed:
     """A callable that also records the CPU time (`time.process_time`, all threads) of each call."""
 
@@ -146,8 +158,9 @@ def part_candidates(batch: torch.Tensor, config, seed: int, device: torch.device
     from transformers_cim import pretext
 
     generator = torch.Generator(device=device).manual_seed(seed)
-    boxes = pretext.sample_config_boxes(config, batch.shape[0], config.num_exemplars, generator=generator,
-                                        device=device)
+    boxes = pretext.sample_config_boxes(
+        config, batch.shape[0], config.num_exemplars, generator=generator, device=device
+    )
     n, m, supersample = config.exemplar_size, config.context_size, pretext.exemplar_supersampling(config)
     mean = batch.new_tensor(config.image_mean).view(1, 3, 1, 1)
     std = batch.new_tensor(config.image_std).view(1, 3, 1, 1)
@@ -197,10 +210,14 @@ def comparison_rows(threads: int, timed: dict) -> list[list[object]]:
             ratio = "-"
             if impl != "before":
                 wall_ratio, cpu_ratio = (rates[impl][i] / rates["before"][i] for i in (0, 1))
-                ratio = f"**{wall_ratio:.2f}x** ({cpu_ratio:.2f}x)" if impl == "current" else \
-                    f"{wall_ratio:.2f}x ({cpu_ratio:.2f}x)"
-            rows.append([threads, function, label, images, per_call, f"{rates[impl][0]:.1f}", f"{rates[impl][1]:.1f}",
-                         ratio])
+                ratio = (
+                    f"**{wall_ratio:.2f}x** ({cpu_ratio:.2f}x)"
+                    if impl == "current"
+                    else f"{wall_ratio:.2f}x ({cpu_ratio:.2f}x)"
+                )
+            rows.append(
+                [threads, function, label, images, per_call, f"{rates[impl][0]:.1f}", f"{rates[impl][1]:.1f}", ratio]
+            )
     return rows
 
 
@@ -228,7 +245,10 @@ def main(argv=None) -> None:
     config = CIMConfig(exemplar_augmentation=not args.no_augmentation)
     settings = ReferenceSettings(augmentation=not args.no_augmentation)
     assert (config.num_exemplars, config.exemplar_size, config.context_size) == (
-        settings.num_exemplars, settings.exemplar_size, settings.context_size)
+        settings.num_exemplars,
+        settings.exemplar_size,
+        settings.context_size,
+    )
     masks = {"both": ("loop", "pil"), "none": ()}.get(args.reference_mask, (args.reference_mask,))
     thread_settings = sorted({1, all_cores})
 
@@ -237,8 +257,10 @@ def main(argv=None) -> None:
     iou = check_masks(views, settings)
     if args.compare_reference:
         check_identical(batch, config, args.seed, args.dtype, device)
-    print(f"bench_pretext: batch {args.batch_size} on {args.device} ({args.dtype}); reference {args.reference_images} "
-          f"images/round/process, masks {masks}; thread settings {thread_settings}; loop-vs-PIL map IoU {iou:.3f}")
+    print(
+        f"bench_pretext: batch {args.batch_size} on {args.device} ({args.dtype}); reference {args.reference_images} "
+        f"images/round/process, masks {masks}; thread settings {thread_settings}; loop-vs-PIL map IoU {iou:.3f}"
+    )
 
     generator = torch.Generator(device=device).manual_seed(args.seed)
 
@@ -260,8 +282,9 @@ def main(argv=None) -> None:
         torch.set_num_threads(threads)
         pool = None
         if threads > 1:
-            pool = mp.get_context("spawn").Pool(threads, initializer=_worker_init,
-                                                initargs=(views, not args.no_augmentation, args.seed))
+            pool = mp.get_context("spawn").Pool(
+                threads, initializer=_worker_init, initargs=(views, not args.no_augmentation, args.seed)
+            )
             pool.map(_worker_ready, range(threads * 4))  # start-up outside the timing
         batched_name = f"batched sample_pretext ({args.device})"
         candidates = {batched_name: CpuTimed(batched)}
@@ -274,11 +297,11 @@ def main(argv=None) -> None:
             name = f"reference PIL pipeline, mask {mode}"
             if pool is None:
                 chunk = views[: args.reference_images]
-                candidates[name] = (lambda chunk=chunk, mode=mode: reference_batch(chunk, settings, rng, mode))
+                candidates[name] = lambda chunk=chunk, mode=mode: reference_batch(chunk, settings, rng, mode)
                 counts[name] = args.reference_images
             else:
                 tasks = [(w * args.reference_images, args.reference_images, mode) for w in range(threads)]
-                candidates[name] = (lambda tasks=tasks: pool.map(_worker_run, tasks, chunksize=1))
+                candidates[name] = lambda tasks=tasks: pool.map(_worker_run, tasks, chunksize=1)
                 counts[name] = args.reference_images * threads
         label = f"{threads} core" + ("s" if threads > 1 else "") + (" (worker processes)" if pool else "")
         print(f"{label}: warm-up...")
@@ -302,8 +325,10 @@ def main(argv=None) -> None:
                     timer()
                 timer.times.clear()
             part_times = C.alternate(timers, args.rounds, device)
-            whole = {("sample_pretext", impl): (args.batch_size, times[name], cpu_times[(threads, name)])
-                     for impl, name in (("current", batched_name), ("before", before_name))}
+            whole = {
+                ("sample_pretext", impl): (args.batch_size, times[name], cpu_times[(threads, name)])
+                for impl, name in (("current", batched_name), ("before", before_name))
+            }
             for (fn, impl), (_, images) in parts.items():
                 whole[(fn, impl)] = (images, part_times[f"{fn} ({impl})"], timers[f"{fn} ({impl})"].times)
             compared += comparison_rows(threads, whole)
@@ -323,21 +348,44 @@ def main(argv=None) -> None:
             speedup = f"{batched_rate / rate:.2g}x" if batched_rate and not name.startswith("batched") else "-"
             cpu = cpu_times.get((t, name))
             per_cpu_second = f"{count / C.median(cpu):.1f}" if cpu else "-"
-            how = ("torch threads" if name.startswith("batched")
-                   else "worker processes" if threads > 1 else "in process")
+            how = (
+                "torch threads" if name.startswith("batched") else "worker processes" if threads > 1 else "in process"
+            )
             per_round = f"{C.median(tm) * 1e3:.0f} ({C.spread([x * 1e3 for x in tm])})"
             rows.append([f"{threads} ({how})", name, count, per_round, f"{rate:.1f}", per_cpu_second, speedup])
-    table = C.markdown_table(["cores", "pipeline", "images / round", "ms per round, median (min-max)", "images/s",
-                              "images per CPU-s", "batched speed-up"], rows, align="llrrrrr")
+    table = C.markdown_table(
+        [
+            "cores",
+            "pipeline",
+            "images / round",
+            "ms per round, median (min-max)",
+            "images/s",
+            "images per CPU-s",
+            "batched speed-up",
+        ],
+        rows,
+        align="llrrrrr",
+    )
     comparison = []
     if compared:
         comparison = [
             "",
             "Before / after issue 11, side by side in this process (same rounds, identical outputs checked):",
             "",
-            C.markdown_table(["cores", "function", "implementation", "images / call", "ms per call, median (min-max)",
-                              "images/s", "images per CPU-s", "x before: wall (CPU)"], compared,
-                             align="lllrrrrr"),
+            C.markdown_table(
+                [
+                    "cores",
+                    "function",
+                    "implementation",
+                    "images / call",
+                    "ms per call, median (min-max)",
+                    "images/s",
+                    "images per CPU-s",
+                    "x before: wall (CPU)",
+                ],
+                compared,
+                align="lllrrrrr",
+            ),
         ]
     lines = [
         f"### Pretext generation: batched `sample_pretext` vs per-image PIL pipeline ({args.device}, {args.dtype})",

@@ -55,8 +55,9 @@ def make_stream(args) -> ResumableImageStream:
 
 
 def loader(stream, args) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(stream, batch_size=args.loader_batch_size, num_workers=args.workers,
-                                       collate_fn=data.SkippingCollator())
+    return torch.utils.data.DataLoader(
+        stream, batch_size=args.loader_batch_size, num_workers=args.workers, collate_fn=data.SkippingCollator()
+    )
 
 
 def saved_position(args) -> tuple[dict, int]:
@@ -98,17 +99,23 @@ def main(argv=None) -> None:
         sys.exit("The resumed stream's first batch differs from the replayed one: the saved position is wrong.")
     times: dict[str, list[float]] = {"position": [], "replay": []}
     for r in range(args.rounds):
-        for name in (["position", "replay"] if r % 2 == 0 else ["replay", "position"]):
-            seconds, _ = (first_batch_from_position(args, state) if name == "position"
-                          else first_batch_by_replay(args, index))
+        for name in ["position", "replay"] if r % 2 == 0 else ["replay", "position"]:
+            seconds, _ = (
+                first_batch_from_position(args, state) if name == "position" else first_batch_by_replay(args, index)
+            )
             times[name].append(seconds)
-        print(f"  round {r + 1}/{args.rounds}: position {times['position'][-1]:.2f} s, replay {times['replay'][-1]:.2f} s")
+        print(
+            f"  round {r + 1}/{args.rounds}: position {times['position'][-1]:.2f} s, replay {times['replay'][-1]:.2f} s"
+        )
     pos, rep = C.median(times["position"]), C.median(times["replay"])
     re_read = sum(r["next_seq"] - r["start_seq"] for r in state["roles"] if r is not None)
-    table = C.markdown_table(["resume by", "time to the first batch after the checkpoint, s, median (min-max)"], [
-        ["saved stream position (ResumableImageStream)", f"{pos:.2f} ({C.spread(times['position'])})"],
-        ["replay and drop (Trainer without a position)", f"{rep:.2f} ({C.spread(times['replay'])})"],
-    ])
+    table = C.markdown_table(
+        ["resume by", "time to the first batch after the checkpoint, s, median (min-max)"],
+        [
+            ["saved stream position (ResumableImageStream)", f"{pos:.2f} ({C.spread(times['position'])})"],
+            ["replay and drop (Trainer without a position)", f"{rep:.2f} ({C.spread(times['replay'])})"],
+        ],
+    )
     lines = [
         f"### Resuming a stream {args.position} images in",
         "",

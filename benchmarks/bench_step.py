@@ -87,43 +87,87 @@ class SizeSpec:
 SIZES: dict[str, SizeSpec] = {
     # the package defaults (the authors' recipe) and the stock MAE decoder: today's behaviour of this script
     "recipe": SizeSpec(
-        default_model="vit-small-patch16", default_batch_size=8, image_size=224, context_size=160,
-        exemplar_size=64, num_exemplars=6, decoder_hidden_size=512, decoder_num_attention_heads=16,
-        mae_decoder_hidden_size=512, mae_decoder_layers=8, mae_decoder_heads=16, mae_decoder_mlp=2048,
+        default_model="vit-small-patch16",
+        default_batch_size=8,
+        image_size=224,
+        context_size=160,
+        exemplar_size=64,
+        num_exemplars=6,
+        decoder_hidden_size=512,
+        decoder_num_attention_heads=16,
+        mae_decoder_hidden_size=512,
+        mae_decoder_layers=8,
+        mae_decoder_heads=16,
+        mae_decoder_mlp=2048,
         mae_norm_pix_loss=False,
     ),
     # benchmarks/quality/run_quality.py CPU_PRESET (its MAE: normalised-pixel loss, decoder MLP 4 x width)
     "small": SizeSpec(
-        default_model="vit-tiny-patch16", default_batch_size=16, image_size=96, context_size=64,
-        exemplar_size=32, num_exemplars=6, decoder_hidden_size=256, decoder_num_attention_heads=8,
-        mae_decoder_hidden_size=128, mae_decoder_layers=2, mae_decoder_heads=4, mae_decoder_mlp=512,
-        mae_norm_pix_loss=True, patch_size=8, num_layers=6,
+        default_model="vit-tiny-patch16",
+        default_batch_size=16,
+        image_size=96,
+        context_size=64,
+        exemplar_size=32,
+        num_exemplars=6,
+        decoder_hidden_size=256,
+        decoder_num_attention_heads=8,
+        mae_decoder_hidden_size=128,
+        mae_decoder_layers=2,
+        mae_decoder_heads=4,
+        mae_decoder_mlp=512,
+        mae_norm_pix_loss=True,
+        patch_size=8,
+        num_layers=6,
     ),
 }
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=tuple(SIZES), default="recipe",
-                   help="input / decoder sizes: the authors' recipe, or the quality benchmark's CPU preset "
-                        "(default: %(default)s)")
-    p.add_argument("--model", choices=MODELS, default=None,
-                   help="encoder of all models (default: vit-small-patch16 for recipe, vit-tiny-patch16 for small; "
-                        "small keeps the width and heads and uses 6 layers of patch 8)")
-    p.add_argument("--batch_size", type=int, default=None,
-                   help="images per step, all models (default: 8 for recipe, 16 for small)")
-    p.add_argument("--decoder_queries", choices=("shared", "repeated", "both"), default="both",
-                   help="CIM decoder(s) to time: the package's (shared first-layer queries), the emulated one from "
-                        "before the sharing (queries repeated K times), or both (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=1,
-                   help="untimed steps per model before timing (the first one is the FLOP-counted step)")
+    p.add_argument(
+        "--size",
+        choices=tuple(SIZES),
+        default="recipe",
+        help="input / decoder sizes: the authors' recipe, or the quality benchmark's CPU preset "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--model",
+        choices=MODELS,
+        default=None,
+        help="encoder of all models (default: vit-small-patch16 for recipe, vit-tiny-patch16 for small; "
+        "small keeps the width and heads and uses 6 layers of patch 8)",
+    )
+    p.add_argument(
+        "--batch_size",
+        type=int,
+        default=None,
+        help="images per step, all models (default: 8 for recipe, 16 for small)",
+    )
+    p.add_argument(
+        "--decoder_queries",
+        choices=("shared", "repeated", "both"),
+        default="both",
+        help="CIM decoder(s) to time: the package's (shared first-layer queries), the emulated one from "
+        "before the sharing (queries repeated K times), or both (default: %(default)s)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="untimed steps per model before timing (the first one is the FLOP-counted step)",
+    )
     p.add_argument("--rounds", type=int, default=5, help="timed rounds; each round times one step of each candidate")
     p.add_argument("--compile", action="store_true", help="torch.compile all models (compile time is excluded)")
     p.add_argument("--no_ema", action="store_true", help="leave the EMA target update out of the CIM step")
-    p.add_argument("--memory_steps", type=int, default=2,
-                   help="steps run in a fresh subprocess per model to measure peak memory (0: skip). CUDA: "
-                        "torch.cuda.max_memory_allocated. CPU: the rise of the process's peak RSS (ru_maxrss) over "
-                        "its RSS after imports and input creation, i.e. weights + AdamW state + grads + activations")
+    p.add_argument(
+        "--memory_steps",
+        type=int,
+        default=2,
+        help="steps run in a fresh subprocess per model to measure peak memory (0: skip). CUDA: "
+        "torch.cuda.max_memory_allocated. CPU: the rise of the process's peak RSS (ru_maxrss) over "
+        "its RSS after imports and input creation, i.e. weights + AdamW state + grads + activations",
+    )
     p.add_argument("--memory_probe", choices=(*CIM_VARIANTS, "mae"), default=None, help=argparse.SUPPRESS)
     C.add_common_args(p)
     args = p.parse_args(argv)
@@ -142,9 +186,14 @@ def cim_config(model: str, size: str) -> CIMConfig:
     """The package's default CIM config for encoder preset `model`, with the sizes of `size`."""
     spec = SIZES[size]
     config = CIMConfig.from_preset(
-        model, image_size=spec.image_size, context_size=spec.context_size, exemplar_size=spec.exemplar_size,
-        num_exemplars=spec.num_exemplars, decoder_hidden_size=spec.decoder_hidden_size,
-        decoder_num_attention_heads=spec.decoder_num_attention_heads)
+        model,
+        image_size=spec.image_size,
+        context_size=spec.context_size,
+        exemplar_size=spec.exemplar_size,
+        num_exemplars=spec.num_exemplars,
+        decoder_hidden_size=spec.decoder_hidden_size,
+        decoder_num_attention_heads=spec.decoder_num_attention_heads,
+    )
     if spec.patch_size is None and spec.num_layers is None:
         return config
     if spec.patch_size is not None:
@@ -159,11 +208,19 @@ def mae_config(cim: CIMConfig, size: str) -> ViTMAEConfig:
     decoder of `size`."""
     spec, enc = SIZES[size], cim.encoder_config
     return ViTMAEConfig(
-        hidden_size=enc.hidden_size, num_hidden_layers=enc.num_hidden_layers,
-        num_attention_heads=enc.num_attention_heads, intermediate_size=enc.intermediate_size,
-        image_size=cim.image_size, patch_size=enc.patch_size, qkv_bias=True, layer_norm_eps=1e-6, mask_ratio=0.75,
-        norm_pix_loss=spec.mae_norm_pix_loss, decoder_hidden_size=spec.mae_decoder_hidden_size,
-        decoder_num_hidden_layers=spec.mae_decoder_layers, decoder_num_attention_heads=spec.mae_decoder_heads,
+        hidden_size=enc.hidden_size,
+        num_hidden_layers=enc.num_hidden_layers,
+        num_attention_heads=enc.num_attention_heads,
+        intermediate_size=enc.intermediate_size,
+        image_size=cim.image_size,
+        patch_size=enc.patch_size,
+        qkv_bias=True,
+        layer_norm_eps=1e-6,
+        mask_ratio=0.75,
+        norm_pix_loss=spec.mae_norm_pix_loss,
+        decoder_hidden_size=spec.mae_decoder_hidden_size,
+        decoder_num_hidden_layers=spec.mae_decoder_layers,
+        decoder_num_attention_heads=spec.mae_decoder_heads,
         decoder_intermediate_size=spec.mae_decoder_mlp,
     )
 
@@ -194,6 +251,7 @@ def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
 
 def make_step(model, runner, optimizer, pixel_values, device, dtype: str, ema: bool) -> Callable[[], torch.Tensor]:
     """A closure running one full training step of `runner` (the model, or its compiled wrapper)."""
+
     def step():
         with C.autocast(device, dtype):
             loss = runner(pixel_values).loss
@@ -203,17 +261,21 @@ def make_step(model, runner, optimizer, pixel_values, device, dtype: str, ema: b
         if ema:
             model.momentum_update(0.99)
         return loss
+
     return step
 
 
-def make_steps(name: str, model: torch.nn.Module, args: argparse.Namespace, device: torch.device,
-               pixel_values: torch.Tensor) -> tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor]]:
+def make_steps(
+    name: str, model: torch.nn.Module, args: argparse.Namespace, device: torch.device, pixel_values: torch.Tensor
+) -> tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor]]:
     """(timed step, eager step for the FLOP count) of one candidate, sharing one optimizer."""
     runner = torch.compile(model) if args.compile else model
     optimizer = make_optimizer(model)
     ema = name.startswith("cim") and not args.no_ema
-    return (make_step(model, runner, optimizer, pixel_values, device, args.dtype, ema),
-            make_step(model, model, optimizer, pixel_values, device, args.dtype, ema))
+    return (
+        make_step(model, runner, optimizer, pixel_values, device, args.dtype, ema),
+        make_step(model, model, optimizer, pixel_values, device, args.dtype, ema),
+    )
 
 
 def search_views(args: argparse.Namespace, device: torch.device, generator: torch.Generator | None = None):
@@ -233,17 +295,37 @@ def memory_probe(args) -> None:
     for _ in range(args.memory_steps):
         step()
     C.synchronize(device)
-    out = {"peak_rss_bytes": C.peak_rss_bytes(), "baseline_rss_bytes": baseline,
-           "cpu_peak_delta_bytes": C.peak_rss_bytes() - baseline}
+    out = {
+        "peak_rss_bytes": C.peak_rss_bytes(),
+        "baseline_rss_bytes": baseline,
+        "cpu_peak_delta_bytes": C.peak_rss_bytes() - baseline,
+    }
     if device.type == "cuda":
         out["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device)
     print(json.dumps(out))
 
 
 def memory_argv(args, name: str) -> list[str]:
-    argv = ["--memory_probe", name, "--size", args.size, "--model", args.model, "--batch_size", str(args.batch_size),
-            "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads), "--seed", str(args.seed),
-            "--memory_steps", str(args.memory_steps)]
+    argv = [
+        "--memory_probe",
+        name,
+        "--size",
+        args.size,
+        "--model",
+        args.model,
+        "--batch_size",
+        str(args.batch_size),
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--threads",
+        str(args.threads),
+        "--seed",
+        str(args.seed),
+        "--memory_steps",
+        str(args.memory_steps),
+    ]
     if args.compile:
         argv.append("--compile")
     if args.no_ema:
@@ -258,9 +340,11 @@ def main(argv=None) -> None:
         return
     started = time.perf_counter()
     device = C.setup(args)
-    print(f"bench_step: size {args.size}, {args.model}, batch {args.batch_size}, {args.dtype}, {args.device}, "
-          f"{args.threads} threads{', torch.compile' if args.compile else ''}, decoder queries "
-          f"{args.decoder_queries}")
+    print(
+        f"bench_step: size {args.size}, {args.model}, batch {args.batch_size}, {args.dtype}, {args.device}, "
+        f"{args.threads} threads{', torch.compile' if args.compile else ''}, decoder queries "
+        f"{args.decoder_queries}"
+    )
     names = (*cim_variants(args), "mae")
 
     memory = {}
@@ -319,20 +403,33 @@ def main(argv=None) -> None:
     rows = []
     for name in names:
         per_image = flops[name]["total"] / bs
-        rows.append([LABELS[name], f"{med[name]:.3f} ({C.spread(times[name])})", f"{bs / med[name]:.2f}",
-                     f"{per_image / 1e9:.3f}", f"{flops[name]['total'] / med[name] / 1e12:.3f}", mem(name)])
-    mem_label = ("peak CUDA memory allocated" if args.device == "cuda"
-                 else "peak RSS rise (weights+optimizer+grads+activations)")
+        rows.append(
+            [
+                LABELS[name],
+                f"{med[name]:.3f} ({C.spread(times[name])})",
+                f"{bs / med[name]:.2f}",
+                f"{per_image / 1e9:.3f}",
+                f"{flops[name]['total'] / med[name] / 1e12:.3f}",
+                mem(name),
+            ]
+        )
+    mem_label = (
+        "peak CUDA memory allocated"
+        if args.device == "cuda"
+        else "peak RSS rise (weights+optimizer+grads+activations)"
+    )
     table = C.markdown_table(
-        ["model", "step s, median (min-max)", "images/s", "GFLOP/image (fwd+bwd)", "achieved TFLOP/s", mem_label],
-        rows)
+        ["model", "step s, median (min-max)", "images/s", "GFLOP/image (fwd+bwd)", "achieved TFLOP/s", mem_label], rows
+    )
 
     flop_rows = []
     for part in ("online encoder", "target encoder", "decoder", "total"):
-        flop_rows.append([part] + [f"{flops[n].get(part, 0) / bs / 1e9:.3f} / {analytic[n][part] / 1e9:.3f}"
-                                   for n in names])
-    flop_table = C.markdown_table(["per image, GFLOP: measured / analytic", *(LABELS[n].split(" (")[0] for n in names)],
-                                  flop_rows)
+        flop_rows.append(
+            [part] + [f"{flops[n].get(part, 0) / bs / 1e9:.3f} / {analytic[n][part] / 1e9:.3f}" for n in names]
+        )
+    flop_table = C.markdown_table(
+        ["per image, GFLOP: measured / analytic", *(LABELS[n].split(" (")[0] for n in names)], flop_rows
+    )
 
     cim_name = names[0]
     share = med["pretext"] / med[cim_name]
@@ -361,13 +458,19 @@ def main(argv=None) -> None:
         flop_table,
     ]
     if args.device == "cpu" and memory:
-        lines += ["", "- CPU memory: each model runs alone in a fresh subprocess for "
-                      f"{args.memory_steps} steps; the figure is peak RSS (getrusage ru_maxrss) minus the RSS after "
-                      "imports and input creation. Absolute peak RSS: " + ", ".join(
-                          f"{n} {C.fmt_bytes(memory[n]['peak_rss_bytes'])}" for n in memory)]
+        lines += [
+            "",
+            "- CPU memory: each model runs alone in a fresh subprocess for "
+            f"{args.memory_steps} steps; the figure is peak RSS (getrusage ru_maxrss) minus the RSS after "
+            "imports and input creation. Absolute peak RSS: "
+            + ", ".join(f"{n} {C.fmt_bytes(memory[n]['peak_rss_bytes'])}" for n in memory),
+        ]
     elif memory:
-        lines += ["", f"- CUDA memory: torch.cuda.max_memory_allocated over {args.memory_steps} steps of each model "
-                      "alone in a fresh subprocess (weights, AdamW state, gradients, activations)"]
+        lines += [
+            "",
+            f"- CUDA memory: torch.cuda.max_memory_allocated over {args.memory_steps} steps of each model "
+            "alone in a fresh subprocess (weights, AdamW state, gradients, activations)",
+        ]
     lines.append(f"- Benchmark wall time: {time.perf_counter() - started:.0f} s")
     C.emit("\n".join(lines), args.output)
 

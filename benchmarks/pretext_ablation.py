@@ -37,9 +37,13 @@ IMAGENETTE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data
 
 # the quick start's sizes: ViT-Tiny width, 6 layers, patch 8, 128 / 96 / 32 px, decoder 256 x 8 heads
 BASE = {
-    "image_size": 128, "context_size": 96, "exemplar_size": 32,
-    "decoder_hidden_size": 256, "decoder_num_attention_heads": 8,
-    "encoder.num_hidden_layers": 6, "encoder.patch_size": 8,
+    "image_size": 128,
+    "context_size": 96,
+    "exemplar_size": 32,
+    "decoder_hidden_size": 256,
+    "decoder_num_attention_heads": 8,
+    "encoder.num_hidden_layers": 6,
+    "encoder.patch_size": 8,
 }
 BUNDLES = {
     "default": {},
@@ -119,8 +123,14 @@ def load_images(source: str, count: int, size: int, split: str = "train") -> tor
     return torch.stack(images).permute(0, 3, 1, 2).contiguous()
 
 
-def views(images: torch.Tensor, indices: torch.Tensor, size: int, generator: torch.Generator,
-          mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+def views(
+    images: torch.Tensor,
+    indices: torch.Tensor,
+    size: int,
+    generator: torch.Generator,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+) -> torch.Tensor:
     """Random size x size crops with random flips, normalised."""
     side = images.shape[-1]
     out = []
@@ -128,7 +138,7 @@ def views(images: torch.Tensor, indices: torch.Tensor, size: int, generator: tor
     flips = torch.rand(len(indices), generator=generator) < 0.5
     for i, index in enumerate(indices.tolist()):
         y, x = offsets[i].tolist()
-        crop = images[index, :, y:y + size, x:x + size]
+        crop = images[index, :, y : y + size, x : x + size]
         out.append(crop.flip(-1) if flips[i] else crop)
     batch = torch.stack(out).float() / 255
     return (batch - mean) / std
@@ -145,11 +155,18 @@ def run(spec: str, images: torch.Tensor, held_out: torch.Tensor, args) -> dict:
     torch.manual_seed(args.seed)
     model = CIMForPreTraining(config)
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2 and "cls_token" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and not (p.ndim >= 2 and "cls_token" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=lr, betas=(0.9, 0.95))
+    no_decay = [
+        p for n, p in model.named_parameters() if p.requires_grad and not (p.ndim >= 2 and "cls_token" not in n)
+    ]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95)
+    )
     warmup_steps = max(1, int(warmup * steps))
-    schedule = lambda s: (s + 1) / warmup_steps if s < warmup_steps else 0.5 * (1 + math.cos(math.pi * (s - warmup_steps) / max(1, steps - warmup_steps)))  # noqa: E731
+    schedule = lambda s: (
+        (s + 1) / warmup_steps
+        if s < warmup_steps
+        else 0.5 * (1 + math.cos(math.pi * (s - warmup_steps) / max(1, steps - warmup_steps)))
+    )  # noqa: E731
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     mean = torch.tensor(config.image_mean).view(1, 3, 1, 1)
     std = torch.tensor(config.image_std).view(1, 3, 1, 1)
@@ -174,8 +191,16 @@ def run(spec: str, images: torch.Tensor, held_out: torch.Tensor, args) -> dict:
             print(f"  {name} step {step + 1}: loss {sum(losses[-50:]) / 50:.3f}", flush=True)
     train_seconds = time.time() - start
     result = evaluate(model, config, held_out, args.seed)
-    result.update(run=name, steps=steps, batch=batch, lr=lr, warmup=warmup, clip=clip,
-                  train_loss_last50=sum(losses[-50:]) / min(50, len(losses)), seconds=round(train_seconds, 1))
+    result.update(
+        run=name,
+        steps=steps,
+        batch=batch,
+        lr=lr,
+        warmup=warmup,
+        clip=clip,
+        train_loss_last50=sum(losses[-50:]) / min(50, len(losses)),
+        seconds=round(train_seconds, 1),
+    )
     return result
 
 
@@ -208,9 +233,15 @@ def evaluate(model: CIMForPreTraining, config: CIMConfig, held_out: torch.Tensor
     centred = probs - probs.mean(dim=1, keepdim=True)
     truth = labels - labels.mean(dim=1, keepdim=True)
     follow_within = (centred * truth).sum() / (centred.norm() * truth.norm()).clamp(min=1e-8)
-    return {"follow_within_image": round(float(follow_within), 3),"loss": round(loss, 4), "prior_loss": round(prior_loss, 4), "loss_ratio": round(loss / prior_loss, 3),
-            "iou": round(sum(ious) / len(pixels), 4), "prior_iou": round(prior_iou, 4),
-            "follow": round(float(follow), 3)}
+    return {
+        "follow_within_image": round(float(follow_within), 3),
+        "loss": round(loss, 4),
+        "prior_loss": round(prior_loss, 4),
+        "loss_ratio": round(loss / prior_loss, 3),
+        "iou": round(sum(ious) / len(pixels), 4),
+        "prior_iou": round(prior_iou, 4),
+        "follow": round(float(follow), 3),
+    }
 
 
 def score_checkpoints(args) -> None:
@@ -218,8 +249,9 @@ def score_checkpoints(args) -> None:
     for path in args.score:
         model = CIMForPreTraining.from_pretrained(path)
         size = model.config.image_size
-        held_out = load_images(args.data, args.num_held_out, size,
-                               split="train" if args.data == "skimage" else "validation")
+        held_out = load_images(
+            args.data, args.num_held_out, size, split="train" if args.data == "skimage" else "validation"
+        )
         result = evaluate(model, model.config, held_out, args.seed)
         print(path, json.dumps(result), flush=True)
 
@@ -239,8 +271,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--out", default=None, help="Append each result as a JSON line to this file.")
-    parser.add_argument("--score", nargs="+", default=None, metavar="CHECKPOINT",
-                        help="Instead of training, score saved CIMForPreTraining checkpoints on the held-out views.")
+    parser.add_argument(
+        "--score",
+        nargs="+",
+        default=None,
+        metavar="CHECKPOINT",
+        help="Instead of training, score saved CIMForPreTraining checkpoints on the held-out views.",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -253,11 +290,16 @@ def main() -> None:
         held_out = images
     else:
         held_out = load_images(args.data, args.num_held_out, size, split="validation")
-    print(f"{'run':48s} {'steps':>5s} {'loss':>7s} {'prior':>7s} {'ratio':>6s} {'IoU':>6s} {'prior':>6s} {'follow':>6s} {'s':>6s}")
+    print(
+        f"{'run':48s} {'steps':>5s} {'loss':>7s} {'prior':>7s} {'ratio':>6s} {'IoU':>6s} {'prior':>6s} {'follow':>6s} {'s':>6s}"
+    )
     for spec in args.runs:
         r = run(spec, images, held_out, args)
-        print(f"{r['run']:48s} {r['steps']:5d} {r['loss']:7.3f} {r['prior_loss']:7.3f} {r['loss_ratio']:6.3f} "
-              f"{r['iou']:6.3f} {r['prior_iou']:6.3f} {r['follow']:6.3f} {r['seconds']:6.0f}", flush=True)
+        print(
+            f"{r['run']:48s} {r['steps']:5d} {r['loss']:7.3f} {r['prior_loss']:7.3f} {r['loss_ratio']:6.3f} "
+            f"{r['iou']:6.3f} {r['prior_iou']:6.3f} {r['follow']:6.3f} {r['seconds']:6.0f}",
+            flush=True,
+        )
         if args.out:
             with open(args.out, "a") as f:
                 f.write(json.dumps(r) + "\n")

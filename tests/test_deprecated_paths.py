@@ -38,7 +38,9 @@ def fresh_import(name: str):
 @pytest.mark.parametrize("old", sorted(MOVED))
 def test_old_path_warns_and_reaches_the_new_module(old):
     name, new = MOVED[old]
-    with pytest.warns(FutureWarning, match=rf"`{old.rsplit('.collate', 1)[0]}` moved to .*`{new.rsplit('.collate', 1)[0]}`"):
+    with pytest.warns(
+        FutureWarning, match=rf"`{old.rsplit('.collate', 1)[0]}` moved to .*`{new.rsplit('.collate', 1)[0]}`"
+    ):
         module = fresh_import(old)
     assert getattr(module, name) is getattr(importlib.import_module(new), name)
 
@@ -55,10 +57,21 @@ def test_split_module_reexports_every_public_name():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         finetune = fresh_import("transformers_cim.finetune")
-    expected = {"ClassificationTrainer", "LinearProbeForImageClassification", "LinearProbeHead", "cutmix_box",
-                "is_no_weight_decay", "layer_id_for_parameter", "load_encoder_for_classification", "mixup_cutmix",
-                "num_layers_for_decay", "param_groups_layer_decay", "resize_vit_position_embeddings",
-                "smooth_one_hot", "soft_target_cross_entropy"}  # the __all__ of finetune.py before the move
+    expected = {
+        "ClassificationTrainer",
+        "LinearProbeForImageClassification",
+        "LinearProbeHead",
+        "cutmix_box",
+        "is_no_weight_decay",
+        "layer_id_for_parameter",
+        "load_encoder_for_classification",
+        "mixup_cutmix",
+        "num_layers_for_decay",
+        "param_groups_layer_decay",
+        "resize_vit_position_embeddings",
+        "smooth_one_hot",
+        "soft_target_cross_entropy",
+    }  # the __all__ of finetune.py before the move
     assert expected <= set(finetune.__all__)
     assert all(hasattr(finetune, n) for n in expected)
 
@@ -77,8 +90,10 @@ def test_library_import_does_not_load_the_training_side():
     """`import transformers_cim` (config, models, pretext, Auto registration) imports nothing of the training side."""
     import subprocess
 
-    code = ("import sys, transformers_cim; "
-            "print(sorted(m for m in sys.modules if m.startswith('transformers_cim.training')))")
+    code = (
+        "import sys, transformers_cim; "
+        "print(sorted(m for m in sys.modules if m.startswith('transformers_cim.training')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

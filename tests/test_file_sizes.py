@@ -40,10 +40,15 @@ def test_no_file_is_over_its_line_limit():
     assert not oversized(files), "split these files: " + ", ".join(oversized(files))
 
 
-@pytest.mark.parametrize(("name", "lines", "too_long"), [
-    ("helpers.py", 450, False), ("helpers.py", 451, True),
-    ("modeling_cim.py", 900, False), ("modeling_cim.py", 901, True),
-])
+@pytest.mark.parametrize(
+    ("name", "lines", "too_long"),
+    [
+        ("helpers.py", 450, False),
+        ("helpers.py", 451, True),
+        ("modeling_cim.py", 900, False),
+        ("modeling_cim.py", 901, True),
+    ],
+)
 def test_the_limit_catches_a_file_one_line_over(tmp_path, name, lines, too_long):
     path = tmp_path / name
     path.write_text("x = 1\n" * lines)

@@ -18,17 +18,52 @@ SCRIPTS = ("run_pretraining.py", "run_image_classification.py", "run_semantic_se
 # module or package and everything under it.
 LAYERS = {
     "geometry": ["pretext", "exemplar_augmentation", "_pretext_reference"],
-    "library": ["__init__", "configuration_cim", "modeling_cim", "pretext_metrics", "features", "errors",
-                "image_processing", "hub_card", "resnet_checkpointing", "checkpoint_loading", "encoder_loading", "transfer", "export",
-                "visualization", "convert_cim_original_to_hf", "original_checkpoint", "_deprecation"],
-    "training data": ["training.seeding", "training.data", "training.checkpoints", "training.knn", "training.modelcard",
-                      "training.metrics", "training.segmentation_metrics"],
+    "library": [
+        "__init__",
+        "configuration_cim",
+        "modeling_cim",
+        "pretext_metrics",
+        "features",
+        "errors",
+        "image_processing",
+        "hub_card",
+        "resnet_checkpointing",
+        "checkpoint_loading",
+        "encoder_loading",
+        "transfer",
+        "export",
+        "visualization",
+        "convert_cim_original_to_hf",
+        "original_checkpoint",
+        "_deprecation",
+    ],
+    "training data": [
+        "training.seeding",
+        "training.data",
+        "training.checkpoints",
+        "training.knn",
+        "training.modelcard",
+        "training.metrics",
+        "training.segmentation_metrics",
+    ],
     "training glue": ["training"],
 }
 LIBRARY_LAYERS = ("geometry", "library")
 # Old import paths kept for one release: each only calls `_deprecation.alias_module` with the new path as a string.
-DEPRECATED_ALIASES = ["trainer", "finetune", "segmentation", "segmentation_metrics", "checkpoints", "streaming",
-                      "training_utils", "script_args", "modelcard", "knn", "seeding", "data"]
+DEPRECATED_ALIASES = [
+    "trainer",
+    "finetune",
+    "segmentation",
+    "segmentation_metrics",
+    "checkpoints",
+    "streaming",
+    "training_utils",
+    "script_args",
+    "modelcard",
+    "knn",
+    "seeding",
+    "data",
+]
 
 
 def module_name(path: Path) -> str:
@@ -83,7 +118,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         path.pop()
@@ -155,8 +190,11 @@ def test_scripts_are_not_imported_by_the_package(script):
 
 def test_every_package_module_has_a_layer():
     """A new module must be placed in LAYERS (else the import-direction test would skip it)."""
-    unplaced = sorted(name for name in import_graph() if layer_of(name) is None
-                      and name.removeprefix(f"{PACKAGE}.") not in DEPRECATED_ALIASES)
+    unplaced = sorted(
+        name
+        for name in import_graph()
+        if layer_of(name) is None and name.removeprefix(f"{PACKAGE}.") not in DEPRECATED_ALIASES
+    )
     assert not unplaced, f"modules without a layer in LAYERS: {unplaced}"
 
 
@@ -170,7 +208,9 @@ def test_library_never_imports_training(name):
 def test_training_import_check_fails_on_a_planted_import(tmp_path):
     """The check above is not vacuous: a library module that imports training code, even lazily, is caught."""
     planted = tmp_path / "features.py"
-    planted.write_text("def f():\n    from .training.trainer import CIMTrainer\n    import transformers_cim.training.data\n")
+    planted.write_text(
+        "def f():\n    from .training.trainer import CIMTrainer\n    import transformers_cim.training.data\n"
+    )
     modules = set(package_modules())
     found = training_imports(planted, f"{PACKAGE}.features", modules)
     assert found == [f"{PACKAGE}.training.data", f"{PACKAGE}.training.trainer"]
@@ -182,8 +222,11 @@ def test_deprecated_aliases_only_alias(alias):
     modules = package_modules()
     name = f"{PACKAGE}.{alias}"
     assert imported_modules(modules[name], name, set(modules)) == {f"{PACKAGE}._deprecation"}
-    calls = [node for node in ast.walk(ast.parse(modules[name].read_text()))
-             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "alias_module"]
+    calls = [
+        node
+        for node in ast.walk(ast.parse(modules[name].read_text()))
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "alias_module"
+    ]
     assert len(calls) == 1
     targets = [arg.value for arg in calls[0].args[1:]]
     assert targets and all(target in modules for target in targets), targets

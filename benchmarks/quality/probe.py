@@ -41,16 +41,31 @@ def cls_and_mean_tokens(encoder: nn.Module, pixel_values: torch.Tensor) -> torch
     hidden = encoder(pixel_values=pixel_values).last_hidden_state
     return torch.cat([hidden[:, 0], hidden[:, 1:].mean(1)], dim=-1)
 
+
 def split_features(args: argparse.Namespace, encoder: ViTModel, ds: Any) -> dict[str, torch.Tensor]:
     device = torch.device(args.device)
     with autocast(args):
-        feats, labels = extract_features(encoder, ds, batch_size=256, device=device, normalize=False,
-                                         num_workers=args.num_workers, feature_fn=cls_and_mean_tokens)
+        feats, labels = extract_features(
+            encoder,
+            ds,
+            batch_size=256,
+            device=device,
+            normalize=False,
+            num_workers=args.num_workers,
+            feature_fn=cls_and_mean_tokens,
+        )
     width = feats.shape[1] // 2
     return {"cls": feats[:, :width].float().cpu(), "mean": feats[:, width:].float().cpu(), "labels": labels.cpu()}
 
-def linear_probe(args: argparse.Namespace, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor,
-                 val_y: torch.Tensor, num_classes: int) -> dict:
+
+def linear_probe(
+    args: argparse.Namespace,
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    val_x: torch.Tensor,
+    val_y: torch.Tensor,
+    num_classes: int,
+) -> dict:
     """MAE's probe head (BatchNorm1d without affine + Linear) on cached features: AdamW, cosine, batch 256."""
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
@@ -76,13 +91,27 @@ def linear_probe(args: argparse.Namespace, train_x: torch.Tensor, train_y: torch
         predictions = head(val_x.to(device)).argmax(1)
     return accuracy_record(predictions, val_y)
 
-def knn(args: argparse.Namespace, train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor,
-        val_y: torch.Tensor, num_classes: int) -> dict:
+
+def knn(
+    args: argparse.Namespace,
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    val_x: torch.Tensor,
+    val_y: torch.Tensor,
+    num_classes: int,
+) -> dict:
     """Weighted k-NN (cosine similarity, weights exp(sim / T)), `transformers_cim.training.knn.knn_predict`."""
     device = torch.device(args.device)
-    scores = knn_predict(train_x.to(device), train_y.to(device), val_x.to(device), k=args.knn_k,
-                         temperature=args.knn_temperature, num_classes=num_classes)
+    scores = knn_predict(
+        train_x.to(device),
+        train_y.to(device),
+        val_x.to(device),
+        k=args.knn_k,
+        temperature=args.knn_temperature,
+        num_classes=num_classes,
+    )
     return accuracy_record(scores.argmax(1), val_y)
+
 
 def frozen_stage(args: argparse.Namespace, method: str, pretrain: dict) -> dict:
     """Features of the train / validation splits, then probe + k-NN for CLS and mean features (or reuse)."""
@@ -98,14 +127,20 @@ def frozen_stage(args: argparse.Namespace, method: str, pretrain: dict) -> dict:
     val_ds, _ = eval_dataset(args, "validation", args.max_eval_images)
     train, val = split_features(args, encoder, train_ds), split_features(args, encoder, val_ds)
     feature_s = time.perf_counter() - start
-    record: dict[str, Any] = {"settings": settings, "n_train": len(train["labels"]), "n_val": len(val["labels"]),
-                              "feature_s": feature_s}
+    record: dict[str, Any] = {
+        "settings": settings,
+        "n_train": len(train["labels"]),
+        "n_val": len(val["labels"]),
+        "feature_s": feature_s,
+    }
     for kind in ("cls", "mean"):
         args_xy = (train[kind], train["labels"], val[kind], val["labels"], num_classes)
         record[f"probe_{kind}"] = linear_probe(args, *args_xy)
         record[f"knn_{kind}"] = knn(args, *args_xy)
     record["wall_s"] = time.perf_counter() - start
     write_json(path, record)
-    log(f"{method}: probe CLS {pct(record['probe_cls'])} / mean {pct(record['probe_mean'])}, "
-        f"k-NN CLS {pct(record['knn_cls'])} / mean {pct(record['knn_mean'])} ({record['wall_s']:.0f} s)")
+    log(
+        f"{method}: probe CLS {pct(record['probe_cls'])} / mean {pct(record['probe_mean'])}, "
+        f"k-NN CLS {pct(record['knn_cls'])} / mean {pct(record['knn_mean'])} ({record['wall_s']:.0f} s)"
+    )
     return record

@@ -26,29 +26,40 @@ def pct(acc: dict | None) -> str:
     low, high = acc["ci95"]
     return f"{100 * acc['top1']:.1f} ({100 * low:.1f}-{100 * high:.1f})"
 
+
 def accuracy_table(args: argparse.Namespace, results: dict) -> list[str]:
-    lines = ["| method | CLS linear probe | mean-token linear probe | CLS k-NN | mean-token k-NN | fine-tune top-1 |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| method | CLS linear probe | mean-token linear probe | CLS k-NN | mean-token k-NN | fine-tune top-1 |",
+        "|---|---|---|---|---|---|",
+    ]
     for method in args.methods:
         res = results.get(method, {})
         frozen, ft = res.get("frozen") or {}, res.get("finetune")
         ft_cell = "not run (--finetune_epochs 0)" if not args.finetune_epochs else pct(ft)
-        lines.append(f"| {METHOD_NAMES[method]} | {pct(frozen.get('probe_cls'))} | {pct(frozen.get('probe_mean'))} | "
-                     f"{pct(frozen.get('knn_cls'))} | {pct(frozen.get('knn_mean'))} | {ft_cell} |")
+        lines.append(
+            f"| {METHOD_NAMES[method]} | {pct(frozen.get('probe_cls'))} | {pct(frozen.get('probe_mean'))} | "
+            f"{pct(frozen.get('knn_cls'))} | {pct(frozen.get('knn_mean'))} | {ft_cell} |"
+        )
     return lines
 
+
 def pretrain_table(args: argparse.Namespace, results: dict) -> list[str]:
-    lines = ["| method | steps | images seen (epochs) | images/s | data wait | wall | loss first -> last |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | steps | images seen (epochs) | images/s | data wait | wall | loss first -> last |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for method in args.methods:
         pre = results.get(method, {}).get("pretrain") or {}
         if not pre.get("steps"):
             lines.append(f"| {METHOD_NAMES[method]} | 0 | - | - | - | - | - |")
             continue
-        lines.append(f"| {METHOD_NAMES[method]} | {pre['steps']} | {pre['images_seen']} ({pre['epochs']:.2f}) | "
-                     f"{pre['images_per_s']:.1f} | {pre['data_wait_s']:.0f} s | {pre['wall_s'] / 60:.2f} min | "
-                     f"{pre['first_loss']} -> {pre['final_loss']} |")
+        lines.append(
+            f"| {METHOD_NAMES[method]} | {pre['steps']} | {pre['images_seen']} ({pre['epochs']:.2f}) | "
+            f"{pre['images_per_s']:.1f} | {pre['data_wait_s']:.0f} s | {pre['wall_s'] / 60:.2f} min | "
+            f"{pre['first_loss']} -> {pre['final_loss']} |"
+        )
     return lines
+
 
 def settings_lines(args: argparse.Namespace, results: dict) -> list[str]:
     enc = encoder_vit_config(args)
@@ -85,6 +96,7 @@ def settings_lines(args: argparse.Namespace, results: dict) -> list[str]:
         f"- machine: {machine_line(args)}",
     ]
 
+
 def machine_line(args: argparse.Namespace) -> str:
     try:
         from _common import machine_lines
@@ -93,17 +105,30 @@ def machine_line(args: argparse.Namespace) -> str:
     except Exception:  # noqa: BLE001 - the helper is optional
         return f"{platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}"
 
+
 def write_report(args: argparse.Namespace, results: dict) -> str:
     """Markdown + JSON report of whatever stages are done so far; returns the markdown."""
-    title = "# Pre-training quality: CIM vs MAE vs random init" + (" (SMOKE RUN: numbers mean nothing)"
-                                                                   if args.smoke else "")
-    text = "\n".join([
-        title, "",
-        f"Date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; wall time of this "
-        f"invocation so far: {(time.perf_counter() - args.start_time) / 60:.1f} min (finished stages are reused).", "",
-        *accuracy_table(args, results), "", "Pre-training (equal wall clock per method):", "",
-        *pretrain_table(args, results), "", "Settings:", *settings_lines(args, results), "",
-    ])
+    title = "# Pre-training quality: CIM vs MAE vs random init" + (
+        " (SMOKE RUN: numbers mean nothing)" if args.smoke else ""
+    )
+    text = "\n".join(
+        [
+            title,
+            "",
+            f"Date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; wall time of this "
+            f"invocation so far: {(time.perf_counter() - args.start_time) / 60:.1f} min (finished stages are reused).",
+            "",
+            *accuracy_table(args, results),
+            "",
+            "Pre-training (equal wall clock per method):",
+            "",
+            *pretrain_table(args, results),
+            "",
+            "Settings:",
+            *settings_lines(args, results),
+            "",
+        ]
+    )
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "quality.md"), "w") as f:
         f.write(text)

@@ -69,25 +69,61 @@ DEFAULT_DATA = "/work/shared/data/imagenette-160"
 # Settings that differ between the CPU default, --gpu and --smoke. Explicit flags always win; --smoke then
 # overrides the preset. "encoder" names a width preset of transformers_cim (hidden / heads / MLP).
 CPU_PRESET: dict[str, Any] = {
-    "device": "cpu", "bf16": False, "encoder": "vit-tiny-patch16", "num_layers": 6, "patch_size": 8,
-    "image_size": 96, "context_size": 64, "exemplar_size": 32, "decoder_hidden_size": 256,
-    "decoder_num_attention_heads": 8, "mae_decoder_hidden_size": 128, "mae_decoder_layers": 2,
-    "mae_decoder_heads": 4, "batch_size": 64, "pretrain_minutes": 10.0, "finetune_epochs": 2.0,
-    "finetune_batch_size": 64, "num_workers": 0, "deadline_minutes": 0.0,
+    "device": "cpu",
+    "bf16": False,
+    "encoder": "vit-tiny-patch16",
+    "num_layers": 6,
+    "patch_size": 8,
+    "image_size": 96,
+    "context_size": 64,
+    "exemplar_size": 32,
+    "decoder_hidden_size": 256,
+    "decoder_num_attention_heads": 8,
+    "mae_decoder_hidden_size": 128,
+    "mae_decoder_layers": 2,
+    "mae_decoder_heads": 4,
+    "batch_size": 64,
+    "pretrain_minutes": 10.0,
+    "finetune_epochs": 2.0,
+    "finetune_batch_size": 64,
+    "num_workers": 0,
+    "deadline_minutes": 0.0,
     "work_dir": os.path.join(HERE, "work", "cpu"),
 }
 GPU_PRESET: dict[str, Any] = {
-    "device": "cuda", "bf16": True, "encoder": "vit-small-patch16", "num_layers": 12, "patch_size": 16,
-    "image_size": 160, "context_size": 112, "exemplar_size": 64, "decoder_hidden_size": 512,
-    "decoder_num_attention_heads": 16, "mae_decoder_hidden_size": 256, "mae_decoder_layers": 4,
-    "mae_decoder_heads": 8, "batch_size": 256, "pretrain_minutes": 3.0, "finetune_epochs": 0.0,
-    "finetune_batch_size": 256, "num_workers": max(0, min(15, (os.cpu_count() or 1) - 1)),
-    "deadline_minutes": 9.0, "work_dir": os.path.join(HERE, "work", "gpu"),
+    "device": "cuda",
+    "bf16": True,
+    "encoder": "vit-small-patch16",
+    "num_layers": 12,
+    "patch_size": 16,
+    "image_size": 160,
+    "context_size": 112,
+    "exemplar_size": 64,
+    "decoder_hidden_size": 512,
+    "decoder_num_attention_heads": 16,
+    "mae_decoder_hidden_size": 256,
+    "mae_decoder_layers": 4,
+    "mae_decoder_heads": 8,
+    "batch_size": 256,
+    "pretrain_minutes": 3.0,
+    "finetune_epochs": 0.0,
+    "finetune_batch_size": 256,
+    "num_workers": max(0, min(15, (os.cpu_count() or 1) - 1)),
+    "deadline_minutes": 9.0,
+    "work_dir": os.path.join(HERE, "work", "gpu"),
 }
 SMOKE_OVERRIDES: dict[str, Any] = {
-    "num_layers": 2, "pretrain_minutes": 20 / 60, "max_pretrain_images": 300, "max_train_images": 300,
-    "max_eval_images": 300, "probe_epochs": 50, "finetune_epochs": 1.0, "batch_size": 32,
-    "finetune_batch_size": 32, "num_workers": 0, "deadline_minutes": 0.0,
+    "num_layers": 2,
+    "pretrain_minutes": 20 / 60,
+    "max_pretrain_images": 300,
+    "max_train_images": 300,
+    "max_eval_images": 300,
+    "probe_epochs": 50,
+    "finetune_epochs": 1.0,
+    "batch_size": 32,
+    "finetune_batch_size": 32,
+    "num_workers": 0,
+    "deadline_minutes": 0.0,
 }
 
 
@@ -96,8 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_argument_group("mode")
     mode.add_argument("--gpu", action="store_true", help="the one-GPU preset (ViT-S/16, 160 px, bf16, ~8 min)")
-    mode.add_argument("--smoke", action="store_true",
-                      help="dry run: depth 2, 20 s of pre-training per method, 300 images per split")
+    mode.add_argument(
+        "--smoke", action="store_true", help="dry run: depth 2, 20 s of pre-training per method, 300 images per split"
+    )
     mode.add_argument("--work_dir", default=None, help="per-stage results, checkpoints, features (resumable)")
     mode.add_argument("--output_dir", default=None, help="where quality.md / quality.json go (default: work_dir)")
     mode.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
@@ -106,17 +143,26 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 on CPU)")
     mode.add_argument("--num_workers", type=int, default=None, help="data-loader worker processes")
     mode.add_argument("--seed", type=int, default=0)
-    mode.add_argument("--deadline_minutes", type=float, default=None,
-                      help="skip stages that would start after this many minutes (0 = none); for a capped command")
+    mode.add_argument(
+        "--deadline_minutes",
+        type=float,
+        default=None,
+        help="skip stages that would start after this many minutes (0 = none); for a capped command",
+    )
     data = p.add_argument_group("data")
     data.add_argument("--dataset_name", default=DEFAULT_DATA, help="Hub id or local Hub-layout dir (image, label)")
     data.add_argument("--max_pretrain_images", type=int, default=None, help="train images for pre-training (all)")
-    data.add_argument("--max_train_images", type=int, default=None,
-                      help="labelled train images for probe / k-NN / fine-tune (all)")
+    data.add_argument(
+        "--max_train_images", type=int, default=None, help="labelled train images for probe / k-NN / fine-tune (all)"
+    )
     data.add_argument("--max_eval_images", type=int, default=None, help="validation images (all 3,925)")
     enc = p.add_argument_group("encoder (shared by every method)")
-    enc.add_argument("--encoder", default=None, choices=("vit-tiny-patch16", "vit-small-patch16", "vit-base-patch16"),
-                     help="width preset (hidden / heads / MLP); the patch size and depth are set separately")
+    enc.add_argument(
+        "--encoder",
+        default=None,
+        choices=("vit-tiny-patch16", "vit-small-patch16", "vit-base-patch16"),
+        help="width preset (hidden / heads / MLP); the patch size and depth are set separately",
+    )
     enc.add_argument("--num_layers", type=int, default=None)
     enc.add_argument("--patch_size", type=int, default=None)
     enc.add_argument("--image_size", type=int, default=None, help="CIM search view, MAE input, evaluation size")
@@ -127,8 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     cim.add_argument("--decoder_hidden_size", type=int, default=None)
     cim.add_argument("--decoder_num_attention_heads", type=int, default=None)
     cim.add_argument("--cim_crop_min", type=float, default=0.5, help="search-view crop scale (authors: 0.5)")
-    cim.add_argument("--cim_overrides", default="", help='CIMConfig fields, "key=value,key=value" (e.g. '
-                     '"exemplar_augmentation=false": the setting that learns at CPU budgets, see the README)')
+    cim.add_argument(
+        "--cim_overrides",
+        default="",
+        help='CIMConfig fields, "key=value,key=value" (e.g. '
+        '"exemplar_augmentation=false": the setting that learns at CPU budgets, see the README)',
+    )
     mae = p.add_argument_group("MAE")
     mae.add_argument("--mask_ratio", type=float, default=0.75)
     mae.add_argument("--mae_decoder_hidden_size", type=int, default=None)
@@ -221,8 +271,10 @@ def main(argv: list[str] | None = None) -> str:
     results = run_stages(args)
     text = write_report(args, results)
     print(text, flush=True)
-    log(f"wrote {os.path.join(args.output_dir, 'quality.md')} and quality.json "
-        f"({(time.perf_counter() - args.start_time) / 60:.1f} min)")
+    log(
+        f"wrote {os.path.join(args.output_dir, 'quality.md')} and quality.json "
+        f"({(time.perf_counter() - args.start_time) / 60:.1f} min)"
+    )
     return text
 
 

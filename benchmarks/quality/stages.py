@@ -68,9 +68,14 @@ def pretraining_optimizer(model: nn.Module, lr: float) -> torch.optim.AdamW:
     groups = [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
 
-def pretrain_for_budget(args: argparse.Namespace, model: nn.Module, crop_min: float,
-                        loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor],
-                        after_step: Callable[[float], None] | None = None) -> dict:
+
+def pretrain_for_budget(
+    args: argparse.Namespace,
+    model: nn.Module,
+    crop_min: float,
+    loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    after_step: Callable[[float], None] | None = None,
+) -> dict:
     """Train until `--pretrain_minutes` of wall clock (data loading included) have passed.
 
     The lr multiplier and `after_step(progress)` see progress = elapsed / budget, so the warm-up + cosine schedule
@@ -110,13 +115,25 @@ def pretrain_for_budget(args: argparse.Namespace, model: nn.Module, crop_min: fl
         losses.append((steps, round(float(last_loss), 5)))
     wall = time.perf_counter() - start
     n_images = len(loader.dataset)
-    return {"steps": steps, "images_seen": images, "epochs": images / n_images, "wall_s": wall,
-            "data_wait_s": data_wait, "images_per_s": images / wall, "peak_lr": peak_lr,
-            "first_loss": losses[0][1] if losses else None, "final_loss": losses[-1][1] if losses else None,
-            "loss_curve": losses, "pretrain_images": n_images}
+    return {
+        "steps": steps,
+        "images_seen": images,
+        "epochs": images / n_images,
+        "wall_s": wall,
+        "data_wait_s": data_wait,
+        "images_per_s": images / wall,
+        "peak_lr": peak_lr,
+        "first_loss": losses[0][1] if losses else None,
+        "final_loss": losses[-1][1] if losses else None,
+        "loss_curve": losses,
+        "pretrain_images": n_images,
+    }
 
-def cim_step_functions(args: argparse.Namespace, model: CIMForPreTraining,
-                       ) -> tuple[Callable[[nn.Module, torch.Tensor], torch.Tensor], Callable[[float], None]]:
+
+def cim_step_functions(
+    args: argparse.Namespace,
+    model: CIMForPreTraining,
+) -> tuple[Callable[[nn.Module, torch.Tensor], torch.Tensor], Callable[[float], None]]:
     """(loss_fn, after_step) of CIM: seeded exemplar sampling on the device; cosine EMA momentum update."""
     generator = torch.Generator(device=torch.device(args.device)).manual_seed(args.seed)
     start, end = model.config.momentum_start, model.config.momentum_end
@@ -129,6 +146,7 @@ def cim_step_functions(args: argparse.Namespace, model: CIMForPreTraining,
             model.momentum_update(cosine_momentum(progress, 1.0, start, end))
 
     return loss_fn, after_step
+
 
 def pretrain_stage(args: argparse.Namespace, method: str) -> dict:
     """Pre-train (or reuse), export the encoder as a stock ViTModel; returns the stage record."""
@@ -146,6 +164,7 @@ def pretrain_stage(args: argparse.Namespace, method: str) -> dict:
     write_json(record_path, record)
     return record
 
+
 def pretrain_cim(args: argparse.Namespace) -> dict:
     model = new_cim_model(args)
     loss_fn, after_step = cim_step_functions(args, model)
@@ -153,10 +172,22 @@ def pretrain_cim(args: argparse.Namespace) -> dict:
     checkpoint = os.path.join(method_dir(args, "cim"), "pretrain")
     model.cpu().save_pretrained(checkpoint)
     export_encoder(checkpoint, os.path.join(method_dir(args, "cim"), "encoder"))
-    record["config"] = {k: getattr(model.config, k, None) for k in (
-        "exemplar_box_mode", "encoder_init", "exemplar_scale", "exemplar_max_rotation", "loss_type",
-        "target_encoder_mode", "momentum_start", "context_resample", "decoder_shared_norm")}
+    record["config"] = {
+        k: getattr(model.config, k, None)
+        for k in (
+            "exemplar_box_mode",
+            "encoder_init",
+            "exemplar_scale",
+            "exemplar_max_rotation",
+            "loss_type",
+            "target_encoder_mode",
+            "momentum_start",
+            "context_resample",
+            "decoder_shared_norm",
+        )
+    }
     return record
+
 
 def pretrain_mae(args: argparse.Namespace) -> dict:
     model = new_mae_model(args)
@@ -165,6 +196,7 @@ def pretrain_mae(args: argparse.Namespace) -> dict:
     save_mae_encoder(args, model, os.path.join(method_dir(args, "mae"), "encoder"))
     return record
 
+
 def pretrain_random(args: argparse.Namespace) -> dict:
     """The CIM online encoder at step 0: same init, same frozen sin-cos table; exported like CIM's."""
     checkpoint = os.path.join(method_dir(args, "random"), "init")
@@ -172,11 +204,12 @@ def pretrain_random(args: argparse.Namespace) -> dict:
     export_encoder(checkpoint, os.path.join(method_dir(args, "random"), "encoder"))
     return {"steps": 0, "images_seen": 0, "epochs": 0.0, "wall_s": 0.0}
 
+
 @torch.no_grad()
 def save_mae_encoder(args: argparse.Namespace, mae: ViTMAEForPreTraining, out_dir: str) -> None:
     """MAE's `vit.*` weights as a stock ViTModel, checked against ViTMAEModel without masking."""
     encoder = ViTModel(encoder_vit_config(args), add_pooling_layer=False)
-    state = {k[len("vit."):]: v for k, v in mae.state_dict().items() if k.startswith("vit.")}
+    state = {k[len("vit.") :]: v for k, v in mae.state_dict().items() if k.startswith("vit.")}
     missing, unexpected = encoder.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise RuntimeError(f"MAE -> ViTModel mapping failed: missing {missing}, unexpected {unexpected}")
@@ -191,17 +224,32 @@ def save_mae_encoder(args: argparse.Namespace, mae: ViTMAEForPreTraining, out_di
     encoder.config.architectures = ["ViTModel"]
     encoder.save_pretrained(out_dir)
 
+
 def beit_config(vit: ViTConfig, num_labels: int, drop_path: float) -> BeitConfig:
     """A `BeitConfig` equal to `vit` as a plain ViT (no relative position bias, no layer scale, absolute position
     embeddings), with mean pooling + LayerNorm (the authors' fc_norm) and drop-path."""
-    return BeitConfig(hidden_size=vit.hidden_size, num_hidden_layers=vit.num_hidden_layers,
-                      num_attention_heads=vit.num_attention_heads, intermediate_size=vit.intermediate_size,
-                      hidden_act=vit.hidden_act, layer_norm_eps=vit.layer_norm_eps, image_size=vit.image_size,
-                      patch_size=vit.patch_size, num_channels=3, hidden_dropout_prob=0.0,
-                      attention_probs_dropout_prob=0.0, use_mask_token=False, use_absolute_position_embeddings=True,
-                      use_relative_position_bias=False, use_shared_relative_position_bias=False,
-                      layer_scale_init_value=0.0, drop_path_rate=drop_path, use_mean_pooling=True,
-                      num_labels=num_labels)
+    return BeitConfig(
+        hidden_size=vit.hidden_size,
+        num_hidden_layers=vit.num_hidden_layers,
+        num_attention_heads=vit.num_attention_heads,
+        intermediate_size=vit.intermediate_size,
+        hidden_act=vit.hidden_act,
+        layer_norm_eps=vit.layer_norm_eps,
+        image_size=vit.image_size,
+        patch_size=vit.patch_size,
+        num_channels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        use_mask_token=False,
+        use_absolute_position_embeddings=True,
+        use_relative_position_bias=False,
+        use_shared_relative_position_bias=False,
+        layer_scale_init_value=0.0,
+        drop_path_rate=drop_path,
+        use_mean_pooling=True,
+        num_labels=num_labels,
+    )
+
 
 @torch.no_grad()
 def beit_from_vit(encoder_dir: str, num_labels: int, drop_path: float) -> BeitForImageClassification:
@@ -213,8 +261,9 @@ def beit_from_vit(encoder_dir: str, num_labels: int, drop_path: float) -> BeitFo
     """
     vit = ViTModel.from_pretrained(encoder_dir, add_pooling_layer=False).eval()
     model = BeitForImageClassification(beit_config(vit.config, num_labels, drop_path))
-    state = {k: v for k, v in vit.state_dict().items()
-             if not k.endswith("k_proj.bias") and not k.startswith("layernorm.")}
+    state = {
+        k: v for k, v in vit.state_dict().items() if not k.endswith("k_proj.bias") and not k.startswith("layernorm.")
+    }
     missing, unexpected = model.beit.load_state_dict(state, strict=False)
     if unexpected or set(missing) != {"pooler.layernorm.weight", "pooler.layernorm.bias"}:
         raise RuntimeError(f"ViT -> BEiT mapping failed: missing {missing}, unexpected {unexpected}")
@@ -227,8 +276,14 @@ def beit_from_vit(encoder_dir: str, num_labels: int, drop_path: float) -> BeitFo
         raise RuntimeError(f"the BEiT copy of the ViT encoder disagrees with it (max abs diff {err:.2e})")
     return model
 
-def random_erasing_(pixel_values: torch.Tensor, probability: float, generator: torch.Generator,
-                    area: tuple[float, float] = (0.02, 1 / 3), aspect: tuple[float, float] = (0.3, 3.3)) -> None:
+
+def random_erasing_(
+    pixel_values: torch.Tensor,
+    probability: float,
+    generator: torch.Generator,
+    area: tuple[float, float] = (0.02, 1 / 3),
+    aspect: tuple[float, float] = (0.3, 3.3),
+) -> None:
     """Per image, with `probability`: replace one random rectangle (area fraction and log-uniform aspect in the
     given ranges, up to 10 tries to fit) by standard-normal noise (the normalised-pixel 'pixel' mode), in place."""
     batch, channels, height, width = pixel_values.shape
@@ -244,17 +299,31 @@ def random_erasing_(pixel_values: torch.Tensor, probability: float, generator: t
                 top = int(torch.randint(0, height - h + 1, (), generator=generator))
                 left = int(torch.randint(0, width - w + 1, (), generator=generator))
                 noise = torch.randn((channels, h, w), generator=generator)
-                pixel_values[i, :, top:top + h, left:left + w] = noise.to(pixel_values)
+                pixel_values[i, :, top : top + h, left : left + w] = noise.to(pixel_values)
                 break
 
-def finetune_step(args: argparse.Namespace, model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict,
-                  num_classes: int, generator: torch.Generator) -> float:
+
+def finetune_step(
+    args: argparse.Namespace,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: dict,
+    num_classes: int,
+    generator: torch.Generator,
+) -> float:
     """One step: random erasing, mixup / cutmix with label smoothing, soft-target cross-entropy."""
     device = torch.device(args.device)
     pixel_values, labels = batch["pixel_values"], batch["labels"]
     random_erasing_(pixel_values, args.random_erasing, generator)
-    pixel_values, targets = mixup_cutmix(pixel_values.to(device, non_blocking=True), labels.to(device), num_classes,
-                                         args.mixup, args.cutmix, args.label_smoothing, generator=generator)
+    pixel_values, targets = mixup_cutmix(
+        pixel_values.to(device, non_blocking=True),
+        labels.to(device),
+        num_classes,
+        args.mixup,
+        args.cutmix,
+        args.label_smoothing,
+        generator=generator,
+    )
     with autocast(args):
         logits = model(pixel_values=pixel_values).logits
     loss = soft_target_cross_entropy(logits, targets)
@@ -262,6 +331,7 @@ def finetune_step(args: argparse.Namespace, model: nn.Module, optimizer: torch.o
     loss.backward()
     optimizer.step()
     return float(loss.detach())
+
 
 @torch.no_grad()
 def classify(args: argparse.Namespace, model: nn.Module, ds: Any) -> dict:
@@ -274,6 +344,7 @@ def classify(args: argparse.Namespace, model: nn.Module, ds: Any) -> dict:
             predictions.append(model(pixel_values=batch["pixel_values"].to(device)).logits.argmax(1).cpu())
         labels.append(batch["labels"])
     return accuracy_record(torch.cat(predictions), torch.cat(labels))
+
 
 def finetune_stage(args: argparse.Namespace, method: str, pretrain: dict) -> dict | None:
     """End-to-end fine-tuning with the authors' recipe, then top-1 on the validation split (or reuse)."""
@@ -305,8 +376,15 @@ def finetune_stage(args: argparse.Namespace, method: str, pretrain: dict) -> dic
         if step % 20 == 0 or step == total - 1:
             losses.append((step + 1, round(loss, 4)))
     train_s = time.perf_counter() - start
-    record = {"settings": settings, "steps": total, "lr": lr, "train_s": train_s, "loss_curve": losses,
-              "top1": classify(args, model, val_ds), "drop_path": "applied (BEiT drop_path_rate)"}
+    record = {
+        "settings": settings,
+        "steps": total,
+        "lr": lr,
+        "train_s": train_s,
+        "loss_curve": losses,
+        "top1": classify(args, model, val_ds),
+        "drop_path": "applied (BEiT drop_path_rate)",
+    }
     record["wall_s"] = time.perf_counter() - start
     write_json(path, record)
     log(f"{method}: fine-tune top-1 {pct(record['top1'])} ({total} steps, {record['wall_s']:.0f} s)")

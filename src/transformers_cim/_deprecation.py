@@ -22,8 +22,10 @@ REMOVED_IN = "0.2.0"
 
 def moved_message(old_name: str, new_names: tuple[str, ...]) -> str:
     """The warning text: where the module went and when the old path goes."""
-    return (f"`{old_name}` moved to `{'`, `'.join(new_names)}`; the old import path is deprecated and will be "
-            f"removed in transformers-cim {REMOVED_IN}.")
+    return (
+        f"`{old_name}` moved to `{'`, `'.join(new_names)}`; the old import path is deprecated and will be "
+        f"removed in transformers-cim {REMOVED_IN}."
+    )
 
 
 def _alias_package_modules(old_name: str, package: ModuleType) -> None:
@@ -61,8 +63,9 @@ def moved_attributes(old_module: str, new_modules: dict[str, str]) -> Callable[[
     def __getattr__(name: str) -> Any:
         if name not in new_modules:
             raise AttributeError(f"module {old_module!r} has no attribute {name!r}")
-        warnings.warn(moved_message(f"{old_module}.{name}", (f"{new_modules[name]}.{name}",)), FutureWarning,
-                      stacklevel=2)
+        warnings.warn(
+            moved_message(f"{old_module}.{name}", (f"{new_modules[name]}.{name}",)), FutureWarning, stacklevel=2
+        )
         return getattr(importlib.import_module(new_modules[name]), name)
 
     return __getattr__

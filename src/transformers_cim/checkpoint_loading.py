@@ -37,10 +37,14 @@ logger = logging.get_logger(__name__)
 
 SUPPORTED_ENCODER_TYPES = ("vit", "resnet")
 
+
 def loads_through_from_pretrained(model: nn.Module, checkpoint: str | None) -> bool:
     """Whether `load_weights_strictly` applies: a `PreTrainedModel` and a checkpoint written by `save_pretrained`."""
-    return (bool(checkpoint) and isinstance(model, PreTrainedModel)
-            and os.path.isfile(os.path.join(checkpoint, "config.json")))
+    return (
+        bool(checkpoint)
+        and isinstance(model, PreTrainedModel)
+        and os.path.isfile(os.path.join(checkpoint, "config.json"))
+    )
 
 
 def load_weights_strictly(model: PreTrainedModel, checkpoint: str) -> None:
@@ -97,8 +101,13 @@ def quiet_loading(enabled: bool = True) -> Iterator[None]:
 HUB_FILES = ["*.json", "*.safetensors", "README.md"]  # config, image processor, weights (and shard index), card
 
 
-def resolve_checkpoint_path(name_or_path: str | os.PathLike | None, *, cache_dir: str | None = None,
-                            token: str | bool | None = None, revision: str | None = None) -> str:
+def resolve_checkpoint_path(
+    name_or_path: str | os.PathLike | None,
+    *,
+    cache_dir: str | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+) -> str:
     """The checkpoint directory of ``name_or_path``: a local directory as it is, else a Hub model id resolved with
     ``huggingface_hub.snapshot_download`` at ``revision`` (a branch, tag or commit; default the main branch),
     downloaded or served from the local Hub cache, as transformers does (cache only under ``HF_HUB_OFFLINE=1``).
@@ -132,8 +141,10 @@ def resolve_checkpoint_path(name_or_path: str | os.PathLike | None, *, cache_dir
             f"with `hf download {path}` where the Hub is reachable, or pass a local checkpoint directory."
         ) from None
     except RevisionNotFoundError:
-        raise UserPathError(f"Checkpoint {path!r} has no revision {revision!r} on the Hub (--model_revision): give a "
-                            "branch, tag or commit it has.") from None
+        raise UserPathError(
+            f"Checkpoint {path!r} has no revision {revision!r} on the Hub (--model_revision): give a "
+            "branch, tag or commit it has."
+        ) from None
     except RepositoryNotFoundError:
         raise UserPathError(
             f"Checkpoint {path!r} does not exist: not a local directory, and no Hub model has that id (or it is "
@@ -159,9 +170,7 @@ def checkpoint_kind(path: str | os.PathLike) -> tuple[str, str]:
         return "cim", encoder_type
     if model_type in SUPPORTED_ENCODER_TYPES:
         return "stock", model_type
-    raise UserValueError(
-        f"Checkpoint {path!r} has model_type {model_type!r}; supported: 'cim', 'vit', 'resnet'."
-    )
+    raise UserValueError(f"Checkpoint {path!r} has model_type {model_type!r}; supported: 'cim', 'vit', 'resnet'.")
 
 
 def encoder_config_from_checkpoint(path: str | os.PathLike) -> PreTrainedConfig:
@@ -202,6 +211,7 @@ def image_stats_from_checkpoint(path: str | os.PathLike) -> tuple[list[float], l
     if isinstance(std, (int, float)):
         std = [std] * 3
     return [float(m) for m in mean], [float(s) for s in std]
+
 
 __all__ = [
     "SUPPORTED_ENCODER_TYPES",

@@ -106,15 +106,24 @@ class ConversionSummary:
 
 
 def vit_config(shape: VitShape, **kwargs) -> ViTConfig:
-    return ViTConfig(hidden_size=shape.hidden_size, num_hidden_layers=shape.num_layers,
-                        num_attention_heads=shape.num_heads, intermediate_size=shape.intermediate_size,
-                        patch_size=shape.patch_size, image_size=shape.image_size, hidden_act="gelu",
-                        layer_norm_eps=LAYER_NORM_EPS, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                        **kwargs)
+    return ViTConfig(
+        hidden_size=shape.hidden_size,
+        num_hidden_layers=shape.num_layers,
+        num_attention_heads=shape.num_heads,
+        intermediate_size=shape.intermediate_size,
+        patch_size=shape.patch_size,
+        image_size=shape.image_size,
+        hidden_act="gelu",
+        layer_norm_eps=LAYER_NORM_EPS,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        **kwargs,
+    )
 
 
-def pretext_settings(args: dict[str, Any], options: ConversionOptions, patch_size: int,
-                     context_size: int) -> tuple[dict[str, Any], list[str]]:
+def pretext_settings(
+    args: dict[str, Any], options: ConversionOptions, patch_size: int, context_size: int
+) -> tuple[dict[str, Any], list[str]]:
     """CIMConfig fields from their ``args`` (where present), then the command line; exemplar size floored to the
     patch, as their patch embedding does."""
     fields: dict[str, Any] = {name: args[key] for key, name in PRETEXT_ARGS.items() if key in args}
@@ -126,37 +135,47 @@ def pretext_settings(args: dict[str, Any], options: ConversionOptions, patch_siz
         low, high = fields["exemplar_aspect_ratio"]
         fields["exemplar_aspect_ratio"] = [1.0 / high, 1.0 / low]
     notes = [f"pretext settings from the checkpoint's args: {sorted(fields)}"] if fields else []
-    overrides = {"exemplar_size": options.exemplar_size, "num_exemplars": options.num_exemplars,
-                 "contrastive_loss_weight": options.contrastive_loss_weight}
+    overrides = {
+        "exemplar_size": options.exemplar_size,
+        "num_exemplars": options.num_exemplars,
+        "contrastive_loss_weight": options.contrastive_loss_weight,
+    }
     fields |= {name: value for name, value in overrides.items() if value is not None}
     size = int(fields.get("exemplar_size", DEFAULT_EXEMPLAR_SIZE))
     fields["exemplar_size"] = min(size - size % patch_size, context_size)
     if fields["exemplar_size"] != size:
-        notes.append(f"exemplars: {fields['exemplar_size']} px instead of {size} (a multiple of the patch, at most "
-                     "the context)")
+        notes.append(
+            f"exemplars: {fields['exemplar_size']} px instead of {size} (a multiple of the patch, at most the context)"
+        )
     if "context_size" in args and int(args["context_size"]) != context_size:
-        notes.append(f"context: {context_size} px (the decoder's patch grid); their args say {args['context_size']}, "
-                     "which their code floors to the same grid")
+        notes.append(
+            f"context: {context_size} px (the decoder's patch grid); their args say {args['context_size']}, "
+            "which their code floors to the same grid"
+        )
     return fields, notes
 
 
-def build_with_weights(model_class: type[PreTrainedModel], config, weights: dict[str, torch.Tensor]) -> PreTrainedModel:
+def build_with_weights(
+    model_class: type[PreTrainedModel], config, weights: dict[str, torch.Tensor]
+) -> PreTrainedModel:
     """An instance of ``model_class`` holding exactly ``weights`` (built on the meta device: no random init)."""
     with torch.device("meta"):
         model = model_class(config)
     try:
         model.load_state_dict(weights, strict=True, assign=True)
     except RuntimeError as err:
-        raise UserValueError(f"The converted weights do not fit {model_class.__name__}: "
-                             f"{' '.join(str(err).split())[:600]}") from None
+        raise UserValueError(
+            f"The converted weights do not fit {model_class.__name__}: {' '.join(str(err).split())[:600]}"
+        ) from None
     left_on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left_on_meta:
         raise RuntimeError(f"Not filled by the conversion: {left_on_meta[:5]}")
     return model.eval()
 
 
-def convert_pretraining(state_dict: dict[str, torch.Tensor], args: dict[str, Any],
-                        options: ConversionOptions) -> tuple[CIMForPreTraining, ConversionSummary]:
+def convert_pretraining(
+    state_dict: dict[str, torch.Tensor], args: dict[str, Any], options: ConversionOptions
+) -> tuple[CIMForPreTraining, ConversionSummary]:
     """Their ``CorrelationalAutoencoderViT`` state dict -> a `CIMForPreTraining`."""
     reader = KeyReader(state_dict, "pre-training state dict")
     shape, notes = read_vit_shape(reader, options, args)
@@ -164,8 +183,10 @@ def convert_pretraining(state_dict: dict[str, torch.Tensor], args: dict[str, Any
     decoder_width = reader.shape("decoder_embed.weight")[0]
     decoder_mlp = reader.shape("decoder_corr_block.block.mlp.fc1.weight")[0]
     if int(decoder_width * (decoder_mlp / decoder_width)) != decoder_mlp:
-        raise UserValueError(f"The decoder MLP width {decoder_mlp} is not a ratio of its width {decoder_width} that "
-                             "CIMConfig.decoder_mlp_ratio can express.")
+        raise UserValueError(
+            f"The decoder MLP width {decoder_mlp} is not a ratio of its width {decoder_width} that "
+            "CIMConfig.decoder_mlp_ratio can express."
+        )
     fields, pretext_notes = pretext_settings(args, options, shape.patch_size, context_size)
     keep_heads = float(fields.get("contrastive_loss_weight", 0.0)) > 0
     if keep_heads:
@@ -173,10 +194,16 @@ def convert_pretraining(state_dict: dict[str, torch.Tensor], args: dict[str, Any
         fields["projector_output_size"] = reader.shape("decoder_g_embed.6.weight")[0]
     try:
         config = CIMConfig(
-            encoder_config=vit_config(shape, qkv_bias=True), image_size=shape.image_size, context_size=context_size,
-            decoder_hidden_size=decoder_width, decoder_num_attention_heads=options.decoder_num_heads,
-            decoder_num_layers=1, decoder_mlp_ratio=decoder_mlp / decoder_width,
-            decoder_shared_norm=True, decoder_align_corners=True, **fields,
+            encoder_config=vit_config(shape, qkv_bias=True),
+            image_size=shape.image_size,
+            context_size=context_size,
+            decoder_hidden_size=decoder_width,
+            decoder_num_attention_heads=options.decoder_num_heads,
+            decoder_num_layers=1,
+            decoder_mlp_ratio=decoder_mlp / decoder_width,
+            decoder_shared_norm=True,
+            decoder_align_corners=True,
+            **fields,
         )
     except (ValueError, TypeError) as err:
         raise UserValueError(f"The checkpoint's sizes do not make a valid CIM config: {err}") from None
@@ -193,44 +220,54 @@ def convert_pretraining(state_dict: dict[str, torch.Tensor], args: dict[str, Any
     heads, dropped = convert_contrastive_heads(reader, keep_heads)
     weights |= heads
     if reader.unused:
-        raise UserValueError(f"The pre-training state dict has tensors this converter does not know: "
-                             f"{sorted(reader.unused)[:8]}; it may come from a modified model.")
+        raise UserValueError(
+            f"The pre-training state dict has tensors this converter does not know: "
+            f"{sorted(reader.unused)[:8]}; it may come from a modified model."
+        )
     model = build_with_weights(CIMForPreTraining, config, weights)
-    notes += [f"decoder: width {decoder_width}, {options.decoder_num_heads} heads, MLP {decoder_mlp}, "
-              f"context {context_size} px, exemplars {config.num_exemplars} x {config.exemplar_size} px",
-              "decoder_pos_embed: equal to the sin-cos table CIMForPreTraining computes (not stored)"]
+    notes += [
+        f"decoder: width {decoder_width}, {options.decoder_num_heads} heads, MLP {decoder_mlp}, "
+        f"context {context_size} px, exemplars {config.num_exemplars} x {config.exemplar_size} px",
+        "decoder_pos_embed: equal to the sin-cos table CIMForPreTraining computes (not stored)",
+    ]
     notes += pretext_notes
     if dropped:
-        notes.append("contrastive heads dropped: the config has contrastive_loss_weight 0 "
-                     "(keep them with --contrastive_loss_weight > 0)")
+        notes.append(
+            "contrastive heads dropped: the config has contrastive_loss_weight 0 "
+            "(keep them with --contrastive_loss_weight > 0)"
+        )
     summary = ConversionSummary(PRETRAINING, type(model).__name__, config_notes=notes, dropped_keys=dropped)
     return model, summary
 
 
-def convert_classifier(state_dict: dict[str, torch.Tensor], args: dict[str, Any],
-                       options: ConversionOptions) -> tuple[PreTrainedModel, ConversionSummary]:
+def convert_classifier(
+    state_dict: dict[str, torch.Tensor], args: dict[str, Any], options: ConversionOptions
+) -> tuple[PreTrainedModel, ConversionSummary]:
     """Their fine-tuned timm ViT -> `BeitForImageClassification` (mean pooling) or `ViTForImageClassification`
     (CLS token)."""
     reader = KeyReader(state_dict, "fine-tuned state dict")
     shape, notes = read_vit_shape(reader, options, args)
     has_fc_norm, has_norm = "fc_norm.weight" in state_dict, "norm.weight" in state_dict
     if has_fc_norm == has_norm:
-        raise UserValueError("The fine-tuned state dict must have exactly one of fc_norm.* (global pooling) and "
-                             f"norm.* (CLS token); it has {'both' if has_norm else 'neither'}.")
+        raise UserValueError(
+            "The fine-tuned state dict must have exactly one of fc_norm.* (global pooling) and "
+            f"norm.* (CLS token); it has {'both' if has_norm else 'neither'}."
+        )
     num_labels = reader.shape("head.weight")[0]
     id2label = options.id2label or {i: f"LABEL_{i}" for i in range(num_labels)}
     if len(id2label) != num_labels:
         raise UserValueError(f"--id2label has {len(id2label)} labels, the head has {num_labels} outputs.")
     labels = {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
     if has_fc_norm:
-        config = beit_config_from_vit(vit_config(shape), use_mean_pooling=True, drop_path_rate=0.0,
-                                      **labels)
+        config = beit_config_from_vit(vit_config(shape), use_mean_pooling=True, drop_path_rate=0.0, **labels)
         prefix, model_class = "beit.", BeitForImageClassification
         weights = convert_embeddings(reader, prefix)
         weights |= convert_vit_encoder(reader, shape, prefix, key_bias=False)
         weights |= copy_weight_and_bias(reader, "fc_norm", "beit.pooler.layernorm")
-        notes.append("global pooling + fc_norm -> BEiT with mean pooling; key biases dropped (exact: softmax "
-                     "ignores a per-query constant)")
+        notes.append(
+            "global pooling + fc_norm -> BEiT with mean pooling; key biases dropped (exact: softmax "
+            "ignores a per-query constant)"
+        )
     else:
         config = vit_config(shape, qkv_bias=True, **labels)
         prefix, model_class = "vit.", ViTForImageClassification
@@ -240,8 +277,9 @@ def convert_classifier(state_dict: dict[str, torch.Tensor], args: dict[str, Any]
         notes.append("CLS token + norm -> ViT")
     weights |= copy_weight_and_bias(reader, "head", "classifier")
     if reader.unused:
-        raise UserValueError(f"The fine-tuned state dict has tensors this converter does not know: "
-                             f"{sorted(reader.unused)[:8]}.")
+        raise UserValueError(
+            f"The fine-tuned state dict has tensors this converter does not know: {sorted(reader.unused)[:8]}."
+        )
     config.architectures = [model_class.__name__]
     model = build_with_weights(model_class, config, weights)
     notes.append(f"head: {num_labels} classes")
@@ -282,8 +320,9 @@ def save_atomically(model: PreTrainedModel, kind: str, output_dir: str) -> None:
         raise
 
 
-def convert_checkpoint(checkpoint_path: str | os.PathLike, output_dir: str | os.PathLike,
-                       options: ConversionOptions | None = None) -> ConversionSummary:
+def convert_checkpoint(
+    checkpoint_path: str | os.PathLike, output_dir: str | os.PathLike, options: ConversionOptions | None = None
+) -> ConversionSummary:
     """Converts an authors' checkpoint file and writes the transformers checkpoint to ``output_dir``."""
     options = options or ConversionOptions()
     output_dir = os.fspath(output_dir)
@@ -317,32 +356,63 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="cim-convert-original",
         description="Convert a checkpoint of the authors' CIM code (weivision/Correlational-Image-Modeling) to "
-                    "transformers: a pre-training checkpoint to CIMForPreTraining, a fine-tuned ViT to a stock "
-                    "image classifier (BEiT with mean pooling, or ViT) that pipeline('image-classification') loads.",
+        "transformers: a pre-training checkpoint to CIMForPreTraining, a fine-tuned ViT to a stock "
+        "image classifier (BEiT with mean pooling, or ViT) that pipeline('image-classification') loads.",
     )
     parser.add_argument("checkpoint", help="the authors' .pth file ({'model': state_dict, ...} or a state dict)")
     parser.add_argument("output_dir", help="new (or empty) directory to write the transformers checkpoint to")
-    parser.add_argument("--model_size", choices=tuple(VIT_PRESETS), default=None,
-                        help="encoder preset to check the weights against; default: inferred from the weights")
-    parser.add_argument("--num_heads", type=int, default=None,
-                        help="encoder attention heads; default: the preset's, else by width "
-                             f"({', '.join(f'{w}: {h}' for w, h in DEFAULT_NUM_HEADS.items())})")
-    parser.add_argument("--decoder_num_heads", type=int, default=DEFAULT_DECODER_NUM_HEADS,
-                        help="correlation decoder attention heads (default: %(default)s, the authors')")
-    parser.add_argument("--exemplar_size", type=int, default=None,
-                        help=f"exemplar side in px; default: the checkpoint's args, else {DEFAULT_EXEMPLAR_SIZE}")
-    parser.add_argument("--num_exemplars", type=int, default=None,
-                        help="exemplars per image; default: the checkpoint's args, else the recipe's 6")
-    parser.add_argument("--contrastive_loss_weight", type=float, default=None,
-                        help="> 0 keeps the contrastive heads; default: the checkpoint's args (sigma_cont), else 0")
-    parser.add_argument("--id2label", default=None,
-                        help="JSON file with the fine-tuned classifier's class names (list or index -> name)")
+    parser.add_argument(
+        "--model_size",
+        choices=tuple(VIT_PRESETS),
+        default=None,
+        help="encoder preset to check the weights against; default: inferred from the weights",
+    )
+    parser.add_argument(
+        "--num_heads",
+        type=int,
+        default=None,
+        help="encoder attention heads; default: the preset's, else by width "
+        f"({', '.join(f'{w}: {h}' for w, h in DEFAULT_NUM_HEADS.items())})",
+    )
+    parser.add_argument(
+        "--decoder_num_heads",
+        type=int,
+        default=DEFAULT_DECODER_NUM_HEADS,
+        help="correlation decoder attention heads (default: %(default)s, the authors')",
+    )
+    parser.add_argument(
+        "--exemplar_size",
+        type=int,
+        default=None,
+        help=f"exemplar side in px; default: the checkpoint's args, else {DEFAULT_EXEMPLAR_SIZE}",
+    )
+    parser.add_argument(
+        "--num_exemplars",
+        type=int,
+        default=None,
+        help="exemplars per image; default: the checkpoint's args, else the recipe's 6",
+    )
+    parser.add_argument(
+        "--contrastive_loss_weight",
+        type=float,
+        default=None,
+        help="> 0 keeps the contrastive heads; default: the checkpoint's args (sigma_cont), else 0",
+    )
+    parser.add_argument(
+        "--id2label",
+        default=None,
+        help="JSON file with the fine-tuned classifier's class names (list or index -> name)",
+    )
     args = parser.parse_args(argv)
     try:
         options = ConversionOptions(
-            model_size=args.model_size, num_heads=args.num_heads, decoder_num_heads=args.decoder_num_heads,
-            exemplar_size=args.exemplar_size, num_exemplars=args.num_exemplars,
-            contrastive_loss_weight=args.contrastive_loss_weight, id2label=read_id2label(args.id2label),
+            model_size=args.model_size,
+            num_heads=args.num_heads,
+            decoder_num_heads=args.decoder_num_heads,
+            exemplar_size=args.exemplar_size,
+            num_exemplars=args.num_exemplars,
+            contrastive_loss_weight=args.contrastive_loss_weight,
+            id2label=read_id2label(args.id2label),
         )
         summary = convert_checkpoint(args.checkpoint, args.output_dir, options)
     except (OSError, ValueError) as err:

@@ -28,6 +28,8 @@ logger = logging.get_logger(__name__)
 ENCODER_WEIGHTS = ("online", "ema")
 TARGET_PREFIX = "target_encoder."
 EMBEDDING_PREFIXES = ("embeddings.", "embedder.")  # ViT / ResNet: what --use_ema_encoder keeps from the online side
+
+
 def resize_vit_position_embeddings(model: nn.Module, image_size: int) -> bool:
     """Permanently resize a ViT's position embeddings to ``image_size`` (square input).
 
@@ -114,23 +116,33 @@ def load_encoder_for_classification(
             f"{path!r} ({kind} checkpoint) is missing {len(missing)} encoder weights, e.g. {missing[:3]}: "
             f"expected the encoder under the prefix {prefix!r} or at the top level."
         )
-    mismatched = [k for k in info["mismatched_keys"]
-                  if not (k[0] if isinstance(k, (tuple, list)) else str(k)).startswith("classifier")]
+    mismatched = [
+        k
+        for k in info["mismatched_keys"]
+        if not (k[0] if isinstance(k, (tuple, list)) else str(k)).startswith("classifier")
+    ]
     if mismatched and not ignore_mismatched_sizes:
-        raise UserValueError(f"{path!r} has encoder weights of the wrong shape: {mismatched[:3]}; "
-                             "--ignore_mismatched_sizes re-initialises them instead.")
+        raise UserValueError(
+            f"{path!r} has encoder weights of the wrong shape: {mismatched[:3]}; "
+            "--ignore_mismatched_sizes re-initialises them instead."
+        )
     if mismatched:
-        logger.warning(f"Re-initialised {len(mismatched)} encoder weight(s) of {path} whose shapes did not fit "
-                       f"(--ignore_mismatched_sizes): {mismatched[:5]}")
+        logger.warning(
+            f"Re-initialised {len(mismatched)} encoder weight(s) of {path} whose shapes did not fit "
+            f"(--ignore_mismatched_sizes): {mismatched[:5]}"
+        )
     if encoder_weights == "ema":
         if kind != "cim":
-            raise UserValueError(f"{path!r} is a {kind} checkpoint: the EMA encoder (--use_ema_encoder) exists only in "
-                                 "a CIM pre-training checkpoint.")
+            raise UserValueError(
+                f"{path!r} is a {kind} checkpoint: the EMA encoder (--use_ema_encoder) exists only in "
+                "a CIM pre-training checkpoint."
+            )
         load_target_encoder_(getattr(model, prefix), path)
     if encoder_type == "vit" and image_size is not None:
         if resize_vit_position_embeddings(model, int(image_size)):
             logger.info(f"Interpolated the position embeddings of {path} to {image_size} px.")
     return model
+
 
 def load_target_encoder_(encoder: nn.Module, path: str) -> None:
     """Overwrite the blocks and final norm of ``encoder`` (a ``ViTModel``; a ``ResNetModel``'s stages) with those of
@@ -142,15 +154,20 @@ def load_target_encoder_(encoder: nn.Module, path: str) -> None:
     with quiet_loading():
         cim, info = CIMForPreTraining.from_pretrained(path, output_loading_info=True)
     if not cim.uses_target_encoder or any(k.startswith(TARGET_PREFIX) for k in info.get("missing_keys", [])):
-        raise UserValueError(f"{path!r} has no EMA target encoder (target_encoder_mode={cim.config.target_encoder_mode!r}"
-                             " or no target weights saved); fine-tune its online encoder instead.")
+        raise UserValueError(
+            f"{path!r} has no EMA target encoder (target_encoder_mode={cim.config.target_encoder_mode!r}"
+            " or no target weights saved); fine-tune its online encoder instead."
+        )
     # as the authors' --use_ema: the target's blocks and final norm (ResNet: its stages), the online embeddings
     target_state = {k: v for k, v in cim.target_encoder.state_dict().items() if not k.startswith(EMBEDDING_PREFIXES)}
     missing, unexpected = encoder.load_state_dict(target_state, strict=False)
     missing = [k for k in missing if not k.startswith(("pooler.", *EMBEDDING_PREFIXES))]
     if missing or unexpected:
-        raise UserValueError(f"The EMA encoder of {path!r} does not fit the classifier's encoder: missing "
-                             f"{missing[:3]}, unexpected {unexpected[:3]}.")
+        raise UserValueError(
+            f"The EMA encoder of {path!r} does not fit the classifier's encoder: missing "
+            f"{missing[:3]}, unexpected {unexpected[:3]}."
+        )
+
 
 __all__ = [
     "ENCODER_WEIGHTS",

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 
 
-def _uniform(shape: tuple[int, ...], low: float, high: float, generator: torch.Generator | None,
-             device: torch.device) -> torch.Tensor:
+def _uniform(
+    shape: tuple[int, ...], low: float, high: float, generator: torch.Generator | None, device: torch.device
+) -> torch.Tensor:
     """Uniform samples drawn on the generator's device (so a CPU generator works for any input device)."""
     if generator is None:  # no generator argument at all: torch.compile rejects generator=None with dynamic shapes
         u = torch.rand(shape, device=device, dtype=torch.float32)
@@ -29,8 +30,9 @@ def _grayscale(images: torch.Tensor) -> torch.Tensor:
     return (images * weights).sum(1, keepdim=True)
 
 
-RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-                          dtype=torch.float64)
+RGB_TO_YIQ = torch.tensor(
+    [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64
+)
 YIQ_TO_RGB = torch.linalg.inv(RGB_TO_YIQ)  # exact inverse, so a zero hue shift leaves pixels unchanged
 
 
@@ -129,8 +131,9 @@ def augment_exemplars(images: torch.Tensor, config, generator: torch.Generator |
     return _augment(images, config, generator, in_place=False)
 
 
-def _augment(images: torch.Tensor, config, generator: torch.Generator | None, in_place: bool = False,
-             subset: bool | None = None) -> torch.Tensor:
+def _augment(
+    images: torch.Tensor, config, generator: torch.Generator | None, in_place: bool = False, subset: bool | None = None
+) -> torch.Tensor:
     """`augment_exemplars`; `in_place` lets it overwrite `images`; `subset` forces one way of applying the
     transforms (default: on the drawn samples only in eager mode on a CPU, where it is the faster)."""
     drawn = _draw_augmentation(images, config, generator)
@@ -141,9 +144,12 @@ def _augment(images: torch.Tensor, config, generator: torch.Generator | None, in
     max_sigma = config.exemplar_blur_sigma[1]
     images = _apply_to_drawn(images, drawn.jitter, lambda x, take: color_jitter(x, take(drawn.factors)), subset)
     images = _apply_to_drawn(images, drawn.grayscale, lambda x, take: _grayscale(x).expand_as(x), subset)
-    images = _apply_to_drawn(images, drawn.blur, lambda x, take: gaussian_blur(x, take(drawn.sigma), max_sigma), subset)
+    images = _apply_to_drawn(
+        images, drawn.blur, lambda x, take: gaussian_blur(x, take(drawn.sigma), max_sigma), subset
+    )
     images = _apply_to_drawn(images, drawn.solarize, lambda x, take: _solarize(x), subset)
     return _apply_to_drawn(images, drawn.flip, lambda x, take: x.flip(-1), subset)
+
 
 __all__ = [
     "LUMA_WEIGHTS",

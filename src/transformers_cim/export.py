@@ -39,17 +39,23 @@ from .image_processing import eval_image_processor
 def _model_card(source: str, config) -> ModelCard:
     """The exported encoder's card: what it is, where it came from (``base_model`` when that is a Hub id)."""
     local = os.path.isdir(source)
-    data = ModelCardData(library_name="transformers", pipeline_tag="image-feature-extraction",
-                         tags=["cim", "self-supervised", "image-feature-extraction"],
-                         base_model=None if local else source)
+    data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-feature-extraction",
+        tags=["cim", "self-supervised", "image-feature-extraction"],
+        base_model=None if local else source,
+    )
     name = os.path.basename(os.path.normpath(source)) if local else source
     arch = encoder_description(config) + (f" at {config.image_size} px" if config.model_type == "vit" else "")
-    return card_with_metadata(data, (
-        f"# CIM encoder\n\nThe online encoder of a CIM (Correlational Image Modeling) pre-training checkpoint "
-        f"(`{name}`), exported as a plain {arch}. No custom code is needed to load it; the usual image feature is "
-        f"{GLOBAL_FEATURE_DESCRIPTIONS[config.model_type]}.\n\n```python\nfrom transformers import pipeline\n"
-        "extractor = pipeline(\"image-feature-extraction\", model=\"PATH\")\n```\n"
-    ))
+    return card_with_metadata(
+        data,
+        (
+            f"# CIM encoder\n\nThe online encoder of a CIM (Correlational Image Modeling) pre-training checkpoint "
+            f"(`{name}`), exported as a plain {arch}. No custom code is needed to load it; the usual image feature is "
+            f"{GLOBAL_FEATURE_DESCRIPTIONS[config.model_type]}.\n\n```python\nfrom transformers import pipeline\n"
+            'extractor = pipeline("image-feature-extraction", model="PATH")\n```\n'
+        ),
+    )
 
 
 def export_encoder(cim_checkpoint_dir: str | os.PathLike, output_dir: str | os.PathLike) -> str:
@@ -125,8 +131,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "(stock config, no custom code) with an image processor, loadable by AutoModel and pipeline()."
         ),
     )
-    parser.add_argument("cim_checkpoint", help="CIM pre-training checkpoint: a directory (config.json model_type 'cim') "
-                                               "or a Hub model id (downloaded, or from the Hub cache offline).")
+    parser.add_argument(
+        "cim_checkpoint",
+        help="CIM pre-training checkpoint: a directory (config.json model_type 'cim') "
+        "or a Hub model id (downloaded, or from the Hub cache offline).",
+    )
     parser.add_argument("output_dir", help="Directory to write the exported encoder to.")
     args = parser.parse_args(argv)
     try:

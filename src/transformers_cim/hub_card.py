@@ -17,18 +17,27 @@ def encoder_description(encoder_config) -> str:
     enc = encoder_config
     if enc.model_type == "resnet":
         return f"ResNet (depths {list(enc.depths)}, widths {list(enc.hidden_sizes)})"
-    return (f"ViT (hidden {enc.hidden_size}, {enc.num_hidden_layers} layers, {enc.num_attention_heads} heads, "
-            f"patch {enc.patch_size})")
+    return (
+        f"ViT (hidden {enc.hidden_size}, {enc.num_hidden_layers} layers, {enc.num_attention_heads} heads, "
+        f"patch {enc.patch_size})"
+    )
 
 
 def card_with_metadata(data: ModelCardData, body: str) -> ModelCard:
     """A model card: `data` as its YAML header, then the markdown `body`."""
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
 
+
 def is_hub_id(name: str | None) -> bool:
     """Whether a model or dataset name is a Hub id (``owner/name``) rather than a local path."""
-    return bool(name) and "/" in name and not os.path.exists(name) and not os.path.isabs(name) \
-        and name.count("/") == 1 and not name.startswith(".")
+    return (
+        bool(name)
+        and "/" in name
+        and not os.path.exists(name)
+        and not os.path.isabs(name)
+        and name.count("/") == 1
+        and not name.startswith(".")
+    )
 
 
 def card_license(checkpoint_dir: str | None) -> str | None:
@@ -41,6 +50,7 @@ def card_license(checkpoint_dir: str | None) -> str | None:
     except Exception:  # noqa: BLE001 - an unreadable card states no licence
         return None
 
+
 def has_cim_card(output_dir: str) -> bool:
     """Whether `output_dir` holds a card of this package (README.md tagged `transformers-cim`), which the Trainer's
     generic card must not replace."""
@@ -52,6 +62,7 @@ def write_model_card(output_dir: str, card: ModelCard) -> str:
     path = os.path.join(output_dir, "README.md")
     card.save(path)
     return path
+
 
 __all__ = [
     "CARD_TAGS",

@@ -25,9 +25,13 @@ def eval_image_processor(
         raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}.")
     size = int(size)
     return ViTImageProcessorPil(
-        do_resize=True, size={"shortest_edge": int(size / crop_pct)}, resample=PIL.Image.Resampling.BICUBIC,
-        do_center_crop=True, crop_size={"height": size, "width": size},
-        image_mean=[float(m) for m in mean], image_std=[float(s) for s in std],
+        do_resize=True,
+        size={"shortest_edge": int(size / crop_pct)},
+        resample=PIL.Image.Resampling.BICUBIC,
+        do_center_crop=True,
+        crop_size={"height": size, "width": size},
+        image_mean=[float(m) for m in mean],
+        image_std=[float(s) for s in std],
     )
 
 

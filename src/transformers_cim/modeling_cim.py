@@ -98,8 +98,9 @@ def build_encoder(config: CIMConfig) -> nn.Module:
     return encoder
 
 
-def interpolate_positions_like_authors(embeddings: nn.Module, tokens: torch.Tensor, height: int,
-                                      width: int) -> torch.Tensor:
+def interpolate_positions_like_authors(
+    embeddings: nn.Module, tokens: torch.Tensor, height: int, width: int
+) -> torch.Tensor:
     """The position table of a ``ViTEmbeddings`` for a ``height`` x ``width`` input, resized as the CIM authors'
     code (and DINO's) does: bicubic with ``scale_factor=(g + 0.1) / N`` for a g-patch side and an N x N table, where
     the stock ViT resizes to ``size=(g, g)``; the two sample the table at slightly different points."""
@@ -111,8 +112,9 @@ def interpolate_positions_like_authors(embeddings: nn.Module, tokens: torch.Tens
     dim = table.shape[-1]
     rows, cols = height // embeddings.patch_size, width // embeddings.patch_size
     grid = table[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, scale_factor=((rows + 0.1) / side, (cols + 0.1) / side), mode="bicubic",
-                         align_corners=False)
+    grid = F.interpolate(
+        grid, scale_factor=((rows + 0.1) / side, (cols + 0.1) / side), mode="bicubic", align_corners=False
+    )
     return torch.cat((table[:, :1], grid.permute(0, 2, 3, 1).reshape(1, rows * cols, dim)), dim=1)
 
 
@@ -195,7 +197,11 @@ class CIMCrossAttention(nn.Module):
 
     def forward(self, query_states: torch.Tensor, keys_values: torch.Tensor) -> torch.Tensor:
         """`query_states`: the queries already projected by `q_proj` (the decoder may share them across exemplars)."""
-        q, k, v = self._heads(query_states), self._heads(self.k_proj(keys_values)), self._heads(self.v_proj(keys_values))
+        q, k, v = (
+            self._heads(query_states),
+            self._heads(self.k_proj(keys_values)),
+            self._heads(self.v_proj(keys_values)),
+        )
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         out, _ = attention(self, q, k, v, None, scaling=self.scaling, dropout=0.0)  # (N, L, heads, head_dim)
         return self.o_proj(out.reshape(query_states.shape))
@@ -261,14 +267,15 @@ class CIMCorrelationDecoder(nn.Module):
         exemplar = self.input_proj(exemplar_tokens.flatten(0, 1))  # (B*K, Le, D)
         for index, layer in enumerate(self.layers):  # the first layer broadcasts the queries to (B*K, Lc, D)
             queries = layer(queries, exemplar, num_exemplars if index == 0 else 1)
-        queries = self.norm(queries)[:, int(self.has_cls):]
+        queries = self.norm(queries)[:, int(self.has_cls) :]
         # contiguous: on CPU the 1x1 conv of the channels-last view rounds differently depending on the weight's
         # memory alignment, so a reloaded (mmap'd) checkpoint would not reproduce the logits bit for bit
         feature_map = queries.transpose(1, 2).reshape(batch * num_exemplars, -1, grid, grid).contiguous()
         logits = self.predictor(feature_map)
         size = self.config.context_size
-        logits = F.interpolate(logits, size=(size, size), mode="bilinear",
-                               align_corners=self.config.decoder_align_corners)
+        logits = F.interpolate(
+            logits, size=(size, size), mode="bilinear", align_corners=self.config.decoder_align_corners
+        )
         return logits.view(batch, num_exemplars, size, size)
 
 
@@ -325,12 +332,16 @@ def _gather_across_processes(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-def contrastive_loss(online: torch.Tensor, target: torch.Tensor, temperature: float, num_exemplars: int) -> torch.Tensor:
+def contrastive_loss(
+    online: torch.Tensor, target: torch.Tensor, temperature: float, num_exemplars: int
+) -> torch.Tensor:
     """InfoNCE between each exemplar's predicted feature (B*K, d) and the targets of all contexts (B, d),
     the positive being its own image (scaled by 2T as MoCo v3)."""
     online = F.normalize(online.float(), dim=1)
     target = F.normalize(_gather_across_processes(target.float()), dim=1)
-    rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+    rank = (
+        torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+    )
     batch = online.shape[0] // num_exemplars
     labels = torch.arange(batch, device=online.device).repeat_interleave(num_exemplars) + rank * batch
     return F.cross_entropy(online @ target.t() / temperature, labels) * (2 * temperature)
@@ -363,8 +374,9 @@ class CIMPreTrainedModel(PreTrainedModel):
         """The online encoder (a stock `ViTModel` or `ResNetModel`)."""
         return getattr(self, encoder_attribute(self.config))
 
-    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=checkpoint,
-                                    every_n_layers: int = 1):
+    def _set_gradient_checkpointing(
+        self, enable: bool = True, gradient_checkpointing_func=checkpoint, every_n_layers: int = 1
+    ):
         """As `PreTrainedModel`'s; a ResNet encoder (transformers' has no checkpointing) first gets checkpointable
         stages (see `resnet_checkpointing`), so the class's `supports_gradient_checkpointing` holds for both families."""
         if isinstance(self.encoder, ResNetModel):
@@ -446,17 +458,28 @@ class CIMModel(CIMPreTrainedModel):
         setattr(self, encoder_attribute(config), build_encoder(config))
         self.post_init()
 
-    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool | None = True,
-                output_hidden_states: bool | None = None, return_dict: bool | None = None, **kwargs) -> CIMModelOutput:
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool | None = True,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CIMModelOutput:
         if isinstance(self.encoder, ResNetModel):
             out = self.encoder(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
             pooled = out.pooler_output.flatten(1)
         else:
-            out = self.encoder(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
-                               output_hidden_states=output_hidden_states, **kwargs)
+            out = self.encoder(
+                pixel_values,
+                interpolate_pos_encoding=interpolate_pos_encoding,
+                output_hidden_states=output_hidden_states,
+                **kwargs,
+            )
             pooled = out.last_hidden_state[:, 0]
-        output = CIMModelOutput(last_hidden_state=out.last_hidden_state, pooler_output=pooled,
-                                hidden_states=out.hidden_states)
+        output = CIMModelOutput(
+            last_hidden_state=out.last_hidden_state, pooler_output=pooled, hidden_states=out.hidden_states
+        )
         return output if return_dict is not False else output.to_tuple()
 
 
@@ -474,11 +497,13 @@ class CIMForPreTraining(CIMPreTrainedModel):
         if config.contrastive_loss_weight > 0:
             width = config.encoder_hidden_size
             self.projector = CIMProjectionHead(width, config.projector_hidden_size, config.projector_output_size, 3)
-            self.predictor = CIMProjectionHead(config.projector_output_size, config.projector_hidden_size,
-                                               config.projector_output_size, 2)
+            self.predictor = CIMProjectionHead(
+                config.projector_output_size, config.projector_hidden_size, config.projector_output_size, 2
+            )
             if self.uses_target_encoder:
-                self.target_projector = CIMProjectionHead(width, config.projector_hidden_size,
-                                                          config.projector_output_size, 3)
+                self.target_projector = CIMProjectionHead(
+                    width, config.projector_hidden_size, config.projector_output_size, 3
+                )
         self.post_init()
         self._set_fixed_vit_embeddings(self.encoder)
         self._apply_freezing(self.encoder)
@@ -552,8 +577,9 @@ class CIMForPreTraining(CIMPreTrainedModel):
         with torch.no_grad():
             head = self.target_projector if self.uses_target_encoder else self.projector
             target = head(context_feature)
-        return contrastive_loss(online, target.detach(), self.config.contrastive_temperature,
-                                self.config.num_exemplars)
+        return contrastive_loss(
+            online, target.detach(), self.config.contrastive_temperature, self.config.num_exemplars
+        )
 
     def forward(
         self,
@@ -583,7 +609,11 @@ class CIMForPreTraining(CIMPreTrainedModel):
         """
         if exemplar_pixel_values is None:
             pretext = sample_pretext(pixel_values, self.config, generator=generator, boxes=exemplar_boxes)
-            exemplars, labels, context = pretext.exemplar_pixel_values, pretext.correlation_labels, pretext.context_pixel_values
+            exemplars, labels, context = (
+                pretext.exemplar_pixel_values,
+                pretext.correlation_labels,
+                pretext.context_pixel_values,
+            )
             boxes = pretext.exemplar_boxes
         else:
             exemplars, labels, boxes = exemplar_pixel_values, correlation_labels, exemplar_boxes
@@ -599,16 +629,24 @@ class CIMForPreTraining(CIMPreTrainedModel):
         loss = corr_loss = ctr_loss = None
         if return_loss:
             if labels is None:
-                raise ValueError("Exemplars were given without `correlation_labels`; pass the true maps or "
-                                 "call with return_loss=False.")
+                raise ValueError(
+                    "Exemplars were given without `correlation_labels`; pass the true maps or "
+                    "call with return_loss=False."
+                )
             corr_loss = correlation_loss(logits, labels, self.config)
             loss = self.config.correlation_loss_weight * corr_loss
             if self.config.contrastive_loss_weight > 0:
                 ctr_loss = self._contrastive(exemplar_feature, context_feature)
                 loss = loss + self.config.contrastive_loss_weight * ctr_loss
         output = CIMForPreTrainingOutput(
-            loss=loss, logits=logits, correlation_labels=labels, exemplar_pixel_values=exemplars,
-            context_pixel_values=context, exemplar_boxes=boxes, correlation_loss=corr_loss, contrastive_loss=ctr_loss,
+            loss=loss,
+            logits=logits,
+            correlation_labels=labels,
+            exemplar_pixel_values=exemplars,
+            context_pixel_values=context,
+            exemplar_boxes=boxes,
+            correlation_loss=corr_loss,
+            contrastive_loss=ctr_loss,
         )
         return output if return_dict is not False else output.to_tuple()
 

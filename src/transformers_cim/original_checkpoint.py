@@ -31,6 +31,8 @@ CONTRASTIVE_HEADS: dict[str, str] = {
     "decoder_predictor.": "predictor.net.",
     "decoder_g_embed_c.": "target_projector.net.",
 }
+
+
 @dataclass
 class ConversionOptions:
     """What the command line may set; None means "from the checkpoint, else the authors' default"."""
@@ -42,6 +44,7 @@ class ConversionOptions:
     num_exemplars: int | None = None
     contrastive_loss_weight: float | None = None
     id2label: dict[int, str] | None = None
+
 
 @dataclass
 class VitShape:
@@ -65,8 +68,9 @@ class KeyReader:
     def require(self, *keys: str) -> None:
         missing = [key for key in keys if key not in self.state_dict]
         if missing:
-            raise UserValueError(f"The {self.what} has no {missing[0]!r}: the checkpoint is incomplete or of another "
-                                 "model.")
+            raise UserValueError(
+                f"The {self.what} has no {missing[0]!r}: the checkpoint is incomplete or of another model."
+            )
 
     def shape(self, key: str) -> torch.Size:
         self.require(key)
@@ -98,9 +102,12 @@ def load_original_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.T
     """The state dict and the training arguments (empty when absent) of an authors' checkpoint file."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        hint = (" It holds a config.json: it is already a transformers checkpoint, load it with from_pretrained "
-                "(or export its encoder with cim-export-encoder)." if os.path.isfile(os.path.join(path, "config.json"))
-                else "")
+        hint = (
+            " It holds a config.json: it is already a transformers checkpoint, load it with from_pretrained "
+            "(or export its encoder with cim-export-encoder)."
+            if os.path.isfile(os.path.join(path, "config.json"))
+            else ""
+        )
         raise UserValueError(f"{path!r} is a directory; pass the authors' .pth checkpoint file itself.{hint}")
     if not os.path.isfile(path):
         raise UserPathError(f"No checkpoint file at {path!r}.")
@@ -116,25 +123,31 @@ def load_original_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.T
                 "re-save just its weights: torch.save({'model': torch.load(path, weights_only=False)['model']}, "
                 "'weights.pth'), and convert that."
             ) from None
-        raise UserValueError(f"{path!r} cannot be read as a PyTorch checkpoint ({type(err).__name__}: "
-                             f"{str(err).splitlines()[0] if str(err) else ''}).") from None
+        raise UserValueError(
+            f"{path!r} cannot be read as a PyTorch checkpoint ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''})."
+        ) from None
     return split_checkpoint(checkpoint, path)
 
 
 def split_checkpoint(checkpoint: Any, path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(state dict, args) of a loaded checkpoint: ``{"model": state_dict, "args": ...}`` or the state dict itself."""
     if not isinstance(checkpoint, dict):
-        raise UserValueError(f"{path!r} holds a {type(checkpoint).__name__}, not a dict; expected the authors' "
-                             "checkpoint ({'model': state_dict, ...}) or a state dict.")
+        raise UserValueError(
+            f"{path!r} holds a {type(checkpoint).__name__}, not a dict; expected the authors' "
+            "checkpoint ({'model': state_dict, ...}) or a state dict."
+        )
     state_dict = checkpoint.get("model", checkpoint)
     if not isinstance(state_dict, dict) or not state_dict:
         raise UserValueError(f"{path!r}: the 'model' entry is not a state dict (got {type(state_dict).__name__}).")
     not_tensors = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
-        raise UserValueError(f"{path!r} is not a state dict of tensors (entries {not_tensors[:3]} are not tensors); "
-                             "expected the authors' checkpoint ({'model': state_dict, ...}) or a state dict.")
+        raise UserValueError(
+            f"{path!r} is not a state dict of tensors (entries {not_tensors[:3]} are not tensors); "
+            "expected the authors' checkpoint ({'model': state_dict, ...}) or a state dict."
+        )
     if all(k.startswith("module.") for k in state_dict):  # saved from a DistributedDataParallel wrapper
-        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+        state_dict = {k[len("module.") :]: v for k, v in state_dict.items()}
     args = checkpoint.get("args") if "model" in checkpoint else None
     if isinstance(args, argparse.Namespace):
         args = vars(args)
@@ -199,8 +212,10 @@ def read_vit_shape(reader: KeyReader, options: ConversionOptions, args: dict[str
         found = (hidden, num_layers, intermediate, patch)
         wanted = (expected[0], expected[1], expected[3], vit_preset_patch_size(options.model_size))
         if found != wanted:
-            raise UserValueError(f"--model_size {options.model_size} is width/layers/MLP/patch {wanted}, but the "
-                                 f"checkpoint's weights are {found}; drop --model_size to infer it from the weights.")
+            raise UserValueError(
+                f"--model_size {options.model_size} is width/layers/MLP/patch {wanted}, but the "
+                f"checkpoint's weights are {found}; drop --model_size to infer it from the weights."
+            )
     if options.num_heads is not None:
         heads, source = options.num_heads, "--num_heads"
     elif preset is not None and VIT_PRESETS[preset][0] == hidden and VIT_PRESETS[preset][1] == num_layers:
@@ -208,8 +223,10 @@ def read_vit_shape(reader: KeyReader, options: ConversionOptions, args: dict[str
     elif hidden in DEFAULT_NUM_HEADS:
         heads, source = DEFAULT_NUM_HEADS[hidden], f"the standard count for width {hidden}"
     else:
-        raise UserValueError(f"Width {hidden} is not a standard ViT width ({sorted(DEFAULT_NUM_HEADS)}): the number of "
-                             "attention heads cannot be inferred, pass --num_heads.")
+        raise UserValueError(
+            f"Width {hidden} is not a standard ViT width ({sorted(DEFAULT_NUM_HEADS)}): the number of "
+            "attention heads cannot be inferred, pass --num_heads."
+        )
     if hidden % heads:
         raise UserValueError(f"{heads} attention heads do not divide the width {hidden}; pass the right --num_heads.")
     notes.append(f"encoder: {heads} attention heads ({source})")
@@ -241,16 +258,22 @@ def convert_vit_block(reader: KeyReader, source: str, target: str, key_bias: boo
         out[f"{target}attention.{name}.weight"] = weight.clone()
         if name != "k_proj" or key_bias:
             out[f"{target}attention.{name}.bias"] = bias.clone()
-    pairs = {"attn.proj": "attention.o_proj", "norm1": "layernorm_before", "norm2": "layernorm_after",
-             "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+    pairs = {
+        "attn.proj": "attention.o_proj",
+        "norm1": "layernorm_before",
+        "norm2": "layernorm_after",
+        "mlp.fc1": "mlp.fc1",
+        "mlp.fc2": "mlp.fc2",
+    }
     for theirs, ours in pairs.items():
         for param in ("weight", "bias"):
             out[f"{target}{ours}.{param}"] = reader.take(f"{source}{theirs}.{param}")
     return out
 
 
-def convert_vit_encoder(reader: KeyReader, shape: VitShape, target: str, suffix: str = "",
-                        key_bias: bool = True) -> dict[str, torch.Tensor]:
+def convert_vit_encoder(
+    reader: KeyReader, shape: VitShape, target: str, suffix: str = "", key_bias: bool = True
+) -> dict[str, torch.Tensor]:
     """All blocks ``blocks{suffix}.N.*`` -> ``{target}layers.N.*``."""
     out: dict[str, torch.Tensor] = {}
     for index in range(shape.num_layers):
@@ -270,17 +293,28 @@ def convert_decoder(reader: KeyReader) -> dict[str, torch.Tensor]:
     out = copy_weight_and_bias(reader, "decoder_embed", "decoder.input_proj")
     k_w, v_w = reader.take(f"{block}attn.kv.weight").chunk(2, dim=0)  # rows: keys, then values
     k_b, v_b = reader.take(f"{block}attn.kv.bias").chunk(2, dim=0)
-    out |= {f"{layer}cross_attention.k_proj.weight": k_w.clone(), f"{layer}cross_attention.k_proj.bias": k_b.clone(),
-            f"{layer}cross_attention.v_proj.weight": v_w.clone(), f"{layer}cross_attention.v_proj.bias": v_b.clone()}
-    pairs = {"attn.q": "cross_attention.q_proj", "attn.proj": "cross_attention.o_proj",
-             "norm1": "query_norm", "norm2": "mlp_norm", "mlp.fc1": "mlp.0", "mlp.fc2": "mlp.2"}
+    out |= {
+        f"{layer}cross_attention.k_proj.weight": k_w.clone(),
+        f"{layer}cross_attention.k_proj.bias": k_b.clone(),
+        f"{layer}cross_attention.v_proj.weight": v_w.clone(),
+        f"{layer}cross_attention.v_proj.bias": v_b.clone(),
+    }
+    pairs = {
+        "attn.q": "cross_attention.q_proj",
+        "attn.proj": "cross_attention.o_proj",
+        "norm1": "query_norm",
+        "norm2": "mlp_norm",
+        "mlp.fc1": "mlp.0",
+        "mlp.fc2": "mlp.2",
+    }
     for theirs, ours in pairs.items():
         out |= copy_weight_and_bias(reader, f"{block}{theirs}", f"{layer}{ours}")
     out |= copy_weight_and_bias(reader, "decoder_norm", "decoder.norm")
     weight, bias = reader.take("decoder_pred_mask.0.weight"), reader.take("decoder_pred_mask.0.bias")
     if weight.shape[0] != 2:
-        raise UserValueError(f"decoder_pred_mask.0 has {weight.shape[0]} output channels; the authors' predictor "
-                             "has 2.")
+        raise UserValueError(
+            f"decoder_pred_mask.0 has {weight.shape[0]} output channels; the authors' predictor has 2."
+        )
     # channel 1 is "inside the exemplar" (their masks are 1 there): softmax(l0, l1)[1] = sigmoid(l1 - l0)
     out["decoder.predictor.weight"] = (weight[1] - weight[0]).unsqueeze(0)
     out["decoder.predictor.bias"] = (bias[1] - bias[0]).reshape(1)
@@ -293,9 +327,11 @@ def check_decoder_position_table(reader: KeyReader, patch_size: int) -> int:
     grid = square_grid(table.shape[0] - 1, "decoder_pos_embed")
     ours = sincos_position_embedding_2d(grid, table.shape[1], with_cls=True)
     if not torch.allclose(table, ours, atol=1e-5):
-        raise UserValueError("decoder_pos_embed is not the fixed 2-D sin-cos table (max difference "
-                             f"{(table - ours).abs().max():.2e}); CIMForPreTraining computes that table and cannot "
-                             "hold a learned one, so this checkpoint cannot be converted exactly.")
+        raise UserValueError(
+            "decoder_pos_embed is not the fixed 2-D sin-cos table (max difference "
+            f"{(table - ours).abs().max():.2e}); CIMForPreTraining computes that table and cannot "
+            "hold a learned one, so this checkpoint cannot be converted exactly."
+        )
     return grid * patch_size
 
 
@@ -309,8 +345,9 @@ def convert_contrastive_heads(reader: KeyReader, keep: bool) -> tuple[dict[str, 
         return out, names
     for key in names:
         prefix = next(p for p in CONTRASTIVE_HEADS if key.startswith(p))
-        out[CONTRASTIVE_HEADS[prefix] + key[len(prefix):]] = reader.take(key, keep_dtype=True)
+        out[CONTRASTIVE_HEADS[prefix] + key[len(prefix) :]] = reader.take(key, keep_dtype=True)
     return out, []
+
 
 __all__ = [
     "CLASSIFIER",

@@ -48,9 +48,14 @@ def rotated_half_extents(w: torch.Tensor, h: torch.Tensor, theta: torch.Tensor) 
     return 0.5 * (w * c + h * s), 0.5 * (w * s + h * c)
 
 
-def _sides_and_angles(shape: tuple[int, ...], scale: tuple[float, float], aspect_ratio: tuple[float, float],
-                      max_rotation_degrees: float, generator: torch.Generator | None,
-                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _sides_and_angles(
+    shape: tuple[int, ...],
+    scale: tuple[float, float],
+    aspect_ratio: tuple[float, float],
+    max_rotation_degrees: float,
+    generator: torch.Generator | None,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Box sides and angles: area fraction ~ U(scale), h/w log-uniform in `aspect_ratio`, theta ~ U(+-max)."""
     area = _uniform(shape, scale[0], scale[1], generator, device)
     log_ratio = _uniform(shape, math.log(aspect_ratio[0]), math.log(aspect_ratio[1]), generator, device)
@@ -97,8 +102,10 @@ def _interval(low: torch.Tensor, high: torch.Tensor, slope: torch.Tensor) -> tup
     safe = torch.where(slope.abs() < 1e-6, torch.ones_like(slope), slope)
     a, b = low / safe, high / safe
     flat = slope.abs() < 1e-6
-    return (torch.where(flat, torch.full_like(a, -math.inf), torch.minimum(a, b)),
-            torch.where(flat, torch.full_like(a, math.inf), torch.maximum(a, b)))
+    return (
+        torch.where(flat, torch.full_like(a, -math.inf), torch.minimum(a, b)),
+        torch.where(flat, torch.full_like(a, math.inf), torch.maximum(a, b)),
+    )
 
 
 def _view_row_interval(row: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,12 +171,24 @@ def _pull_along_rows(rx, ry, half_x, half_y, cos, sin):
 BOX_SAMPLERS = {"enclosing": sample_enclosing_boxes, "exact": sample_exemplar_boxes}
 
 
-def sample_config_boxes(config, batch_size: int, num_exemplars: int, generator: torch.Generator | None = None,
-                        device: torch.device | str = "cpu") -> torch.Tensor:
+def sample_config_boxes(
+    config,
+    batch_size: int,
+    num_exemplars: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
     """(B, K, 5) exemplar boxes drawn from `config`'s distribution (`exemplar_box_mode` picks the sampler)."""
     sampler = BOX_SAMPLERS[config.exemplar_box_mode]
-    return sampler(batch_size, num_exemplars, config.exemplar_scale, config.exemplar_aspect_ratio,
-                   config.exemplar_max_rotation, generator=generator, device=device)
+    return sampler(
+        batch_size,
+        num_exemplars,
+        config.exemplar_scale,
+        config.exemplar_aspect_ratio,
+        config.exemplar_max_rotation,
+        generator=generator,
+        device=device,
+    )
 
 
 def exemplar_sampling_grid(boxes: torch.Tensor, size: int, supersample: int = 1) -> torch.Tensor:
@@ -214,8 +233,9 @@ def _images_per_warp_call(images: torch.Tensor, num_exemplars: int, fine: int) -
     return torch.get_num_threads() * max(1, CPU_WARP_CHUNK_BYTES // per_image)
 
 
-def _warp_call(images: torch.Tensor, boxes: torch.Tensor, size: int, supersample: int,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+def _warp_call(
+    images: torch.Tensor, boxes: torch.Tensor, size: int, supersample: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """One `grid_sample` call and its box filter: the exemplars (b, C, K, n, n) of b images, written into `out`
     when given."""
     batch_size, num_exemplars = boxes.shape[:2]
@@ -297,8 +317,9 @@ def correlation_maps(boxes: torch.Tensor, size: int) -> torch.Tensor:
     return _interval_rows(start, end, size, boxes.dtype)
 
 
-def _inside_columns(rows: torch.Tensor, columns: torch.Tensor,
-                    half: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _inside_columns(
+    rows: torch.Tensor, columns: torch.Tensor, half: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The columns [start, end) of each row i where |rows[i] + columns[j]| <= half (float sums), for `columns`
     monotone along the last axis. rows, columns (..., m), half (..., 1) -> start, end (..., m), int64."""
     size = columns.shape[-1]
@@ -308,8 +329,9 @@ def _inside_columns(rows: torch.Tensor, columns: torch.Tensor,
     # column terms ascend once reversed: one count of sums below -half from the left, one from the right
     values = torch.cat([ascending, -ascending.flip(-1)], dim=-2)
     padding = values.new_full((*values.shape[:-1], (1 << size.bit_length()) - size), math.inf)
-    counts = _count_below(torch.cat([rows, -rows], dim=-2), torch.cat([values, padding], dim=-1),
-                          torch.cat([-half, -half], dim=-2))
+    counts = _count_below(
+        torch.cat([rows, -rows], dim=-2), torch.cat([values, padding], dim=-1), torch.cat([-half, -half], dim=-2)
+    )
     from_left, from_right = counts.chunk(2, dim=-2)
     low, high = from_left, size - from_right  # the inside, in ascending order
     return torch.where(descending, size - high, low), torch.where(descending, size - low, high)
@@ -353,16 +375,18 @@ def resize_context(images: torch.Tensor, size: int, mode: str = "bicubic") -> to
     return resized.to(images.dtype)
 
 
-def sample_pretext(pixel_values: torch.Tensor, config, generator: torch.Generator | None = None,
-                   boxes: torch.Tensor | None = None) -> PretextBatch:
+def sample_pretext(
+    pixel_values: torch.Tensor, config, generator: torch.Generator | None = None, boxes: torch.Tensor | None = None
+) -> PretextBatch:
     """Builds the context, K exemplars, their true maps and boxes for a batch of normalised search views.
 
     `boxes` (B, K, 5) may be given to fix the geometry; otherwise they are sampled from `config`.
     """
     batch_size = pixel_values.shape[0]
     if boxes is None:
-        boxes = sample_config_boxes(config, batch_size, config.num_exemplars, generator=generator,
-                                    device=pixel_values.device)
+        boxes = sample_config_boxes(
+            config, batch_size, config.num_exemplars, generator=generator, device=pixel_values.device
+        )
     boxes = boxes.to(device=pixel_values.device, dtype=torch.float32)
     with torch.autocast(pixel_values.device.type, enabled=False):  # exact geometry under autocast too
         exemplars = warp_exemplars(pixel_values, boxes, config.exemplar_size, exemplar_supersampling(config))

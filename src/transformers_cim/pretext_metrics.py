@@ -23,11 +23,14 @@ def correlation_iou(logits: torch.Tensor, labels: torch.Tensor, threshold: float
     intersection = (predicted & truth).flatten(-2).sum(-1).float()
     union = (predicted | truth).flatten(-2).sum(-1).float()
     return torch.where(union > 0, intersection / union.clamp(min=1), torch.ones_like(union)).mean()
+
+
 PROBABILITY_FLOOR = 1e-4
 
 
-def correlation_prior(config, num_samples: int = PRIOR_SAMPLES, generator: torch.Generator | None = None,
-                      chunk: int = 1024) -> torch.Tensor:
+def correlation_prior(
+    config, num_samples: int = PRIOR_SAMPLES, generator: torch.Generator | None = None, chunk: int = 1024
+) -> torch.Tensor:
     """The mean true map (m, m) over `num_samples` boxes drawn from `config`'s exemplar distribution."""
     total = torch.zeros(config.context_size, config.context_size, dtype=torch.float64)
     drawn = 0

@@ -25,8 +25,12 @@ from transformers.models.resnet.modeling_resnet import ResNetStage
 def running_stats_kept(module: nn.Module) -> Iterator[None]:
     """On leaving the block, the BatchNorm buffers of `module` (running mean and variance, batch count) hold the
     values they had on entering it, whatever the forward passes inside did to them."""
-    buffers = [buffer for norm in module.modules() if isinstance(norm, nn.modules.batchnorm._BatchNorm)
-               for buffer in norm.buffers()]
+    buffers = [
+        buffer
+        for norm in module.modules()
+        if isinstance(norm, nn.modules.batchnorm._BatchNorm)
+        for buffer in norm.buffers()
+    ]
     saved = [buffer.clone() for buffer in buffers]
     try:
         yield

@@ -46,7 +46,9 @@ def _map_image(values: torch.Tensor, size: int) -> Image.Image:
     return Image.fromarray(array, mode="L").convert("RGB").resize((size, size), Image.NEAREST)
 
 
-def render_correlation_grid(outputs, mean: list[float], std: list[float], max_rows: int = 8, tile: int = 160) -> Image.Image:
+def render_correlation_grid(
+    outputs, mean: list[float], std: list[float], max_rows: int = 8, tile: int = 160
+) -> Image.Image:
     """A grid image from a `CIMForPreTrainingOutput` (needs exemplar_boxes for the outline)."""
     contexts, exemplars = outputs.context_pixel_values, outputs.exemplar_pixel_values
     labels, probs, boxes = outputs.correlation_labels, outputs.logits.float().sigmoid(), outputs.exemplar_boxes
@@ -72,8 +74,9 @@ def render_correlation_grid(outputs, mean: list[float], std: list[float], max_ro
 
 
 @torch.no_grad()
-def visualize_model(model, pixel_values: torch.Tensor, path: str | None, seed: int = 0,
-                    max_rows: int = 8) -> Image.Image:
+def visualize_model(
+    model, pixel_values: torch.Tensor, path: str | None, seed: int = 0, max_rows: int = 8
+) -> Image.Image:
     """Runs the model on fixed views with a seeded generator; returns the grid and writes it as a PNG to `path`
     (unless None)."""
     was_training = model.training
@@ -89,10 +92,21 @@ def visualize_model(model, pixel_values: torch.Tensor, path: str | None, seed: i
         grid.save(path)
     return grid
 
+
 # The training callback and its helpers moved to the training side; their old names here work for one release.
-__getattr__ = moved_attributes(__name__, dict.fromkeys(
-    ("VisualizationCallback", "integrations_on", "log_figure_to_integrations", "FIGURE_KEY", "AUTO_FIGURES_PER_RUN"),
-    "transformers_cim.training.visualization_callback"))
+__getattr__ = moved_attributes(
+    __name__,
+    dict.fromkeys(
+        (
+            "VisualizationCallback",
+            "integrations_on",
+            "log_figure_to_integrations",
+            "FIGURE_KEY",
+            "AUTO_FIGURES_PER_RUN",
+        ),
+        "transformers_cim.training.visualization_callback",
+    ),
+)
 
 __all__ = [
     "box_corners",

@@ -24,10 +24,22 @@ import run_pretraining  # noqa: E402
 
 
 def run_script(script: str, *args: str, tmp_path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               HF_DATASETS_CACHE=str(tmp_path / "hf-datasets"), PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args, "--report_to", "none"], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=300)
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        HF_DATASETS_CACHE=str(tmp_path / "hf-datasets"),
+        PYTHONWARNINGS="ignore",
+    )
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, script), *args, "--report_to", "none"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, script: str, *fragments: str) -> None:
@@ -64,8 +76,16 @@ def data(tmp_path_factory):
 
 @pytest.mark.parametrize("case", ["missing path", "bad flag value", "checkpoint of another kind"])
 def test_fine_tuning_user_errors_are_one_line(case, data, tmp_path):
-    args = ["--model_name_or_path", str(data / "cim"), "--train_dir", str(data / "train"), "--image_size", "32",
-            "--output_dir", str(tmp_path / "out")]
+    args = [
+        "--model_name_or_path",
+        str(data / "cim"),
+        "--train_dir",
+        str(data / "train"),
+        "--image_size",
+        "32",
+        "--output_dir",
+        str(tmp_path / "out"),
+    ]
     if case == "missing path":
         args[1] = str(tmp_path / "no-such-checkpoint")
         expected = ["no-such-checkpoint' does not exist"]
@@ -75,8 +95,10 @@ def test_fine_tuning_user_errors_are_one_line(case, data, tmp_path):
     else:  # item 7: a pre-training checkpoint in output_dir is never resumed by fine-tuning
         save_tiny_cim(str(tmp_path / "out" / "checkpoint-7"))
         (tmp_path / "out" / "checkpoint-7" / "trainer_state.json").write_text("{}")
-        expected = [f"Cannot resume from {tmp_path / 'out' / 'checkpoint-7'}: it holds a CIMForPreTraining",
-                    "pass --overwrite_output_dir to start afresh there, or use another --output_dir"]
+        expected = [
+            f"Cannot resume from {tmp_path / 'out' / 'checkpoint-7'}: it holds a CIMForPreTraining",
+            "pass --overwrite_output_dir to start afresh there, or use another --output_dir",
+        ]
     result = run_script("run_image_classification.py", *args, tmp_path=tmp_path)
     assert_one_line_error(result, "run_image_classification.py", *expected)
 
@@ -85,8 +107,11 @@ def test_fine_tuning_user_errors_are_one_line(case, data, tmp_path):
 def test_pretraining_user_errors_are_one_line(case, data, tmp_path):
     if case == "dataset folder without images":  # item 8: which folder, what was found, what was expected
         args = ["--dataset_name", str(data / "notes")]
-        expected = [f"dataset_name='{data / 'notes'}' is a local folder with no images: found 1 file(s) (README.txt)",
-                    "Expected image files", "parquet layout"]
+        expected = [
+            f"dataset_name='{data / 'notes'}' is a local folder with no images: found 1 file(s) (README.txt)",
+            "Expected image files",
+            "parquet layout",
+        ]
     else:
         args = ["--train_dir", str(data / "train"), "--config_overrides", "num_exemplars=four"]
         expected = ["--config_overrides: CIMConfig: invalid literal for int"]
@@ -94,28 +119,37 @@ def test_pretraining_user_errors_are_one_line(case, data, tmp_path):
     assert_one_line_error(result, "run_pretraining.py", *expected)
 
 
-@pytest.mark.parametrize("script, groups", [
-    (run_pretraining, ["model:", "data:", "CIM (each overrides the config's value):", "training (the CIM recipe's"]),
-    (run_image_classification, ["model and fine-tuning recipe:", "data:", "training (the fine-tuning recipe's"]),
-])
+@pytest.mark.parametrize(
+    "script, groups",
+    [
+        (
+            run_pretraining,
+            ["model:", "data:", "CIM (each overrides the config's value):", "training (the CIM recipe's"],
+        ),
+        (run_image_classification, ["model and fine-tuning recipe:", "data:", "training (the fine-tuning recipe's"]),
+    ],
+)
 def test_help_lists_the_scripts_own_groups_before_the_trainers_flags(script, groups, capsys):
     with pytest.raises(SystemExit):
         script.parse_arguments(["--help"])
     text = capsys.readouterr().out
     positions = [text.index(f"\n{title}") for title in groups + [TRAINER_GROUP_TITLE]]
     assert positions == sorted(positions)
-    trainer_part = text[positions[-1]:]
-    assert "--num_train_epochs" in trainer_part and "--base_learning_rate" in text[:positions[-1]]
+    trainer_part = text[positions[-1] :]
+    assert "--num_train_epochs" in trainer_part and "--base_learning_rate" in text[: positions[-1]]
     assert "--base_learning_rate" not in trainer_part and "--warmup_steps" not in trainer_part  # recipe defaults
-    assert len(text[:positions[-1]].splitlines()) < len(text.splitlines()) / 2  # the script's part is read first
+    assert len(text[: positions[-1]].splitlines()) < len(text.splitlines()) / 2  # the script's part is read first
 
 
 def test_learning_rate_line_names_each_factor():
-    args = run_pretraining.CIMTrainingArguments(output_dir="unused", per_device_train_batch_size=16,
-                                                gradient_accumulation_steps=2)
+    args = run_pretraining.CIMTrainingArguments(
+        output_dir="unused", per_device_train_batch_size=16, gradient_accumulation_steps=2
+    )
     line = set_learning_rate(args, 1.5e-4, explicit=False)
-    assert line.startswith("lr = base_lr x total_batch / 256 = 0.00015 x 32 / 256 = 1.875e-05 (total_batch = 16 per "
-                           "device x 2 accumulation step(s) x 1 process(es)")
+    assert line.startswith(
+        "lr = base_lr x total_batch / 256 = 0.00015 x 32 / 256 = 1.875e-05 (total_batch = 16 per "
+        "device x 2 accumulation step(s) x 1 process(es)"
+    )
     assert args.learning_rate == pytest.approx(1.875e-05)
     assert set_learning_rate(args, 1.5e-4, explicit=True).startswith("lr = 1.875e-05 (--learning_rate as given")
 
@@ -123,11 +157,12 @@ def test_learning_rate_line_names_each_factor():
 def test_a_cpu_run_logs_the_learning_rate_once_and_pins_no_memory(data, tmp_path, caplog, recwarn):
     args = base_args(tmp_path / "out", "--train_dir", str(data / "train"), steps=1)
     index = args.index("--dataloader_pin_memory")
-    del args[index:index + 2]  # the default: pin memory, which a machine without an accelerator cannot use
+    del args[index : index + 2]  # the default: pin memory, which a machine without an accelerator cannot use
     with caplog.at_level("INFO", logger="run_pretraining"):
         run_pretraining.main(args)
     assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("lr = ")] == [
         "lr = base_lr x total_batch / 256 = 0.00015 x 4 / 256 = 2.344e-06 (total_batch = 4 per device x 1 "
-        "accumulation step(s) x 1 process(es); --learning_rate sets it directly)"]
+        "accumulation step(s) x 1 process(es); --learning_rate sets it directly)"
+    ]
     assert not [w for w in recwarn if "pin_memory" in str(w.message)]
     assert run_pretraining.CIMTrainingArguments(output_dir="unused").dataloader_pin_memory is accelerator_available()

@@ -32,9 +32,11 @@ from transformers_cim.training.pretraining import apply_overrides  # noqa: E402
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 # ViT with 1 layer, width 32, 8 px patches: 32 px views, 24 px context (3x3 tokens), 2 exemplars of 8 px (1 token)
-TINY_OVERRIDES = ("image_size=32,context_size=24,exemplar_size=8,num_exemplars=2,decoder_hidden_size=32,"
-                  "decoder_num_attention_heads=2,encoder.num_hidden_layers=1,encoder.hidden_size=32,"
-                  "encoder.intermediate_size=64,encoder.num_attention_heads=2,encoder.patch_size=8")
+TINY_OVERRIDES = (
+    "image_size=32,context_size=24,exemplar_size=8,num_exemplars=2,decoder_hidden_size=32,"
+    "decoder_num_attention_heads=2,encoder.num_hidden_layers=1,encoder.hidden_size=32,"
+    "encoder.intermediate_size=64,encoder.num_attention_heads=2,encoder.patch_size=8"
+)
 LEARNING_RATE = "3e-3"  # loss falls in every seed tried (0.2-0.3 lower after 30-40 steps at 1e-3 .. 1e-2)
 
 
@@ -49,7 +51,7 @@ def texture(index: int, rng: np.random.Generator, width: int = 48, height: int =
     arr = np.stack([xx / width * 255, yy / height * 255, np.full_like(xx, (index * 37) % 256)], -1)
     for _ in range(3):
         x0, y0 = rng.integers(0, width - 8), rng.integers(0, height - 8)
-        arr[y0:y0 + rng.integers(4, 16), x0:x0 + rng.integers(4, 16)] = rng.integers(0, 256, 3)
+        arr[y0 : y0 + rng.integers(4, 16), x0 : x0 + rng.integers(4, 16)] = rng.integers(0, 256, 3)
     arr += rng.normal(0, 12, arr.shape)
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
@@ -64,8 +66,9 @@ def write_parquet(path, images: list, extra_columns: dict | None = None) -> str:
     """`images`: PIL images or raw bytes (stored as undecoded Image values)."""
     values = [img if isinstance(img, (Image.Image, dict)) else {"bytes": img, "path": None} for img in images]
     columns = {"image": values, **(extra_columns or {})}
-    features = datasets.Features({"image": datasets.Image(),
-                                  **{k: datasets.Value("int64") for k in (extra_columns or {})}})
+    features = datasets.Features(
+        {"image": datasets.Image(), **{k: datasets.Value("int64") for k in (extra_columns or {})}}
+    )
     # written by pyarrow: datasets' to_parquet opens every path to size it, and one record points nowhere on purpose
     pq.write_table(datasets.Dataset.from_dict(columns, features=features).data.table, str(path))
     return str(path)
@@ -109,10 +112,31 @@ def symmetric_folder(tmp_path_factory) -> str:
 
 
 def base_args(output_dir, *extra: str, steps: int = 4) -> list[str]:
-    return ["--output_dir", str(output_dir), "--config_name", "vit-tiny-patch16", "--config_overrides", TINY_OVERRIDES,
-            "--max_steps", str(steps), "--per_device_train_batch_size", "4", "--report_to", "none",
-            "--dataloader_num_workers", "0", "--dataloader_pin_memory", "false", "--disable_tqdm", "true", "--save_strategy", "no",
-            "--cache_dir", os.path.join(str(output_dir), "..", "hf-cache"), *extra]
+    return [
+        "--output_dir",
+        str(output_dir),
+        "--config_name",
+        "vit-tiny-patch16",
+        "--config_overrides",
+        TINY_OVERRIDES,
+        "--max_steps",
+        str(steps),
+        "--per_device_train_batch_size",
+        "4",
+        "--report_to",
+        "none",
+        "--dataloader_num_workers",
+        "0",
+        "--dataloader_pin_memory",
+        "false",
+        "--disable_tqdm",
+        "true",
+        "--save_strategy",
+        "no",
+        "--cache_dir",
+        os.path.join(str(output_dir), "..", "hf-cache"),
+        *extra,
+    ]
 
 
 def logged(output_dir, key: str = "loss") -> list[dict]:
@@ -148,8 +172,15 @@ def no_training(monkeypatch):
 
 
 def check_artifacts(output_dir: str) -> None:
-    for name in ("model.safetensors", "config.json", "README.md", "correlation_maps.png", "preprocessor_config.json",
-                 "all_results.json", "trainer_state.json"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "README.md",
+        "correlation_maps.png",
+        "preprocessor_config.json",
+        "all_results.json",
+        "trainer_state.json",
+    ):
         assert os.path.isfile(os.path.join(output_dir, name)), name
     # the model card: YAML header with the tags
     with open(os.path.join(output_dir, "README.md")) as f:
@@ -210,8 +241,11 @@ def test_correlation_maps_reach_tensorboard(image_folder, tmp_path):
     """The figure callback finds the Trainer's TensorBoard writer through the trainer it was built with."""
     event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
     out = tmp_path / "out"
-    run_pretraining.main(base_args(out, "--train_dir", image_folder, "--report_to", "tensorboard",
-                                   "--visualize_every_steps", "1", steps=2))
+    run_pretraining.main(
+        base_args(
+            out, "--train_dir", image_folder, "--report_to", "tensorboard", "--visualize_every_steps", "1", steps=2
+        )
+    )
     runs = [root for root, _, files in os.walk(out / "runs") if any("tfevents" in f for f in files)]
     assert len(runs) == 1
     events = event_accumulator.EventAccumulator(runs[0], size_guidance={"images": 0})
@@ -224,8 +258,9 @@ def test_any_tracker_gets_the_figure_and_pretext_metrics_without_extra_flags(ima
     tracker closes), with no extra files; the pretext metrics are logged next to the loss."""
     event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
     out = tmp_path / "out"
-    run_pretraining.main(base_args(out, "--train_dir", image_folder, "--report_to", "tensorboard", "--logging_steps", "5",
-                                   steps=20))
+    run_pretraining.main(
+        base_args(out, "--train_dir", image_folder, "--report_to", "tensorboard", "--logging_steps", "5", steps=20)
+    )
     runs = [root for root, _, files in os.walk(out / "runs") if any("tfevents" in f for f in files)]
     events = event_accumulator.EventAccumulator(runs[0], size_guidance={"images": 0, "scalars": 0})
     events.Reload()
@@ -267,7 +302,9 @@ def test_figure_goes_to_wandb_and_mlflow_like_trackers():
 
     grid = PILImage.new("RGB", (8, 6))
     assert log_figure_to_integrations([WandbCallback(), MLflowCallback(), object()], grid, 7) == [
-        "WandbCallback", "MLflowCallback"]
+        "WandbCallback",
+        "MLflowCallback",
+    ]
     assert FakeWandb.logged == [{"pretext/correlation_maps": ("wandb-image", (8, 6)), "train/global_step": 7}]
     assert FakeMlflow.logged == [((8, 6), "pretext_correlation_maps", 7)]
 
@@ -276,10 +313,26 @@ def test_knn_monitor_logs_top1_every_n_steps(image_folder, tmp_path):
     """--knn_eval_steps: k-NN top-1 on labelled images (class sub-folders) every N steps and at the last one, next to
     the loss in the log history, in all_results.json and on the card; no validation split: one clear error."""
     out = tmp_path / "out"
-    results = run_pretraining.main(base_args(out, "--train_dir", image_folder, "--validation_dir", image_folder,
-                                             "--knn_eval_steps", "2", "--knn_max_train_samples", "12",
-                                             "--knn_max_eval_samples", "8", "--knn_k", "5", "--logging_steps", "2",
-                                             steps=5))
+    results = run_pretraining.main(
+        base_args(
+            out,
+            "--train_dir",
+            image_folder,
+            "--validation_dir",
+            image_folder,
+            "--knn_eval_steps",
+            "2",
+            "--knn_max_train_samples",
+            "12",
+            "--knn_max_eval_samples",
+            "8",
+            "--knn_k",
+            "5",
+            "--logging_steps",
+            "2",
+            steps=5,
+        )
+    )
     entries = logged(out, "knn_top1")
     assert [entry["step"] for entry in entries] == [2, 4, 5]
     assert all(0.0 <= entry["knn_top1"] <= 1.0 for entry in entries)
@@ -295,18 +348,44 @@ def test_streamed_run_logs_the_pass_over_the_data(image_folder, tmp_path):
     """A stream has no length, so the Trainer's `epoch` is steps / max_steps; `stream_epoch` says which pass over the
     data the last batch came from: 32 images, batches of 4, 12 steps = one pass and a half."""
     out = tmp_path / "out"
-    run_pretraining.main(base_args(out, "--train_dir", image_folder, "--streaming", "--shuffle_buffer_size", "8",
-                                   "--logging_steps", "4", steps=12))
+    run_pretraining.main(
+        base_args(
+            out,
+            "--train_dir",
+            image_folder,
+            "--streaming",
+            "--shuffle_buffer_size",
+            "8",
+            "--logging_steps",
+            "4",
+            steps=12,
+        )
+    )
     assert [(entry["step"], entry["stream_epoch"]) for entry in logged(out)] == [(4, 0), (8, 0), (12, 1)]
 
 
 def test_json_arguments_file(image_folder, tmp_path):
     out = tmp_path / "out"
-    args = {"train_dir": image_folder, "output_dir": str(out), "config_name": "vit-tiny-patch16",
-            "config_overrides": TINY_OVERRIDES, "max_steps": 3, "per_device_train_batch_size": 4, "report_to": "none",
-            "dataloader_num_workers": 0, "dataloader_pin_memory": False, "disable_tqdm": True, "save_strategy": "no", "logging_steps": 1,
-            "learning_rate": 2e-3, "lr_scheduler_type": "constant", "warmup_steps": 0, "view_scale": [0.8, 1.0],
-            "cache_dir": str(tmp_path / "hf-cache"), "license": "mit"}
+    args = {
+        "train_dir": image_folder,
+        "output_dir": str(out),
+        "config_name": "vit-tiny-patch16",
+        "config_overrides": TINY_OVERRIDES,
+        "max_steps": 3,
+        "per_device_train_batch_size": 4,
+        "report_to": "none",
+        "dataloader_num_workers": 0,
+        "dataloader_pin_memory": False,
+        "disable_tqdm": True,
+        "save_strategy": "no",
+        "logging_steps": 1,
+        "learning_rate": 2e-3,
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+        "view_scale": [0.8, 1.0],
+        "cache_dir": str(tmp_path / "hf-cache"),
+        "license": "mit",
+    }
     path = tmp_path / "args.json"
     path.write_text(json.dumps(args))
     run_pretraining.main([str(path)])
@@ -327,7 +406,11 @@ def test_json_arguments_file(image_folder, tmp_path):
 def test_config_overrides_typed_by_field_and_unknown_keys_named():
     config = CIMConfig.from_preset("vit-tiny-patch16")
     apply_overrides(config, "num_exemplars=4, encoder.num_hidden_layers=6,exemplar_augmentation=false")
-    assert (config.num_exemplars, config.encoder_config.num_hidden_layers, config.exemplar_augmentation) == (4, 6, False)
+    assert (config.num_exemplars, config.encoder_config.num_hidden_layers, config.exemplar_augmentation) == (
+        4,
+        6,
+        False,
+    )
     with pytest.raises(ValueError, match="CIMConfig has no field 'num_exemplar'"):
         apply_overrides(config, "num_exemplar=4")
     with pytest.raises(ValueError, match="ViTConfig has no field 'layers'"):
@@ -342,10 +425,16 @@ def test_encoder_width_that_its_heads_do_not_divide_is_refused(no_training, imag
     """Issue 14, item 9: hidden_size 100 with 3 heads would build 99-wide attention; the config refuses it."""
     args = base_args(tmp_path / "out", "--train_dir", image_folder)
     index = args.index("--config_overrides") + 1
-    args[index] = args[index].replace("encoder.hidden_size=32", "encoder.hidden_size=100").replace(
-        "encoder.num_attention_heads=2", "encoder.num_attention_heads=3")
-    with pytest.raises(ValueError, match=r"Invalid CIM configuration: The encoder's `hidden_size`=100 is not divisible "
-                                         r"by its `num_attention_heads`=3"):
+    args[index] = (
+        args[index]
+        .replace("encoder.hidden_size=32", "encoder.hidden_size=100")
+        .replace("encoder.num_attention_heads=2", "encoder.num_attention_heads=3")
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"Invalid CIM configuration: The encoder's `hidden_size`=100 is not divisible "
+        r"by its `num_attention_heads`=3",
+    ):
         run_pretraining.main(args)
 
 
@@ -365,7 +454,9 @@ def test_unknown_image_column_lists_columns(no_training, parquet_file, tmp_path,
 
 def test_non_image_column_is_refused(no_training, parquet_file, tmp_path):
     with pytest.raises(ValueError, match="'label' is not an image column"):
-        run_pretraining.main(base_args(tmp_path / "out", "--train_files", parquet_file, "--image_column_name", "label"))
+        run_pretraining.main(
+            base_args(tmp_path / "out", "--train_files", parquet_file, "--image_column_name", "label")
+        )
 
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["map", "streamed"])
@@ -388,8 +479,22 @@ def test_streaming_without_max_steps(no_training, parquet_file, tmp_path):
 
 def test_huge_learning_rate_stops_with_non_finite_loss(image_folder, tmp_path):
     out = tmp_path / "out"
-    args = base_args(out, "--train_dir", image_folder, "--learning_rate", "1e6", "--warmup_steps", "0",
-                     "--save_strategy", "steps", "--save_steps", "1", "--logging_steps", "1", steps=20)
+    args = base_args(
+        out,
+        "--train_dir",
+        image_folder,
+        "--learning_rate",
+        "1e6",
+        "--warmup_steps",
+        "0",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "1",
+        "--logging_steps",
+        "1",
+        steps=20,
+    )
     with pytest.raises(NonFiniteLossError, match="The loss became (nan|inf) at step") as excinfo:
         run_pretraining.main(args)
     step = int(str(excinfo.value).split(" at step ")[1].split(";")[0])
@@ -414,11 +519,20 @@ def corrupt_mix(rng: np.random.Generator) -> tuple[list, int]:
     records: list = []
     for i in range(40):
         image = texture(i, rng)
-        records.append({1: image.convert("CMYK"), 2: image.convert("RGBA"), 3: image.convert("P"),
-                        4: image.convert("L")}.get(i % 10, image))
+        records.append(
+            {1: image.convert("CMYK"), 2: image.convert("RGBA"), 3: image.convert("P"), 4: image.convert("L")}.get(
+                i % 10, image
+            )
+        )
     jpeg = encode(texture(99, rng), "JPEG")
-    unusable = {5: jpeg[: len(jpeg) // 2], 15: b"", 25: encode(Image.new("RGB", (1, 1)), "PNG"), 35: b"\xff\xd8junk",
-                21: b"id,label\n1,cat\n2,dog\n", 31: {"bytes": None, "path": "images/missing.jpg"}}
+    unusable = {
+        5: jpeg[: len(jpeg) // 2],
+        15: b"",
+        25: encode(Image.new("RGB", (1, 1)), "PNG"),
+        35: b"\xff\xd8junk",
+        21: b"id,label\n1,cat\n2,dog\n",
+        31: {"bytes": None, "path": "images/missing.jpg"},
+    }
     for index, value in unusable.items():
         records[index] = value
     records[11] = encode(texture(11, rng).convert("CMYK"), "JPEG")  # a CMYK JPEG file, not only a CMYK array
@@ -432,18 +546,23 @@ def test_skipped_images_are_counted_once_and_named(symmetric_folder, tmp_path, c
     with caplog.at_level("WARNING"):
         results = run_pretraining.main(base_args(out, "--train_dir", symmetric_folder, steps=12))
     assert results["skipped_images"] == 2
-    named = sorted(r.getMessage() for r in caplog.records
-                   if r.levelname == "WARNING" and r.getMessage().startswith("Skipped training image"))
+    named = sorted(
+        r.getMessage()
+        for r in caplog.records
+        if r.levelname == "WARNING" and r.getMessage().startswith("Skipped training image")
+    )
     assert len(named) == 2
-    assert named[0].startswith(f"Skipped training image {os.path.join(symmetric_folder, 'a', '05.png')}: too small "
-                               "(1x1 px, shorter side under 32)")
+    assert named[0].startswith(
+        f"Skipped training image {os.path.join(symmetric_folder, 'a', '05.png')}: too small "
+        "(1x1 px, shorter side under 32)"
+    )
     assert named[1].startswith(f"Skipped training image {os.path.join(symmetric_folder, 'b', '07.png')}: undecodable")
 
 
 @pytest.mark.parametrize("streaming", [True, False], ids=["streamed", "map"])
 def test_corrupt_records_are_skipped_and_counted(streaming, tmp_path, caplog):
     records, unusable = corrupt_mix(np.random.default_rng(4))
-    shards = [write_parquet(tmp_path / f"part-{k}.parquet", records[k * 20:(k + 1) * 20]) for k in range(2)]
+    shards = [write_parquet(tmp_path / f"part-{k}.parquet", records[k * 20 : (k + 1) * 20]) for k in range(2)]
     out = tmp_path / "out"
     # 10 steps x 4 = 40 records: every record is consumed exactly once (no cycling of the stream)
     args = base_args(out, "--train_files", *shards, "--logging_steps", "5", "--learning_rate", LEARNING_RATE, steps=10)
@@ -479,9 +598,27 @@ def test_resume_continues_exactly(streaming, symmetric_folder, tmp_path, monkeyp
     stream = ["--streaming", "--shuffle_buffer_size", "16"] if streaming else []
 
     def args(out, *extra):
-        return base_args(out, "--train_dir", symmetric_folder, "--view_scale", "0.3", "1", "--learning_rate", "1e-3",
-                         "--save_strategy", "steps", "--save_steps", "3", "--logging_steps", "1", "--seed", "7",
-                         *stream, *extra, steps=6)
+        return base_args(
+            out,
+            "--train_dir",
+            symmetric_folder,
+            "--view_scale",
+            "0.3",
+            "1",
+            "--learning_rate",
+            "1e-3",
+            "--save_strategy",
+            "steps",
+            "--save_steps",
+            "3",
+            "--logging_steps",
+            "1",
+            "--seed",
+            "7",
+            *stream,
+            *extra,
+            steps=6,
+        )
 
     run_a, run_b = tmp_path / "A", tmp_path / "B"
     results_a = run_pretraining.main(args(run_a))
@@ -507,8 +644,9 @@ def test_resume_continues_exactly(streaming, symmetric_folder, tmp_path, monkeyp
     entries_a, entries_b = logged(run_a), logged(run_b)
     assert [e["step"] for e in entries_b] == [1, 2, 3, 4, 5, 6]
     assert [e["momentum"] for e in entries_b] == [e["momentum"] for e in entries_a]
-    assert [e["momentum"] for e in entries_a] == pytest.approx([round(cosine_momentum(s, 6, 0.99, 1.0), 6)
-                                                                for s in range(6)])
+    assert [e["momentum"] for e in entries_a] == pytest.approx(
+        [round(cosine_momentum(s, 6, 0.99, 1.0), 6) for s in range(6)]
+    )
     assert [e["loss"] for e in entries_b] == pytest.approx([e["loss"] for e in entries_a], abs=1e-6)
 
 
@@ -538,8 +676,11 @@ def test_a_checkpoint_of_another_model_in_output_dir_is_refused(image_folder, tm
     out = tmp_path / "out"
     CIMForPreTraining(tiny_vit_config()).save_pretrained(out / "checkpoint-2")
     (out / "checkpoint-2" / "trainer_state.json").write_text("{}")
-    with pytest.raises(ValueError, match=r"Cannot resume from \S*checkpoint-2: its weights do not fit this run's "
-                                         r"CIMForPreTraining .*--overwrite_output_dir"):
+    with pytest.raises(
+        ValueError,
+        match=r"Cannot resume from \S*checkpoint-2: its weights do not fit this run's "
+        r"CIMForPreTraining .*--overwrite_output_dir",
+    ):
         run_pretraining.main(base_args(out, "--train_dir", image_folder, steps=1))
     run_pretraining.main(base_args(out, "--train_dir", image_folder, "--overwrite_output_dir", steps=1))
     with open(out / "trainer_state.json") as f:

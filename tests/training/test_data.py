@@ -247,8 +247,9 @@ def test_random_resized_crop_params_within_bounds_and_flip_happens():
     full = dict(size=16, scale=(1.0, 1.0), ratio=(48 / 40, 48 / 40))
     flipped = [RandomResizedCropFlip(**full)(image, np.random.default_rng(s))[0, 8, 1] < 0 for s in range(20)]
     assert 0 < sum(flipped) < 20
-    assert not any(RandomResizedCropFlip(**full, hflip=False)(image, np.random.default_rng(s))[0, 8, 1] < 0
-                   for s in range(20))
+    assert not any(
+        RandomResizedCropFlip(**full, hflip=False)(image, np.random.default_rng(s))[0, 8, 1] < 0 for s in range(20)
+    )
 
 
 def test_random_resized_crop_unseeded_follows_torch_seed():
@@ -273,8 +274,10 @@ def test_resize_center_crop():
         ResizeCenterCrop(crop_pct=1.5)
 
 
-@pytest.mark.parametrize("size, crop_pct, image_size", [(32, 0.875, (72, 78)), (32, 0.875, (97, 61)),
-                                                         (48, 1.0, (123, 77)), (224, 0.875, (300, 200))])
+@pytest.mark.parametrize(
+    "size, crop_pct, image_size",
+    [(32, 0.875, (72, 78)), (32, 0.875, (97, 61)), (48, 1.0, (123, 77)), (224, 0.875, (300, 200))],
+)
 def test_saved_image_processor_computes_the_eval_transform(tmp_path, size, crop_pct, image_size):
     """What `pipeline()` / `AutoImageProcessor` users get is the evaluated view: same resize (bicubic), same crop
     offsets (72 x 78 -> 36 x 39: 7 rows to cut, 3 above), same normalisation."""
@@ -333,14 +336,23 @@ def test_find_columns_errors():
 def test_load_image_folder(tmp_path, streaming):
     write_image_folder(tmp_path / "train")
     write_image_folder(tmp_path / "val", per_class=1)
-    ds = load_image_dataset(train_dir=str(tmp_path / "train"), validation_dir=str(tmp_path / "val"),
-                            streaming=streaming, cache_dir=str(tmp_path / "cache"))
+    ds = load_image_dataset(
+        train_dir=str(tmp_path / "train"),
+        validation_dir=str(tmp_path / "val"),
+        streaming=streaming,
+        cache_dir=str(tmp_path / "cache"),
+    )
     assert ds.features["label"].names == ["cat", "dog"]
     assert find_image_column(ds.features) == "image"
     rows = list(ds)
     assert len(rows) == 6 and sorted(r["label"] for r in rows) == [0, 0, 0, 1, 1, 1]
-    val = load_image_dataset(train_dir=str(tmp_path / "train"), validation_dir=str(tmp_path / "val"),
-                             split="validation", streaming=streaming, cache_dir=str(tmp_path / "cache"))
+    val = load_image_dataset(
+        train_dir=str(tmp_path / "train"),
+        validation_dir=str(tmp_path / "val"),
+        split="validation",
+        streaming=streaming,
+        cache_dir=str(tmp_path / "cache"),
+    )
     assert len(list(val)) == 2
 
 
@@ -348,8 +360,12 @@ def test_load_image_folder(tmp_path, streaming):
 def test_load_parquet_files(tmp_path, streaming):
     blobs = write_parquet(tmp_path / "train.parquet", n=5)
     write_parquet(tmp_path / "valid.parquet", n=3)
-    kwargs = dict(train_files=[str(tmp_path / "train.parquet")], validation_files=[str(tmp_path / "valid.parquet")],
-                  streaming=streaming, cache_dir=str(tmp_path / "cache"))
+    kwargs = dict(
+        train_files=[str(tmp_path / "train.parquet")],
+        validation_files=[str(tmp_path / "valid.parquet")],
+        streaming=streaming,
+        cache_dir=str(tmp_path / "cache"),
+    )
     ds = load_image_dataset(**kwargs)
     assert isinstance(ds, datasets.IterableDataset if streaming else datasets.Dataset)
     assert find_image_column(ds.features) == "image" and find_label_column(ds.features) == "label"
@@ -375,8 +391,12 @@ def test_load_errors(tmp_path):
         load_image_dataset(dataset_name=IMAGENETTE, train_files=[str(tmp_path / "t.parquet")])
     for streaming in (False, True):
         with pytest.raises(ValueError, match=r"'validation' does not exist.*\['train'\]"):
-            load_image_dataset(train_files=[str(tmp_path / "t.parquet")], split="validation", streaming=streaming,
-                               cache_dir=str(tmp_path / "cache"))
+            load_image_dataset(
+                train_files=[str(tmp_path / "t.parquet")],
+                split="validation",
+                streaming=streaming,
+                cache_dir=str(tmp_path / "cache"),
+            )
     (tmp_path / "t.xyz").write_text("?")
     with pytest.raises(ValueError, match="Cannot tell the format"):
         load_image_dataset(train_files=[str(tmp_path / "t.xyz")])
@@ -400,8 +420,9 @@ def test_streamed_parquet_with_corrupt_rows_is_skipped_exactly(tmp_path):
     ds = load_image_dataset(train_files=[str(tmp_path / "c.parquet")], streaming=True)
     transform = RandomResizedCropFlip(size=24)
     fn = build_classification_transform("image", "label", transform, min_size=16)
-    loader = torch.utils.data.DataLoader(prepare_dataset(ds, "image", fn, streaming_batch_size=3),
-                                         batch_size=4, collate_fn=SkippingCollator())
+    loader = torch.utils.data.DataLoader(
+        prepare_dataset(ds, "image", fn, streaming_batch_size=3), batch_size=4, collate_fn=SkippingCollator()
+    )
     batches = list(loader)
     assert [int(b["num_skipped"]) for b in batches] == [1, 2]
     assert [b["pixel_values"].shape for b in batches] == [(3, 3, 24, 24), (2, 3, 24, 24)]

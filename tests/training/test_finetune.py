@@ -45,8 +45,9 @@ COLORS = {
 
 
 def tiny_vit_config(**kwargs) -> ViTConfig:
-    values = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=8,
-                  image_size=32)
+    values = dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=8, image_size=32
+    )
     values.update(kwargs)
     return ViTConfig(**values)
 
@@ -59,8 +60,15 @@ def tiny_resnet_config(**kwargs) -> ResNetConfig:
 
 def save_tiny_cim(path: str, seed: int = 0) -> CIMForPreTraining:
     torch.manual_seed(seed)
-    config = CIMConfig(encoder_config=tiny_vit_config(), image_size=32, context_size=32, exemplar_size=16,
-                       num_exemplars=2, decoder_hidden_size=32, decoder_num_attention_heads=2)
+    config = CIMConfig(
+        encoder_config=tiny_vit_config(),
+        image_size=32,
+        context_size=32,
+        exemplar_size=16,
+        num_exemplars=2,
+        decoder_hidden_size=32,
+        decoder_num_attention_heads=2,
+    )
     model = CIMForPreTraining(config).eval()
     model.save_pretrained(path)
     return model
@@ -112,10 +120,19 @@ def test_layer_decay_groups_vit_have_exact_lrs():
     no_decay = {n for n, (_, wd) in table.items() if wd == 0.0}
     decay = {n for n, (_, wd) in table.items() if wd == 0.05}
     assert no_decay | decay == set(table)
-    assert {"vit.embeddings.cls_token", "vit.embeddings.position_embeddings", "vit.layernorm.weight",
-            "vit.layernorm.bias", "classifier.bias", "vit.layers.0.attention.q_proj.bias"} <= no_decay
-    assert decay == {n for n, p in model.named_parameters() if p.ndim > 1 and "cls_token" not in n
-                     and "position_embeddings" not in n}
+    assert {
+        "vit.embeddings.cls_token",
+        "vit.embeddings.position_embeddings",
+        "vit.layernorm.weight",
+        "vit.layernorm.bias",
+        "classifier.bias",
+        "vit.layers.0.attention.q_proj.bias",
+    } <= no_decay
+    assert decay == {
+        n
+        for n, p in model.named_parameters()
+        if p.ndim > 1 and "cls_token" not in n and "position_embeddings" not in n
+    }
     # every group's lr is base_lr * its lr_scale
     assert all(g["lr"] == pytest.approx(g["lr_scale"]) for g in groups)
 
@@ -147,15 +164,17 @@ def test_layer_decay_groups_resnet_per_stage():
 
 def test_trainer_optimizer_uses_layer_decay_groups(tmp_path):
     model = ViTForImageClassification(tiny_vit_config(num_labels=3))
-    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-3, weight_decay=0.05, report_to="none",
-                             use_cpu=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), learning_rate=1e-3, weight_decay=0.05, report_to="none", use_cpu=True
+    )
     trainer = ClassificationTrainer(model=model, args=args, layer_decay=0.5)
     optimizer = trainer.create_optimizer()
     assert isinstance(optimizer, torch.optim.AdamW)
     lrs = sorted({round(g["lr"], 12) for g in optimizer.param_groups})
     assert lrs == [1.25e-4, 2.5e-4, 5e-4, 1e-3]
-    expected = {id(p): lr for g in param_groups_layer_decay(model, 0.05, 0.5, 1e-3) for p in g["params"]
-                for lr in [g["lr"]]}
+    expected = {
+        id(p): lr for g in param_groups_layer_decay(model, 0.05, 0.5, 1e-3) for p in g["params"] for lr in [g["lr"]]
+    }
     for group in optimizer.param_groups:
         assert all(expected[id(p)] == group["lr"] for p in group["params"])
 
@@ -166,8 +185,9 @@ def test_trainer_optimizer_uses_layer_decay_groups(tmp_path):
 def test_mixup_is_the_expected_convex_combination():
     x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     labels = torch.tensor([0, 1, 2, 1])
-    mixed, targets = mixup_cutmix(x, labels, 3, mixup_alpha=0.8, label_smoothing=0.1,
-                                  generator=torch.Generator().manual_seed(0))
+    mixed, targets = mixup_cutmix(
+        x, labels, 3, mixup_alpha=0.8, label_smoothing=0.1, generator=torch.Generator().manual_seed(0)
+    )
     # lam is drawn from Beta(0.8, 0.8) through a numpy Generator seeded by the torch generator's first draw
     seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(0)).item())
     lam = float(np.random.default_rng(seed).beta(0.8, 0.8))
@@ -194,7 +214,7 @@ def test_cutmix_pastes_a_box_and_weights_targets_by_area():
         assert torch.all(from_partner | (mixed[0] == x[0]))
         ys, xs = torch.nonzero(from_partner[0], as_tuple=True)
         if len(ys):  # the pasted region is one rectangle
-            assert from_partner[0, ys.min():ys.max() + 1, xs.min():xs.max() + 1].all()
+            assert from_partner[0, ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].all()
         torch.testing.assert_close(targets[0], torch.tensor([kept, 1 - kept]))
         torch.testing.assert_close(targets[1], torch.tensor([1 - kept, kept]))
 
@@ -206,18 +226,24 @@ def test_no_mixing_gives_label_smoothed_one_hots_and_matching_loss():
     assert mixed is x
     torch.testing.assert_close(targets, smooth_one_hot(labels, 3, 0.2))
     logits = torch.randn(3, 3)
-    torch.testing.assert_close(soft_target_cross_entropy(logits, targets),
-                               F.cross_entropy(logits, labels, label_smoothing=0.2))
+    torch.testing.assert_close(
+        soft_target_cross_entropy(logits, targets), F.cross_entropy(logits, labels, label_smoothing=0.2)
+    )
 
 
 def test_trainer_mixes_only_in_training(tmp_path):
     torch.manual_seed(0)
     model = ViTForImageClassification(tiny_vit_config(num_labels=3))
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
-    trainer = ClassificationTrainer(model=model, args=args, mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1,
-                                    mix_seed=0)
-    inputs = {"pixel_values": torch.randn(4, 3, 32, 32), "labels": torch.tensor([0, 1, 2, 0]),
-              "num_skipped": torch.tensor(2), "skipped_images": [("a.png", "undecodable"), ("row 7", "too small")]}
+    trainer = ClassificationTrainer(
+        model=model, args=args, mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, mix_seed=0
+    )
+    inputs = {
+        "pixel_values": torch.randn(4, 3, 32, 32),
+        "labels": torch.tensor([0, 1, 2, 0]),
+        "num_skipped": torch.tensor(2),
+        "skipped_images": [("a.png", "undecodable"), ("row 7", "too small")],
+    }
     model.eval()
     with torch.no_grad():
         eval_loss = trainer.compute_loss(model, dict(inputs))
@@ -354,10 +380,13 @@ def color_data(tmp_path):
     return tmp_path / "data"
 
 
-@pytest.mark.parametrize("pooling, model_type, architecture", [
-    (None, "beit", "BeitForImageClassification"),  # the default: the authors' mean-pool head
-    ("cls", "vit", "ViTForImageClassification"),
-])
+@pytest.mark.parametrize(
+    "pooling, model_type, architecture",
+    [
+        (None, "beit", "BeitForImageClassification"),  # the default: the authors' mean-pool head
+        ("cls", "vit", "ViTForImageClassification"),
+    ],
+)
 def test_script_fine_tunes_cim_checkpoint_end_to_end(tmp_path, color_data, pooling, model_type, architecture):
     save_tiny_cim(str(tmp_path / "cim"))
     args_file = tmp_path / "args.json"
@@ -398,8 +427,17 @@ def test_script_fine_tunes_cim_checkpoint_end_to_end(tmp_path, color_data, pooli
 def test_script_linear_probe_saves_stock_classifier(tmp_path, color_data):
     torch.manual_seed(0)
     ViTModel(tiny_vit_config(), add_pooling_layer=False).save_pretrained(tmp_path / "encoder")
-    args = _script_args(tmp_path, tmp_path / "encoder", linear_probe=True, learning_rate=0.05, num_train_epochs=3,
-                        eval_strategy="no", mixup=None, cutmix=None, layer_decay=None)
+    args = _script_args(
+        tmp_path,
+        tmp_path / "encoder",
+        linear_probe=True,
+        learning_rate=0.05,
+        num_train_epochs=3,
+        eval_strategy="no",
+        mixup=None,
+        cutmix=None,
+        layer_decay=None,
+    )
     argv = []
     for key, value in args.items():
         if value is None:
@@ -422,10 +460,21 @@ def test_script_uses_train_val_split_and_image_files_with_mixup(tmp_path):
     make_color_folder(str(tmp_path / "data" / "train"), per_class=8, seed=0, classes=["red", "green", "blue"])
     torch.manual_seed(0)
     ViTForImageClassification(tiny_vit_config(num_labels=10)).save_pretrained(tmp_path / "clf")
-    args = _script_args(tmp_path, tmp_path / "clf", validation_dir=None, train_val_split=0.25, num_train_epochs=1,
-                        mixup=0.8, cutmix=1.0, label_smoothing=0.1, layer_decay=0.75, image_size=48)
-    results = run_image_classification.main([str(a) for kv in args.items() if kv[1] is not None
-                                             for a in (f"--{kv[0]}", kv[1])])
+    args = _script_args(
+        tmp_path,
+        tmp_path / "clf",
+        validation_dir=None,
+        train_val_split=0.25,
+        num_train_epochs=1,
+        mixup=0.8,
+        cutmix=1.0,
+        label_smoothing=0.1,
+        layer_decay=0.75,
+        image_size=48,
+    )
+    results = run_image_classification.main(
+        [str(a) for kv in args.items() if kv[1] is not None for a in (f"--{kv[0]}", kv[1])]
+    )
     assert 0.0 <= results["eval_accuracy"] <= 1.0
     assert "eval_top5_accuracy" not in results  # 3 classes: top-1 only
     config = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -443,8 +492,11 @@ def test_script_accepts_a_hub_id_from_the_offline_cache(tmp_path, color_data, of
     assert card["base_model"] == "someone/vit-tiny"
     # an id neither local nor cached: one sentence naming the id and the fix
     args["model_name_or_path"] = "someone/not-downloaded"
-    with pytest.raises(FileNotFoundError, match=r"'someone/not-downloaded' does not exist locally and is not in the "
-                                                r"Hub cache .*hf download someone/not-downloaded"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"'someone/not-downloaded' does not exist locally and is not in the "
+        r"Hub cache .*hf download someone/not-downloaded",
+    ):
         run_image_classification.main([a for k, v in args.items() for a in (f"--{k}", str(v))])
 
 
@@ -456,8 +508,11 @@ def test_script_refuses_to_resume_a_pretraining_checkpoint(tmp_path, color_data)
     (tmp_path / "out" / "checkpoint-7" / "trainer_state.json").write_text("{}")
     args = _script_args(tmp_path, tmp_path / "cim", num_train_epochs=1, eval_strategy="no")
     argv = [a for k, v in args.items() for a in (f"--{k}", str(v))]
-    with pytest.raises(ValueError, match=r"Cannot resume from \S*checkpoint-7: it holds a CIMForPreTraining and this "
-                                         r"run trains a BeitForImageClassification; pass --overwrite_output_dir"):
+    with pytest.raises(
+        ValueError,
+        match=r"Cannot resume from \S*checkpoint-7: it holds a CIMForPreTraining and this "
+        r"run trains a BeitForImageClassification; pass --overwrite_output_dir",
+    ):
         run_image_classification.main(argv)
     results = run_image_classification.main(argv + ["--overwrite_output_dir"])
     assert results["epoch"] == 1.0
@@ -469,7 +524,8 @@ def test_script_errors(tmp_path):
     images = [Image.new("RGB", (32, 32), COLORS["red"]) for _ in range(3)]
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["red"])})
     datasets.Dataset.from_dict({"image": images, "label": [0, 0, 0]}, features=features).to_parquet(
-        str(tmp_path / "one.parquet"))
+        str(tmp_path / "one.parquet")
+    )
     os.makedirs(tmp_path / "flat")
     for i, image in enumerate(images):
         image.save(tmp_path / "flat" / f"{i}.png")
@@ -478,13 +534,15 @@ def test_script_errors(tmp_path):
     with pytest.raises(ValueError, match="model_name_or_path"):
         run_image_classification.main(["--output_dir", str(tmp_path / "o"), "--train_dir", str(tmp_path / "flat")])
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        run_image_classification.main(["--model_name_or_path", str(tmp_path / "nope"),
-                                       "--output_dir", str(tmp_path / "o")])
+        run_image_classification.main(
+            ["--model_name_or_path", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "o")]
+        )
     with pytest.raises(ValueError, match="single class"):
         run_image_classification.main(common + ["--train_files", str(tmp_path / "one.parquet")])
     with pytest.raises(ValueError, match="not found"):
-        run_image_classification.main(common + ["--train_files", str(tmp_path / "one.parquet"),
-                                                "--label_column_name", "species"])
+        run_image_classification.main(
+            common + ["--train_files", str(tmp_path / "one.parquet"), "--label_column_name", "species"]
+        )
     with pytest.raises(ValueError, match="No label column"):
         run_image_classification.main(common + ["--train_dir", str(tmp_path / "flat")])
 
@@ -497,8 +555,18 @@ def test_script_resume_continues_exactly_with_random_crops_and_mixup(tmp_path, c
     save_tiny_cim(str(tmp_path / "cim"))
 
     def argv(out):
-        args = _script_args(tmp_path, tmp_path / "cim", output_dir=str(out), num_train_epochs=2, mixup=0.8, cutmix=1.0,
-                            label_smoothing=0.1, save_strategy="steps", save_steps=3, eval_strategy="no")
+        args = _script_args(
+            tmp_path,
+            tmp_path / "cim",
+            output_dir=str(out),
+            num_train_epochs=2,
+            mixup=0.8,
+            cutmix=1.0,
+            label_smoothing=0.1,
+            save_strategy="steps",
+            save_steps=3,
+            eval_strategy="no",
+        )
         return [a for k, v in args.items() for a in (f"--{k}", str(v))]
 
     run_image_classification.main(argv(tmp_path / "A"))
@@ -550,8 +618,14 @@ def test_script_trains_evaluates_and_predicts_only_when_asked(tmp_path, color_da
     assert not any("eval_loss" in entry for entry in history)  # eval_strategy epoch, but no --do_eval
     weights = (tmp_path / "out" / "model.safetensors").read_bytes()
 
-    args = _script_args(tmp_path, tmp_path / "out", output_dir=str(tmp_path / "scored"), do_eval=True, do_predict=True,
-                        test_dir=str(color_data / "validation"))
+    args = _script_args(
+        tmp_path,
+        tmp_path / "out",
+        output_dir=str(tmp_path / "scored"),
+        do_eval=True,
+        do_predict=True,
+        test_dir=str(color_data / "validation"),
+    )
     results = run_image_classification.main(_argv(args))
     assert 0.0 <= results["eval_accuracy"] <= 1.0 and "train_loss" not in results
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == weights
@@ -629,9 +703,15 @@ def test_script_revision_image_processor_and_trust_remote_code(tmp_path, color_d
     ViTModel(tiny_vit_config(), add_pooling_layer=False).save_pretrained(tmp_path / "encoder")
     snapshot = offline_hub_cache(tmp_path / "encoder", "someone/vit-tiny")
     ViTImageProcessor(image_mean=[0.1, 0.2, 0.3], image_std=[0.4, 0.5, 0.6]).save_pretrained(tmp_path / "processor")
-    args = _script_args(tmp_path, "someone/vit-tiny", num_train_epochs=1, eval_strategy="no",
-                        model_revision=os.path.basename(snapshot), image_processor_name=str(tmp_path / "processor"),
-                        trust_remote_code=True)
+    args = _script_args(
+        tmp_path,
+        "someone/vit-tiny",
+        num_train_epochs=1,
+        eval_strategy="no",
+        model_revision=os.path.basename(snapshot),
+        image_processor_name=str(tmp_path / "processor"),
+        trust_remote_code=True,
+    )
     run_image_classification.main(_argv(args))
     processor = AutoImageProcessor.from_pretrained(tmp_path / "out")
     assert list(processor.image_mean) == pytest.approx([0.1, 0.2, 0.3])
@@ -661,19 +741,27 @@ def test_recipe_defaults_are_the_authors_for_vit_fine_tuning():
     model_args, _, training_args, _ = run_image_classification.parse_arguments(["--model_name_or_path", "x"])
     run_image_classification.apply_recipe_defaults(model_args, training_args, "vit")
     assert (model_args.pooling, model_args.drop_path_rate, model_args.random_erasing, model_args.layer_decay) == (
-        "mean", 0.1, 0.25, 0.8)
+        "mean",
+        0.1,
+        0.25,
+        0.8,
+    )
     probe_args, _, probe_training, _ = run_image_classification.parse_arguments(
-        ["--model_name_or_path", "x", "--linear_probe"])
+        ["--model_name_or_path", "x", "--linear_probe"]
+    )
     run_image_classification.apply_recipe_defaults(probe_args, probe_training, "vit")
     assert (probe_args.pooling, probe_args.drop_path_rate, probe_args.random_erasing) == ("cls", 0.0, 0.0)
 
 
-@pytest.mark.parametrize("argv, encoder_type, message", [
-    (["--pooling", "cls", "--drop_path_rate", "0.1"], "vit", "--drop_path_rate needs --pooling mean"),
-    (["--pooling", "mean"], "resnet", "apply to ViT encoders"),
-    (["--linear_probe", "--pooling", "mean"], "vit", "--linear_probe reads the CLS token"),
-    (["--random_erasing", "1.5"], "vit", r"--random_erasing is a probability"),
-])
+@pytest.mark.parametrize(
+    "argv, encoder_type, message",
+    [
+        (["--pooling", "cls", "--drop_path_rate", "0.1"], "vit", "--drop_path_rate needs --pooling mean"),
+        (["--pooling", "mean"], "resnet", "apply to ViT encoders"),
+        (["--linear_probe", "--pooling", "mean"], "vit", "--linear_probe reads the CLS token"),
+        (["--random_erasing", "1.5"], "vit", r"--random_erasing is a probability"),
+    ],
+)
 def test_recipe_refuses_contradictory_heads(argv, encoder_type, message):
     model_args, _, training_args, _ = run_image_classification.parse_arguments(["--model_name_or_path", "x", *argv])
     with pytest.raises(UserValueError, match=message):
@@ -692,12 +780,14 @@ def test_random_erasing_is_seeded_noise_in_one_rectangle():
     rows, cols = changed.any(1).nonzero().flatten(), changed.any(0).nonzero().flatten()
     assert 0 < changed.sum() < 32 * 32
     # the changed pixels fill exactly one axis-aligned rectangle
-    assert changed[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+    assert changed[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].all()
     assert changed.sum() == (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
     torch.testing.assert_close(erasing(image, np.random.default_rng(0)), erased)  # same seed, same erasing
     # probability 0 draws nothing: the views of existing seeds are unchanged
-    torch.testing.assert_close(RandomResizedCropFlip(size=32, random_erasing=0.0)(image, np.random.default_rng(5)),
-                               RandomResizedCropFlip(size=32)(image, np.random.default_rng(5)))
+    torch.testing.assert_close(
+        RandomResizedCropFlip(size=32, random_erasing=0.0)(image, np.random.default_rng(5)),
+        RandomResizedCropFlip(size=32)(image, np.random.default_rng(5)),
+    )
 
 
 def test_ema_encoder_is_the_target_encoders_weights(tmp_path):

@@ -27,8 +27,9 @@ from transformers_cim.training.knn import KNNCallback, extract_features, knn_acc
 
 def tiny_vit() -> ViTModel:
     torch.manual_seed(0)
-    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                       patch_size=8, image_size=32)
+    config = ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=8, image_size=32
+    )
     return ViTModel(config, add_pooling_layer=False).eval()
 
 
@@ -99,8 +100,9 @@ def test_extract_features_vit_and_resnet():
     assert feats.shape == (4, 32) and labels.tolist() == [0, 1, 2, 3]
     assert not model.training
 
-    resnet = ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
-                                      layer_type="basic")).eval()
+    resnet = ResNetModel(
+        ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")
+    ).eval()
     feats, _ = extract_features(resnet, rows[:2], max_samples=1)
     with torch.no_grad():
         expected = F.normalize(resnet(x[:1]).pooler_output.flatten(1), dim=-1)
@@ -133,7 +135,12 @@ def test_knn_evaluate_and_callback_on_image_datasets(tmp_path):
     state = TrainerState()
     state.global_step, state.epoch = 10, 1.0
     metrics = {"eval_loss": 1.0}
-    callback.on_evaluate(TrainingArguments(output_dir=str(tmp_path), report_to="none"), state, TrainerControl(),
-                         metrics=metrics, model=model)
+    callback.on_evaluate(
+        TrainingArguments(output_dir=str(tmp_path), report_to="none"),
+        state,
+        TrainerControl(),
+        metrics=metrics,
+        model=model,
+    )
     assert metrics["eval_knn_top1"] == 1.0
     assert state.log_history[-1]["eval_knn_top1"] == 1.0 and state.log_history[-1]["step"] == 10

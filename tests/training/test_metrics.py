@@ -37,8 +37,10 @@ def ranked_predictions():
 
 def test_every_metric_module_loads_offline():
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    code = ("from transformers_cim.training.metrics import LOCAL_METRICS, load_metric\n"
-            "print(sorted(type(load_metric(n)).__name__ for n in LOCAL_METRICS))")
+    code = (
+        "from transformers_cim.training.metrics import LOCAL_METRICS, load_metric\n"
+        "print(sorted(type(load_metric(n)).__name__ for n in LOCAL_METRICS))"
+    )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[-2] == "['Accuracy', 'MeanIoU', 'TopKAccuracy']"
@@ -88,16 +90,20 @@ def segmentation_case():
 
 def test_mean_iou_equals_the_confusion_matrix_scores():
     predictions, labels = segmentation_case()
-    counts = sum(confusion_counts(torch.from_numpy(p), torch.from_numpy(lab), 6, 255)
-                 for p, lab in zip(predictions, labels))
+    counts = sum(
+        confusion_counts(torch.from_numpy(p), torch.from_numpy(lab), 6, 255) for p, lab in zip(predictions, labels)
+    )
     expected = segmentation_scores(counts)
-    result = load_metric("mean_iou").compute(predictions=list(predictions), references=list(labels), num_labels=6,
-                                             ignore_index=255)
+    result = load_metric("mean_iou").compute(
+        predictions=list(predictions), references=list(labels), num_labels=6, ignore_index=255
+    )
     assert result["mean_iou"] == pytest.approx(expected["mean_iou"], rel=1e-12)
     assert result["mean_accuracy"] == pytest.approx(expected["mean_accuracy"], rel=1e-12)
     assert result["overall_accuracy"] == pytest.approx(expected["overall_accuracy"], rel=1e-12)
-    for name, values in (("per_category_iou", expected["per_class_iou"]),
-                         ("per_category_accuracy", expected["per_class_accuracy"])):
+    for name, values in (
+        ("per_category_iou", expected["per_class_iou"]),
+        ("per_category_accuracy", expected["per_class_accuracy"]),
+    ):
         np.testing.assert_allclose(result[name], list(values.values()), rtol=1e-12)  # NaN where NaN
     assert math.isnan(result["per_category_iou"][4]) and result["per_category_iou"][5] == 0.0
     assert math.isnan(result["per_category_accuracy"][5])  # predicted, never true
@@ -106,8 +112,14 @@ def test_mean_iou_equals_the_confusion_matrix_scores():
 def test_mean_iou_reduce_labels_and_nan_to_num():
     prediction, reference = np.array([[0, 1], [1, 1]]), np.array([[0, 1], [2, 2]])  # reduced: [[255, 0], [1, 1]]
     metric = load_metric("mean_iou")
-    result = metric.compute(predictions=[prediction], references=[reference], num_labels=3, ignore_index=255,
-                            reduce_labels=True, nan_to_num=-1)
+    result = metric.compute(
+        predictions=[prediction],
+        references=[reference],
+        num_labels=3,
+        ignore_index=255,
+        reduce_labels=True,
+        nan_to_num=-1,
+    )
     # labelled pixels (true, predicted): (0, 1), (1, 1), (1, 1); class 2 is absent from both
     np.testing.assert_allclose(result["per_category_iou"], [0.0, 2 / 3, -1])
     assert result["overall_accuracy"] == pytest.approx(2 / 3)

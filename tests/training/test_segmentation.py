@@ -138,8 +138,9 @@ def test_train_transform_keeps_image_and_mask_aligned_through_scale_crop_and_fli
 
 def test_train_transform_pads_small_views_with_the_ignore_index():
     image, mask = block_scene(20, 20, block=4, seed=1)
-    transform = SegmentationTrainTransform(32, base_size=20, scale_range=(1.0, 1.0), hflip=False, mean=(0, 0, 0),
-                                           std=(1, 1, 1))
+    transform = SegmentationTrainTransform(
+        32, base_size=20, scale_range=(1.0, 1.0), hflip=False, mean=(0, 0, 0), std=(1, 1, 1)
+    )
     view, labels = transform(*_as_tensors(image, mask), torch.Generator().manual_seed(0))
     assert torch.equal(labels[:20, :20], torch.from_numpy(mask)) and (labels[20:] == 255).all()
     assert (labels[:, 20:] == 255).all() and (view[:, 20:, :] == 0).all()
@@ -176,8 +177,9 @@ def test_mask_gets_the_exif_orientation_its_image_would_get():
         buffer = io.BytesIO()
         Image.fromarray(array[::-1, ::-1].copy()).save(buffer, format="PNG", exif=exif.tobytes())
         rotated[name] = {"bytes": buffer.getvalue(), "path": None}
-    row = segmentation_row(rotated["image"], rotated["mask"], SegmentationEvalTransform(mean=(0, 0, 0), std=(1, 1, 1)),
-                           MaskRules(4))
+    row = segmentation_row(
+        rotated["image"], rotated["mask"], SegmentationEvalTransform(mean=(0, 0, 0), std=(1, 1, 1)), MaskRules(4)
+    )
     assert torch.equal(row["labels"], torch.from_numpy(mask))
     derived, exact = _mask_from_view(row["pixel_values"])
     assert exact.all() and torch.equal(derived, row["labels"])
@@ -197,8 +199,13 @@ def test_colour_mask_is_refused_naming_the_file_and_the_fix():
 
 def _row(image: np.ndarray, mask: np.ndarray, rules: MaskRules, name: str = "a.jpg"):
     transform = SegmentationEvalTransform()
-    return segmentation_row({"bytes": png_bytes(image), "path": name}, {"bytes": png_bytes(mask), "path": None},
-                            transform, rules, where="row 5")
+    return segmentation_row(
+        {"bytes": png_bytes(image), "path": name},
+        {"bytes": png_bytes(mask), "path": None},
+        transform,
+        rules,
+        where="row 5",
+    )
 
 
 def test_mask_of_another_size_is_refused():
@@ -223,19 +230,27 @@ def test_labels_outside_the_classes_are_refused_and_reduce_labels_maps_zero_to_i
 def test_undecodable_image_is_skipped_and_counted_by_the_collator():
     image, mask = block_scene(32, 48, block=8, seed=5)
     features = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
-    ds = datasets.Dataset.from_dict({
-        "image": [{"bytes": png_bytes(image), "path": "ok.png"}, {"bytes": b"not an image", "path": "broken.jpg"}],
-        "label": [{"bytes": png_bytes(mask.astype(np.uint8)), "path": None}] * 2}, features=features)
+    ds = datasets.Dataset.from_dict(
+        {
+            "image": [{"bytes": png_bytes(image), "path": "ok.png"}, {"bytes": b"not an image", "path": "broken.jpg"}],
+            "label": [{"bytes": png_bytes(mask.astype(np.uint8)), "path": None}] * 2,
+        },
+        features=features,
+    )
     rows = SeededSegmentationDataset(ds, "image", "label", SegmentationTrainTransform(32), MaskRules(4))
     batch = SegmentationCollator()(rows.__getitems__([0, 1]))
     assert batch["pixel_values"].shape == (1, 3, 32, 32) and batch["labels"].shape == (1, 32, 32)
     assert int(batch["num_skipped"]) == 1 and batch["skipped_images"][0][0] == "broken.jpg"
     # streamed: the same rows, decoded lazily, the corrupt one flagged and dropped by the collator
-    stream = prepare_segmentation_stream(ds.to_iterable_dataset(), "image", "label", SegmentationTrainTransform(32),
-                                         MaskRules(4))
+    stream = prepare_segmentation_stream(
+        ds.to_iterable_dataset(), "image", "label", SegmentationTrainTransform(32), MaskRules(4)
+    )
     batch = SegmentationCollator()(list(stream))
-    assert batch["labels"].shape == (1, 32, 32) and batch["skipped_images"][0] == ("broken.jpg", batch[
-        "skipped_images"][0][1]) and "undecodable" in batch["skipped_images"][0][1]
+    assert (
+        batch["labels"].shape == (1, 32, 32)
+        and batch["skipped_images"][0] == ("broken.jpg", batch["skipped_images"][0][1])
+        and "undecodable" in batch["skipped_images"][0][1]
+    )
 
 
 def test_folder_pairs_images_and_masks_by_name_and_names_the_unpaired(tmp_path):
@@ -246,8 +261,10 @@ def test_folder_pairs_images_and_masks_by_name_and_names_the_unpaired(tmp_path):
         Image.fromarray(image).save(tmp_path / "train" / "images" / f"{name}.jpg")
         Image.fromarray(mask.astype(np.uint8)).save(tmp_path / "train" / "masks" / f"{name}.png")
     ds = segmentation_folder_dataset(str(tmp_path / "train"))
-    assert [os.path.basename(r["path"]) for r in ds.cast_column("image", datasets.Image(decode=False))["image"]] \
-        == ["a.jpg", "b.jpg"]
+    assert [os.path.basename(r["path"]) for r in ds.cast_column("image", datasets.Image(decode=False))["image"]] == [
+        "a.jpg",
+        "b.jpg",
+    ]
     assert find_mask_column(ds, "image") == "label"
     Image.fromarray(image).save(tmp_path / "train" / "images" / "c.jpg")
     with pytest.raises(UserValueError, match=r"1 image\(s\) have no mask.*'c'"):
@@ -261,8 +278,13 @@ def test_folder_pairs_images_and_masks_by_name_and_names_the_unpaired(tmp_path):
 
 
 def test_an_image_level_class_label_is_not_taken_for_the_mask():
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["indoor", "street"]),
-                                  "annotation": datasets.Image()})
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "label": datasets.ClassLabel(names=["indoor", "street"]),
+            "annotation": datasets.Image(),
+        }
+    )
     ds = datasets.Dataset.from_dict({"image": [], "label": [], "annotation": []}, features=features)
     assert find_mask_column(ds, "image") == "annotation"
 
@@ -286,11 +308,12 @@ def _group_of(groups, name_to_param, name):
 def test_layer_decay_puts_blocks_in_order_and_neck_and_heads_on_top(single_thread):
     encoder = make_tiny_vit_config().encoder_config
     encoder.num_hidden_layers = 4
-    model = upernet_for_semantic_segmentation(None, 3, encoder_config=encoder, image_size=32, hidden_size=16,
-                                              auxiliary_channels=8)
+    model = upernet_for_semantic_segmentation(
+        None, 3, encoder_config=encoder, image_size=32, hidden_size=16, auxiliary_channels=8
+    )
     groups = param_groups_layer_decay(model, weight_decay=0.05, layer_decay=0.5, base_lr=1.0)
     params = dict(model.named_parameters())
-    assert _group_of(groups, params, "backbone.beit.embeddings.patch_embeddings.projection.weight")["lr"] == 0.5 ** 5
+    assert _group_of(groups, params, "backbone.beit.embeddings.patch_embeddings.projection.weight")["lr"] == 0.5**5
     for i in range(4):
         assert _group_of(groups, params, f"backbone.beit.layers.{i}.mlp.fc1.weight")["lr"] == 0.5 ** (4 - i)
     for name in params:
@@ -298,12 +321,13 @@ def test_layer_decay_puts_blocks_in_order_and_neck_and_heads_on_top(single_threa
             assert _group_of(groups, params, name)["lr"] == 1.0, name
     assert sum(len(g["params"]) for g in groups) == len(params)
 
-    resnet = upernet_for_semantic_segmentation(None, 3, encoder_config=make_tiny_resnet_config().encoder_config,
-                                               hidden_size=16, auxiliary_channels=8)
+    resnet = upernet_for_semantic_segmentation(
+        None, 3, encoder_config=make_tiny_resnet_config().encoder_config, hidden_size=16, auxiliary_channels=8
+    )
     groups = param_groups_layer_decay(resnet, weight_decay=0.05, layer_decay=0.5, base_lr=1.0)
     params = dict(resnet.named_parameters())
     stem = next(n for n in params if "embedder" in n)
-    assert _group_of(groups, params, stem)["lr"] == 0.5 ** 5
+    assert _group_of(groups, params, stem)["lr"] == 0.5**5
     stage3 = next(n for n in params if ".stages.3." in n)
     assert _group_of(groups, params, stage3)["lr"] == 0.5
     assert _group_of(groups, params, "decode_head.classifier.weight")["lr"] == 1.0
@@ -325,9 +349,11 @@ def write_tiny_dataset(root, rows: dict[str, int]) -> None:
             masks.append({"bytes": png_bytes(mask), "path": None})
         os.makedirs(root / "data", exist_ok=True)
         datasets.Dataset.from_dict({"image": images, "label": masks}, features=features).to_parquet(
-            str(root / "data" / f"{split}-00000-of-00001.parquet"))
-    (root / "id2label.json").write_text(json.dumps({str(i): n for i, n in enumerate(["red", "green", "blue",
-                                                                                     "yellow"])}))
+            str(root / "data" / f"{split}-00000-of-00001.parquet")
+        )
+    (root / "id2label.json").write_text(
+        json.dumps({str(i): n for i, n in enumerate(["red", "green", "blue", "yellow"])})
+    )
 
 
 def test_script_trains_evaluates_predicts_and_saves_a_pipeline_model(tmp_path, single_thread):
@@ -340,12 +366,41 @@ def test_script_trains_evaluates_predicts_and_saves_a_pipeline_model(tmp_path, s
     config.encoder_config.num_hidden_layers = 4
     CIMForPreTraining(config).save_pretrained(tmp_path / "cim")
     out = tmp_path / "seg"
-    results = run_semantic_segmentation.main([
-        "--model_name_or_path", str(tmp_path / "cim"), "--dataset_name", str(tmp_path / "blocks"),
-        "--crop_size", "32", "--decoder_hidden_size", "16", "--max_steps", "3", "--per_device_train_batch_size", "2",
-        "--learning_rate", "1e-3", "--layer_decay", "0.9", "--do_train", "--do_eval", "--do_predict",
-        "--eval_strategy", "no", "--save_strategy", "no", "--num_figure_images", "2", "--output_dir", str(out),
-        "--report_to", "none", "--dataloader_num_workers", "0"])
+    results = run_semantic_segmentation.main(
+        [
+            "--model_name_or_path",
+            str(tmp_path / "cim"),
+            "--dataset_name",
+            str(tmp_path / "blocks"),
+            "--crop_size",
+            "32",
+            "--decoder_hidden_size",
+            "16",
+            "--max_steps",
+            "3",
+            "--per_device_train_batch_size",
+            "2",
+            "--learning_rate",
+            "1e-3",
+            "--layer_decay",
+            "0.9",
+            "--do_train",
+            "--do_eval",
+            "--do_predict",
+            "--eval_strategy",
+            "no",
+            "--save_strategy",
+            "no",
+            "--num_figure_images",
+            "2",
+            "--output_dir",
+            str(out),
+            "--report_to",
+            "none",
+            "--dataloader_num_workers",
+            "0",
+        ]
+    )
     saved = json.loads((out / "all_results.json").read_text())
     for prefix in ("eval", "test"):
         assert 0 <= saved[f"{prefix}_mean_iou"] <= 1 and 0 <= saved[f"{prefix}_overall_accuracy"] <= 1
@@ -375,10 +430,25 @@ def test_script_names_a_missing_mask_column_and_a_colour_mask(tmp_path, single_t
     config = make_tiny_vit_config()
     config.encoder_config.num_hidden_layers = 4
     CIMForPreTraining(config).save_pretrained(tmp_path / "cim")
-    common = ["--model_name_or_path", str(tmp_path / "cim"), "--dataset_name", str(root), "--crop_size", "32",
-              "--decoder_hidden_size", "16", "--max_steps", "1", "--per_device_train_batch_size", "2", "--do_train",
-              "--output_dir", str(tmp_path / "o"),
-              "--report_to", "none"]
+    common = [
+        "--model_name_or_path",
+        str(tmp_path / "cim"),
+        "--dataset_name",
+        str(root),
+        "--crop_size",
+        "32",
+        "--decoder_hidden_size",
+        "16",
+        "--max_steps",
+        "1",
+        "--per_device_train_batch_size",
+        "2",
+        "--do_train",
+        "--output_dir",
+        str(tmp_path / "o"),
+        "--report_to",
+        "none",
+    ]
     with pytest.raises(UserValueError, match="at least 2"):
         run_semantic_segmentation.main(common + ["--per_device_train_batch_size", "1"])
     with pytest.raises(UserValueError, match="2 images, fewer than one batch"):
@@ -387,9 +457,13 @@ def test_script_names_a_missing_mask_column_and_a_colour_mask(tmp_path, single_t
         run_semantic_segmentation.main(common + ["--label_column_name", "segmentation_map"])
     image, mask = block_scene(32, 48, block=8, seed=0)
     features = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
-    datasets.Dataset.from_dict({"image": [{"bytes": png_bytes(image), "path": "x.png"}] * 2,
-                                "label": [{"bytes": png_bytes(COLOURS[mask]), "path": "x_mask.png"}] * 2},
-                               features=features).to_parquet(str(root / "data" / "train-00000-of-00001.parquet"))
+    datasets.Dataset.from_dict(
+        {
+            "image": [{"bytes": png_bytes(image), "path": "x.png"}] * 2,
+            "label": [{"bytes": png_bytes(COLOURS[mask]), "path": "x_mask.png"}] * 2,
+        },
+        features=features,
+    ).to_parquet(str(root / "data" / "train-00000-of-00001.parquet"))
     with pytest.raises(UserValueError, match=r"row [01] \(x.png\).*colour image"):
         run_semantic_segmentation.main(common + ["--overwrite_output_dir"])
 
@@ -397,8 +471,9 @@ def test_script_names_a_missing_mask_column_and_a_colour_mask(tmp_path, single_t
 def test_figure_shows_image_true_and_predicted_masks():
     image, mask = block_scene(32, 48, block=8, seed=6)
     pixel_values = torch.from_numpy(image).permute(2, 0, 1).float() / 255
-    figure = render_segmentation_examples([(pixel_values, mask, mask)], ["r", "g", "b", "y"], (0, 0, 0),
-                                          (1, 1, 1), tile_height=32)
+    figure = render_segmentation_examples(
+        [(pixel_values, mask, mask)], ["r", "g", "b", "y"], (0, 0, 0), (1, 1, 1), tile_height=32
+    )
     array = np.asarray(figure)
     assert array[18:50, 48:96].std() > 0 and np.array_equal(array[18:50, 48:96], array[18:50, 96:144])
 
@@ -419,8 +494,9 @@ def test_evaluation_loss_leaves_out_images_whose_pixels_are_all_ignored(single_t
     torch.manual_seed(0)
     encoder = make_tiny_vit_config().encoder_config
     encoder.num_hidden_layers = 4
-    model = upernet_for_semantic_segmentation(None, 3, encoder_config=encoder, image_size=32, hidden_size=16,
-                                              auxiliary_channels=8)
+    model = upernet_for_semantic_segmentation(
+        None, 3, encoder_config=encoder, image_size=32, hidden_size=16, auxiliary_channels=8
+    )
     labelled = {"pixel_values": torch.randn(3, 32, 32), "labels": torch.randint(0, 3, (32, 32))}
     ignored = {"pixel_values": torch.randn(3, 32, 32), "labels": torch.full((32, 32), 255)}
     alone = evaluate_segmentation(model, [labelled], 3)
@@ -429,18 +505,25 @@ def test_evaluation_loss_leaves_out_images_whose_pixels_are_all_ignored(single_t
     assert both.images == 2 and both.loss_images == 1
 
 
-def test_a_training_batch_left_with_one_usable_image_adds_a_zero_loss_instead_of_a_batchnorm_error(tmp_path,
-                                                                                                 single_thread):
+def test_a_training_batch_left_with_one_usable_image_adds_a_zero_loss_instead_of_a_batchnorm_error(
+    tmp_path, single_thread
+):
     from transformers import TrainingArguments
 
     encoder = make_tiny_vit_config().encoder_config
     encoder.num_hidden_layers = 4
-    model = upernet_for_semantic_segmentation(None, 3, encoder_config=encoder, image_size=32, hidden_size=16,
-                                              auxiliary_channels=8)
-    trainer = SegmentationTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to="none",
-                                                                      use_cpu=True))
-    batch = {"pixel_values": torch.randn(1, 3, 32, 32), "labels": torch.randint(0, 3, (1, 32, 32)),
-             "num_skipped": torch.tensor(1), "skipped_images": [("broken.jpg", "undecodable")]}
+    model = upernet_for_semantic_segmentation(
+        None, 3, encoder_config=encoder, image_size=32, hidden_size=16, auxiliary_channels=8
+    )
+    trainer = SegmentationTrainer(
+        model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    )
+    batch = {
+        "pixel_values": torch.randn(1, 3, 32, 32),
+        "labels": torch.randint(0, 3, (1, 32, 32)),
+        "num_skipped": torch.tensor(1),
+        "skipped_images": [("broken.jpg", "undecodable")],
+    }
     loss = trainer.compute_loss(model.train(), batch)
     loss.backward()
     assert float(loss.detach()) == 0.0 and trainer.num_skipped_images == 1

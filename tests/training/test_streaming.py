@@ -30,9 +30,10 @@ def write_shards(root, num_shards: int = NUM_SHARDS) -> list[str]:
             else:
                 images.append(Image.fromarray(rng.integers(0, 256, (40, 48, 3)).astype(np.uint8)))
         path = str(root / f"train-{k:05d}-of-{num_shards:05d}.parquet")
-        datasets.Dataset.from_dict({"image": images, "idx": [k * 100 + i for i in range(ROWS_PER_SHARD)]},
-                                   features=datasets.Features({"image": datasets.Image(),
-                                                               "idx": datasets.Value("int64")})).to_parquet(path)
+        datasets.Dataset.from_dict(
+            {"image": images, "idx": [k * 100 + i for i in range(ROWS_PER_SHARD)]},
+            features=datasets.Features({"image": datasets.Image(), "idx": datasets.Value("int64")}),
+        ).to_parquet(path)
         paths.append(path)
     return paths
 
@@ -50,8 +51,9 @@ def make_stream(shards: list[str], buffer_size: int = 8, seed: int = 3, **kwargs
 
 def read(stream: ResumableImageStream, num_workers: int, epoch: int = 0) -> list[dict]:
     stream.set_epoch(epoch)
-    loader = torch.utils.data.DataLoader(stream, batch_size=BATCH, collate_fn=SkippingCollator(),
-                                         num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(
+        stream, batch_size=BATCH, collate_fn=SkippingCollator(), num_workers=num_workers
+    )
     return list(loader)
 
 
@@ -87,18 +89,23 @@ def test_a_pass_reads_every_record_once_shuffled_and_augmented(shards, num_worke
     assert sum(int(b["num_skipped"]) for b in batches) == len(CORRUPT)
     # every valid record exactly once: with a transform that keeps the image whole, a view identifies its record
     source = datasets.load_dataset("parquet", data_files=shards, split="train", streaming=True)
-    whole = [v.numpy().tobytes() for b in read(ResumableImageStream(source, "image", WholeImage(), min_size=8,
-                                                                    buffer_size=8), num_workers)
-             for v in b["pixel_values"]]
+    whole = [
+        v.numpy().tobytes()
+        for b in read(ResumableImageStream(source, "image", WholeImage(), min_size=8, buffer_size=8), num_workers)
+        for v in b["pixel_values"]
+    ]
     assert len(whole) == len(set(whole)) == total - len(CORRUPT)
     # the buffer shuffles: not the order of a stream without a buffer (same seed, same crops per record)
     unshuffled = read(make_stream(shards, buffer_size=1), num_workers)
     assert not all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(batches, unshuffled))
     # same seed, same pass: identical; another seed or another pass: different
     assert_same_batches(read(make_stream(shards), num_workers), batches)
-    assert not torch.equal(read(make_stream(shards, seed=4), num_workers)[0]["pixel_values"], batches[0]["pixel_values"])
-    assert not torch.equal(read(make_stream(shards), num_workers, epoch=1)[0]["pixel_values"],
-                           batches[0]["pixel_values"])
+    assert not torch.equal(
+        read(make_stream(shards, seed=4), num_workers)[0]["pixel_values"], batches[0]["pixel_values"]
+    )
+    assert not torch.equal(
+        read(make_stream(shards), num_workers, epoch=1)[0]["pixel_values"], batches[0]["pixel_values"]
+    )
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -108,7 +115,7 @@ def test_resuming_from_any_batch_yields_exactly_the_rest(shards, num_workers, in
     assert index < len(batches) - 1
     resumed = make_stream(shards)
     resumed.load_state_dict(position_after(batches, index))
-    assert_same_batches(read(resumed, num_workers), batches[index + 1:])
+    assert_same_batches(read(resumed, num_workers), batches[index + 1 :])
 
 
 def test_resuming_while_the_buffer_drains(shards):
@@ -158,8 +165,9 @@ def test_resuming_on_data_that_changed_is_refused(shards, tmp_path):
 def test_each_rank_reads_its_own_shards(shards):
     def images(rank: int, world_size: int) -> list[bytes]:
         source = datasets.load_dataset("parquet", data_files=shards, split="train", streaming=True)
-        stream = ResumableImageStream(source, "image", WholeImage(), min_size=8, buffer_size=4, rank=rank,
-                                      world_size=world_size)
+        stream = ResumableImageStream(
+            source, "image", WholeImage(), min_size=8, buffer_size=4, rank=rank, world_size=world_size
+        )
         return [v.numpy().tobytes() for b in read(stream, 0) for v in b["pixel_values"]]
 
     everything = images(0, 1)
@@ -177,7 +185,7 @@ def test_workers_with_unequal_shares_resume_exactly(shards):
     for index in (3, len(batches) - 3):
         resumed = make_stream(shards[:3])
         resumed.load_state_dict(position_after(batches, index))
-        assert_same_batches(read(resumed, 2), batches[index + 1:])
+        assert_same_batches(read(resumed, 2), batches[index + 1 :])
 
 
 def test_the_re_read_at_resume_is_bounded_by_the_oldest_buffered_record(monkeypatch):
@@ -189,8 +197,9 @@ def test_the_re_read_at_resume_is_bounded_by_the_oldest_buffered_record(monkeypa
 
     def spans(max_age_factor: int) -> list[int]:
         monkeypatch.setattr("transformers_cim.training.streaming._Reader.MAX_AGE_BUFFERS", max_age_factor)
-        stream = ResumableImageStream(source.to_iterable_dataset(), "image", RandomResizedCropFlip(size=8),
-                                      min_size=8, buffer_size=8, seed=0)
+        stream = ResumableImageStream(
+            source.to_iterable_dataset(), "image", RandomResizedCropFlip(size=8), min_size=8, buffer_size=8, seed=0
+        )
         states = [b[STREAM_STATE_KEY] for b in read(stream, 0)]
         return [s["next_seq"] - s["start_seq"] for s in states if not s["draining"]]
 

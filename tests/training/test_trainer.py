@@ -34,10 +34,23 @@ SIZE = 32
 
 def tiny_config(**overrides) -> CIMConfig:
     """1-layer, 32-wide ViT with 8 px patches: 32 px views, 24 px context (3x3 tokens), 2 exemplars of 8 px."""
-    encoder = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                        patch_size=8, layer_norm_eps=1e-6, qkv_bias=True)
-    kwargs = dict(image_size=SIZE, context_size=24, exemplar_size=8, num_exemplars=2, decoder_hidden_size=32,
-                  decoder_num_attention_heads=2)
+    encoder = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        patch_size=8,
+        layer_norm_eps=1e-6,
+        qkv_bias=True,
+    )
+    kwargs = dict(
+        image_size=SIZE,
+        context_size=24,
+        exemplar_size=8,
+        num_exemplars=2,
+        decoder_hidden_size=32,
+        decoder_num_attention_heads=2,
+    )
     kwargs.update(overrides)
     return CIMConfig(encoder_config=encoder, **kwargs)
 
@@ -68,17 +81,34 @@ class OrderedRows(torch.utils.data.IterableDataset):
 
 
 def training_args(output_dir, **overrides) -> TrainingArguments:
-    kwargs = dict(output_dir=str(output_dir), use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True,
-                  dataloader_num_workers=0, dataloader_pin_memory=False, remove_unused_columns=False,
-                  per_device_train_batch_size=4, learning_rate=1e-2, max_steps=4, logging_steps=1, seed=0,
-                  weight_decay=0.05)
+    kwargs = dict(
+        output_dir=str(output_dir),
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        remove_unused_columns=False,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        max_steps=4,
+        logging_steps=1,
+        seed=0,
+        weight_decay=0.05,
+    )
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
 
 
 def make_trainer(model, train_dataset, output_dir, callbacks=None, **args) -> CIMTrainer:
-    return CIMTrainer(model=model, args=training_args(output_dir, **args), train_dataset=train_dataset,
-                      data_collator=SkippingCollator(), callbacks=callbacks)
+    return CIMTrainer(
+        model=model,
+        args=training_args(output_dir, **args),
+        train_dataset=train_dataset,
+        data_collator=SkippingCollator(),
+        callbacks=callbacks,
+    )
 
 
 def count_compute_loss(trainer: CIMTrainer) -> list:
@@ -110,14 +140,17 @@ def test_cosine_momentum_end_points_and_midpoint():
     assert cosine_momentum(-5, 100, 0.99, 1.0) == pytest.approx(0.99, abs=1e-12)
 
 
-@pytest.mark.parametrize(("step", "max_steps", "start", "end", "expected"), [
-    # end - (end - start) * (cos(pi * step / max_steps) + 1) / 2, worked out by hand
-    (25, 100, 0.99, 1.0, 1.0 - 0.01 * (math.sqrt(0.5) + 1) / 2),   # 0.991464466...
-    (75, 100, 0.99, 1.0, 1.0 - 0.01 * (1 - math.sqrt(0.5)) / 2),   # 0.998535533...
-    (1, 3, 0.9, 1.0, 1.0 - 0.1 * 0.75),                            # cos(pi/3) = 1/2
-    (2, 3, 0.9, 1.0, 1.0 - 0.1 * 0.25),                            # cos(2pi/3) = -1/2
-    (1, 6, 0.0, 1.0, 1.0 - (math.sqrt(3) / 2 + 1) / 2),            # cos(pi/6)
-])
+@pytest.mark.parametrize(
+    ("step", "max_steps", "start", "end", "expected"),
+    [
+        # end - (end - start) * (cos(pi * step / max_steps) + 1) / 2, worked out by hand
+        (25, 100, 0.99, 1.0, 1.0 - 0.01 * (math.sqrt(0.5) + 1) / 2),  # 0.991464466...
+        (75, 100, 0.99, 1.0, 1.0 - 0.01 * (1 - math.sqrt(0.5)) / 2),  # 0.998535533...
+        (1, 3, 0.9, 1.0, 1.0 - 0.1 * 0.75),  # cos(pi/3) = 1/2
+        (2, 3, 0.9, 1.0, 1.0 - 0.1 * 0.25),  # cos(2pi/3) = -1/2
+        (1, 6, 0.0, 1.0, 1.0 - (math.sqrt(3) / 2 + 1) / 2),  # cos(pi/6)
+    ],
+)
 def test_cosine_momentum_formula(step, max_steps, start, end, expected):
     assert cosine_momentum(step, max_steps, start, end) == pytest.approx(expected, abs=1e-12)
 
@@ -150,11 +183,11 @@ def test_correlation_iou_exact_on_hand_built_maps():
 
 def test_correlation_iou_threshold_and_misses():
     labels = torch.zeros(2, 1, 3, 3)
-    labels[0, 0, 1, 1] = 1                        # 1 true pixel, predicted nowhere -> IoU 0
-    labels[1, 0] = 1                              # 9 true pixels
+    labels[0, 0, 1, 1] = 1  # 1 true pixel, predicted nowhere -> IoU 0
+    labels[1, 0] = 1  # 9 true pixels
     logits = torch.full((2, 1, 3, 3), -5.0)
-    logits[1, 0, 0] = 0.0                         # sigmoid(0) = 0.5 is NOT > 0.5
-    logits[1, 0, 1:] = 0.1                        # 6 pixels just above the threshold -> IoU 6/9
+    logits[1, 0, 0] = 0.0  # sigmoid(0) = 0.5 is NOT > 0.5
+    logits[1, 0, 1:] = 0.1  # 6 pixels just above the threshold -> IoU 6/9
     assert correlation_iou(logits, labels).item() == pytest.approx((0.0 + 6 / 9) / 2, abs=1e-7)
     # a higher threshold drops the 0.1 logits (sigmoid 0.525) too
     assert correlation_iou(logits, labels, threshold=0.6).item() == pytest.approx(0.0, abs=1e-7)
@@ -218,8 +251,15 @@ def test_momentum_callback_updates_once_per_optimizer_step_with_accumulation(tmp
     online_start = {n: p.detach().clone() for n, p in model.vit.named_parameters()}
     assert all(torch.equal(target_start[n], online_start[n]) for n in target_start)  # a fresh model: target = online
     snapshots = SnapshotOnline()
-    trainer = make_trainer(model, rows(16), tmp_path, callbacks=[snapshots], per_device_train_batch_size=2,
-                           gradient_accumulation_steps=2, max_steps=4)
+    trainer = make_trainer(
+        model,
+        rows(16),
+        tmp_path,
+        callbacks=[snapshots],
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=4,
+    )
     micro_batches = count_compute_loss(trainer)
     updates = []
     original_update = model.momentum_update
@@ -250,8 +290,9 @@ def test_momentum_callback_updates_once_per_optimizer_step_with_accumulation(tmp
     # non-trivial: the target moved away from its start and lags behind the online encoder
     moved = [n for n in manual if not torch.equal(final_target[n], target_start[n])]
     assert "layers.0.attention.q_proj.weight" in moved
-    assert not torch.allclose(final_target["layers.0.attention.q_proj.weight"],
-                              final_online["layers.0.attention.q_proj.weight"])
+    assert not torch.allclose(
+        final_target["layers.0.attention.q_proj.weight"], final_online["layers.0.attention.q_proj.weight"]
+    )
     # the target stays frozen and in eval mode
     assert not any(p.requires_grad for p in model.target_encoder.parameters())
     assert not model.target_encoder.training
@@ -259,8 +300,13 @@ def test_momentum_callback_updates_once_per_optimizer_step_with_accumulation(tmp
 
 def test_momentum_callback_is_added_once(tmp_path):
     model = tiny_model()
-    trainer = CIMTrainer(model=model, args=training_args(tmp_path), train_dataset=rows(4),
-                         data_collator=SkippingCollator(), callbacks=[MomentumCallback()])
+    trainer = CIMTrainer(
+        model=model,
+        args=training_args(tmp_path),
+        train_dataset=rows(4),
+        data_collator=SkippingCollator(),
+        callbacks=[MomentumCallback()],
+    )
     assert sum(isinstance(cb, MomentumCallback) for cb in trainer.callback_handler.callbacks) == 1
 
 
@@ -269,8 +315,9 @@ def test_create_model_card_keeps_the_cim_card(tmp_path):
     trainer = make_trainer(tiny_model(), rows(4), tmp_path)
     trainer.create_model_card()  # no CIM card yet: the Trainer writes its generic one
     assert (tmp_path / "README.md").is_file() and not has_cim_card(str(tmp_path))
-    card = build_model_card(tiny_config(), dataset_name="photos", max_steps=1, train_images=None, final_metrics={},
-                            figure=None)
+    card = build_model_card(
+        tiny_config(), dataset_name="photos", max_steps=1, train_images=None, final_metrics={}, figure=None
+    )
     write_model_card(str(tmp_path), card)
     written = (tmp_path / "README.md").read_text()
     trainer.create_model_card()
@@ -401,9 +448,10 @@ def test_skipped_images_counted_once_saved_and_restored(tmp_path, caplog):
         skipped.add([("a.png", "undecodable (OSError: truncated)"), (None, "no image data"), ("row 9", "empty")])
     assert skipped.local_count == skipped.total() == 4  # a.png once; the unnamed one each time it is met
     messages = [r.getMessage() for r in caplog.records]
-    assert messages == ["Skipped training image a.png: undecodable (OSError: truncated)",
-                        "Skipped training image row 3: too small (1x1 px) (further skipped images are counted, not "
-                        "logged)"]
+    assert messages == [
+        "Skipped training image a.png: undecodable (OSError: truncated)",
+        "Skipped training image row 3: too small (1x1 px) (further skipped images are counted, not logged)",
+    ]
     skipped.save(str(tmp_path / "s.json"))
     restored = SkippedImages()
     restored.load(str(tmp_path / "s.json"))

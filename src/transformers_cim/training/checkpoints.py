@@ -43,8 +43,11 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
     """The newest `checkpoint-N` in output_dir whose save finished; incomplete ones are skipped with a warning."""
     if not os.path.isdir(output_dir):
         return None
-    steps = sorted((int(name.split("-")[1]), name) for name in os.listdir(output_dir)
-                   if re.fullmatch(r"checkpoint-\d+", name) and os.path.isdir(os.path.join(output_dir, name)))
+    steps = sorted(
+        (int(name.split("-")[1]), name)
+        for name in os.listdir(output_dir)
+        if re.fullmatch(r"checkpoint-\d+", name) and os.path.isdir(os.path.join(output_dir, name))
+    )
     for _, name in reversed(steps):
         path = os.path.join(output_dir, name)
         if is_complete_checkpoint(path):
@@ -56,8 +59,12 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
 LAST_CHECKPOINT_NAMES = ("last", "latest", "true")
 
 
-def checkpoint_to_resume(output_dir: str, resume_from_checkpoint: str | bool | None = None,
-                         overwrite_output_dir: bool = False, model: nn.Module | None = None) -> str | None:
+def checkpoint_to_resume(
+    output_dir: str,
+    resume_from_checkpoint: str | bool | None = None,
+    overwrite_output_dir: bool = False,
+    model: nn.Module | None = None,
+) -> str | None:
     """The checkpoint a run resumes from, by the one rule of both scripts (the transformers examples' rule):
 
     - ``--resume_from_checkpoint PATH``: that checkpoint, which must be complete;
@@ -73,9 +80,11 @@ def checkpoint_to_resume(output_dir: str, resume_from_checkpoint: str | bool | N
         if not os.path.isdir(resume):
             raise UserPathError(f"--resume_from_checkpoint {resume} does not exist.")
         if not is_complete_checkpoint(resume):
-            raise UserValueError(f"--resume_from_checkpoint {resume} is incomplete (no {CHECKPOINT_COMPLETE_MARKER}: the "
-                             "run was probably killed while saving it). Resume from an earlier checkpoint or use "
-                             "'last'.")
+            raise UserValueError(
+                f"--resume_from_checkpoint {resume} is incomplete (no {CHECKPOINT_COMPLETE_MARKER}: the "
+                "run was probably killed while saving it). Resume from an earlier checkpoint or use "
+                "'last'."
+            )
         checkpoint = resume
     elif resume:
         checkpoint = last_complete_checkpoint(output_dir)
@@ -87,12 +96,18 @@ def checkpoint_to_resume(output_dir: str, resume_from_checkpoint: str | bool | N
             return None
     reason = checkpoint_mismatch(checkpoint, model) if model is not None else None
     if reason is not None:
-        way_out = "pass a checkpoint of this model" if explicit else (
-            "pass --overwrite_output_dir to start afresh there, or use another --output_dir")
+        way_out = (
+            "pass a checkpoint of this model"
+            if explicit
+            else ("pass --overwrite_output_dir to start afresh there, or use another --output_dir")
+        )
         raise UserValueError(f"Cannot resume from {checkpoint}: {reason}; {way_out}.")
     if not resume:
-        logger.warning("Resuming from %s, the newest complete checkpoint in the output directory "
-                       "(--overwrite_output_dir starts afresh instead).", checkpoint)
+        logger.warning(
+            "Resuming from %s, the newest complete checkpoint in the output directory "
+            "(--overwrite_output_dir starts afresh instead).",
+            checkpoint,
+        )
     return checkpoint
 
 
@@ -109,8 +124,9 @@ def checkpoint_mismatch(checkpoint: str, model: nn.Module) -> str | None:
         expected = Counter(tuple(tensor.shape) for tensor in model.state_dict().values())
         if saved != expected:
             extra, missing = sorted(saved - expected), sorted(expected - saved)
-            example = (f"a tensor of shape {extra[0]} that it does not have" if extra
-                       else f"no tensor of shape {missing[0]}")
+            example = (
+                f"a tensor of shape {extra[0]} that it does not have" if extra else f"no tensor of shape {missing[0]}"
+            )
             return f"its weights do not fit this run's {model_class} (it holds {example})"
     return None
 
@@ -131,6 +147,7 @@ def _saved_tensor_shapes(checkpoint: str) -> Counter | None:
         with safe_open(path, "pt") as f:
             shapes.update(tuple(f.get_slice(key).get_shape()) for key in f.keys())
     return shapes
+
 
 __all__ = [
     "CHECKPOINT_COMPLETE_MARKER",

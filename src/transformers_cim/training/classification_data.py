@@ -31,18 +31,28 @@ VALIDATION_SPLIT_NAMES = ("validation", "valid", "val", "test")
 
 DEFAULT_DATASET_NAME = "scikit-image sample photos"
 
+
 def load_split(data_args: DataSourceArguments, model_args, split: str):
     return data_args.load_split(split, cache_dir=model_args.cache_dir, token=model_args.token)
 
+
 def has_source(data_args: DataSourceArguments) -> bool:
-    return bool(data_args.dataset_name or data_args.train_dir or data_args.validation_dir or data_args.train_files
-                or data_args.validation_files)
+    return bool(
+        data_args.dataset_name
+        or data_args.train_dir
+        or data_args.validation_dir
+        or data_args.train_files
+        or data_args.validation_files
+    )
+
 
 def validation_split_name(data_args: DataSourceArguments, model_args) -> str | None:
     """The split to evaluate on: 'validation' for dirs/files given, the first existing one of a dataset, else None."""
     if not has_source(data_args):
-        logger.warning(f"No dataset given: training and evaluating on the {DEFAULT_DATASET_NAME} (one class per "
-                       "photo; evaluation uses center crops of the training photos). Pass a dataset for real use.")
+        logger.warning(
+            f"No dataset given: training and evaluating on the {DEFAULT_DATASET_NAME} (one class per "
+            "photo; evaluation uses center crops of the training photos). Pass a dataset for real use."
+        )
         return "validation"  # the default dataset answers every split
     if data_args.train_dir or data_args.train_files:
         return "validation" if (data_args.validation_dir or data_args.validation_files) else None
@@ -51,6 +61,7 @@ def validation_split_name(data_args: DataSourceArguments, model_args) -> str | N
     )
     splits = available_splits(builder)
     return next((s for s in VALIDATION_SPLIT_NAMES if s in splits), None)
+
 
 def dataset_display_name(data_args: DataSourceArguments) -> str:
     if data_args.dataset_name:
@@ -65,6 +76,7 @@ def dataset_display_name(data_args: DataSourceArguments) -> str:
             parts.pop()
         return parts[-1] if parts else "local images"
     return DEFAULT_DATASET_NAME
+
 
 def resolve_labels(ds, label_column: str, streaming: bool):
     """``(ds, names)``: class names from a ClassLabel; string labels are class-encoded; ints named by value."""
@@ -90,6 +102,7 @@ def resolve_labels(ds, label_column: str, streaming: bool):
         f"Label column {label_column!r} has feature {feature!r}; expected class ids (ClassLabel or int) or strings."
     )
 
+
 def align_validation_labels(eval_ds, label_column: str, names: list[str]):
     """Make the validation label ids follow the training names (checked by name)."""
     feature = eval_ds.features[label_column] if eval_ds.features is not None else None
@@ -102,8 +115,11 @@ def align_validation_labels(eval_ds, label_column: str, names: list[str]):
         mapping = np.array([names.index(n) for n in feature.names], dtype=np.int64)
         new_feature = datasets.ClassLabel(names=names)
         return eval_ds.map(
-            lambda batch: {label_column: [int(mapping[v]) if v is not None and v >= 0 else v for v in batch[label_column]]},
-            batched=True, features=datasets.Features({**eval_ds.features, label_column: new_feature}),
+            lambda batch: {
+                label_column: [int(mapping[v]) if v is not None and v >= 0 else v for v in batch[label_column]]
+            },
+            batched=True,
+            features=datasets.Features({**eval_ds.features, label_column: new_feature}),
         )
     if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
         unknown = sorted(set(eval_ds.unique(label_column)) - set(names))
@@ -112,6 +128,7 @@ def align_validation_labels(eval_ds, label_column: str, names: list[str]):
         return eval_ds.cast_column(label_column, datasets.ClassLabel(names=names))
     return eval_ds
 
+
 def subset(ds, n: int | None, seed: int, streaming: bool):
     if n is None:
         return ds
@@ -119,9 +136,15 @@ def subset(ds, n: int | None, seed: int, streaming: bool):
         return ds.take(n)
     return ds.shuffle(seed=seed).select(range(min(n, len(ds))))
 
-def build_datasets(data_args: DataSourceArguments, model_args, training_args: TrainingArguments,
-                   train_transform: RandomResizedCropFlip, eval_transform: ResizeCenterCrop,
-                   class_names: list[str] | None = None):
+
+def build_datasets(
+    data_args: DataSourceArguments,
+    model_args,
+    training_args: TrainingArguments,
+    train_transform: RandomResizedCropFlip,
+    eval_transform: ResizeCenterCrop,
+    class_names: list[str] | None = None,
+):
     """Train / eval datasets (transformed lazily), the class names, the column names and which images the eval set
     is (a split name, or the share of the training set held out). `class_names` (those of a fine-tuned classifier
     being evaluated) fixes the label ids; the dataset must have exactly these classes."""
@@ -135,8 +158,10 @@ def build_datasets(data_args: DataSourceArguments, model_args, training_args: Tr
     if len(names) < 2:
         raise UserValueError(f"The training set has a single class ({names}); classification needs at least 2.")
     if class_names is not None and set(class_names) != set(names):
-        raise UserValueError(f"The checkpoint's classifier knows the classes {sorted(class_names)[:10]}, the dataset "
-                             f"has {sorted(names)[:10]}: evaluating it needs the same classes (or add --do_train).")
+        raise UserValueError(
+            f"The checkpoint's classifier knows the classes {sorted(class_names)[:10]}, the dataset "
+            f"has {sorted(names)[:10]}: evaluating it needs the same classes (or add --do_train)."
+        )
     if class_names is not None and list(class_names) != names:
         train_raw = align_validation_labels(train_raw, label_column, list(class_names))
         names = list(class_names)
@@ -151,16 +176,21 @@ def build_datasets(data_args: DataSourceArguments, model_args, training_args: Tr
             eval_raw = align_validation_labels(eval_raw, label_column, names)
     elif data_args.train_val_split and data_args.train_val_split > 0:
         if data_args.streaming:
-            raise UserValueError("--train_val_split needs a map-style dataset; give a validation split when streaming.")
+            raise UserValueError(
+                "--train_val_split needs a map-style dataset; give a validation split when streaming."
+            )
         stratify = label_column if isinstance(train_raw.features[label_column], datasets.ClassLabel) else None
         try:
-            parts = train_raw.train_test_split(test_size=data_args.train_val_split, seed=training_args.seed,
-                                               stratify_by_column=stratify)
+            parts = train_raw.train_test_split(
+                test_size=data_args.train_val_split, seed=training_args.seed, stratify_by_column=stratify
+            )
         except ValueError:  # too few images per class to stratify
             parts = train_raw.train_test_split(test_size=data_args.train_val_split, seed=training_args.seed)
         train_raw, eval_raw = parts["train"], parts["test"]
         split = f"{data_args.train_val_split:.0%} of train, held out"
-        logger.info(f"No validation split: held out {len(eval_raw)} training images ({data_args.train_val_split:.0%}).")
+        logger.info(
+            f"No validation split: held out {len(eval_raw)} training images ({data_args.train_val_split:.0%})."
+        )
     else:
         logger.warning("No validation split and --train_val_split 0: no evaluation.")
 
@@ -171,16 +201,29 @@ def build_datasets(data_args: DataSourceArguments, model_args, training_args: Tr
         eval_raw = subset(eval_raw, data_args.max_eval_samples, training_args.seed, data_args.streaming)
 
     if data_args.streaming:
-        train_ds = prepare_dataset(train_raw, image_column, build_classification_transform(
-            image_column, label_column, train_transform, data_args.min_image_size))
+        train_ds = prepare_dataset(
+            train_raw,
+            image_column,
+            build_classification_transform(image_column, label_column, train_transform, data_args.min_image_size),
+        )
     else:  # crops seeded per (seed, epoch, row): a resumed run sees the views the uninterrupted one saw
-        train_ds = SeededImageDataset(train_raw, image_column, train_transform, min_size=data_args.min_image_size,
-                                      seed=training_args.seed, label_column=label_column)
+        train_ds = SeededImageDataset(
+            train_raw,
+            image_column,
+            train_transform,
+            min_size=data_args.min_image_size,
+            seed=training_args.seed,
+            label_column=label_column,
+        )
     eval_ds = None
     if eval_raw is not None:
-        eval_ds = prepare_dataset(eval_raw, image_column, build_classification_transform(
-            image_column, label_column, eval_transform, data_args.min_image_size))
+        eval_ds = prepare_dataset(
+            eval_raw,
+            image_column,
+            build_classification_transform(image_column, label_column, eval_transform, data_args.min_image_size),
+        )
     return train_ds, eval_ds, names, image_column, label_column, split
+
 
 __all__ = [
     "DEFAULT_DATASET_NAME",

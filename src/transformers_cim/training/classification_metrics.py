@@ -16,9 +16,9 @@ from .metrics import load_metric
 TOP_K = 5
 
 
-def classification_metric_functions(num_labels: int, hub_metrics: bool = False
-                                    ) -> tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                                               Callable[[EvalPrediction], dict[str, float]]]:
+def classification_metric_functions(
+    num_labels: int, hub_metrics: bool = False
+) -> tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], Callable[[EvalPrediction], dict[str, float]]]:
     """``(preprocess_logits_for_metrics, compute_metrics)`` for a ``Trainer``: the first keeps the `k` best class ids
     per image (k = 5, or 1 with fewer than 5 classes), the second scores them with the `evaluate` modules."""
     k = TOP_K if num_labels >= TOP_K else 1

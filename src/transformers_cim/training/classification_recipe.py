@@ -26,8 +26,8 @@ from .script_args import DataSourceArguments, ResumableTrainingArguments
 
 logger = logging.getLogger("run_image_classification")
 
-def apply_recipe_defaults(model_args, training_args: ResumableTrainingArguments,
-                          encoder_type: str) -> None:
+
+def apply_recipe_defaults(model_args, training_args: ResumableTrainingArguments, encoder_type: str) -> None:
     probe = model_args.linear_probe
     if model_args.layer_decay is None:
         model_args.layer_decay = 0.8 if (encoder_type == "vit" and not probe) else 1.0
@@ -43,15 +43,22 @@ def apply_recipe_defaults(model_args, training_args: ResumableTrainingArguments,
     if model_args.label_smoothing is not None:  # the deprecated alias of the Trainer's flag
         factor = training_args.label_smoothing_factor
         if factor is not None and factor != model_args.label_smoothing:
-            raise UserValueError(f"--label_smoothing {model_args.label_smoothing} and --label_smoothing_factor {factor} "
-                                 "disagree; give --label_smoothing_factor only.")
-        logger.warning("--label_smoothing is deprecated: use --label_smoothing_factor (the Trainer's flag), which "
-                       "is what the run uses and the model card reports.")
+            raise UserValueError(
+                f"--label_smoothing {model_args.label_smoothing} and --label_smoothing_factor {factor} "
+                "disagree; give --label_smoothing_factor only."
+            )
+        logger.warning(
+            "--label_smoothing is deprecated: use --label_smoothing_factor (the Trainer's flag), which "
+            "is what the run uses and the model card reports."
+        )
         training_args.label_smoothing_factor = model_args.label_smoothing
     if training_args.label_smoothing_factor is None:
         training_args.label_smoothing_factor = 0.0 if probe else 0.1
-    for name, value in (("mixup", model_args.mixup), ("cutmix", model_args.cutmix),
-                        ("label_smoothing_factor", training_args.label_smoothing_factor)):
+    for name, value in (
+        ("mixup", model_args.mixup),
+        ("cutmix", model_args.cutmix),
+        ("label_smoothing_factor", training_args.label_smoothing_factor),
+    ):
         if value < 0:
             raise UserValueError(f"--{name} must be >= 0, got {value}.")
     if not 0 < model_args.layer_decay <= 1:
@@ -59,13 +66,16 @@ def apply_recipe_defaults(model_args, training_args: ResumableTrainingArguments,
     if training_args.label_smoothing_factor >= 1:
         raise UserValueError(f"--label_smoothing_factor must be < 1, got {training_args.label_smoothing_factor}.")
 
+
 def choose_head(model_args, encoder_type: str) -> None:
     """--pooling and --drop_path_rate: the authors' mean-pool head with drop-path 0.1 for ViT fine-tuning, the CLS
     token for a linear probe; ResNet pools globally whatever is asked, and neither stock class has drop-path."""
     if encoder_type != "vit":
         if model_args.pooling == "mean" or (model_args.drop_path_rate or 0) > 0:
-            raise UserValueError("--pooling mean and --drop_path_rate apply to ViT encoders; a ResNet classifier "
-                                 "always pools globally and has no drop-path. Leave them unset.")
+            raise UserValueError(
+                "--pooling mean and --drop_path_rate apply to ViT encoders; a ResNet classifier "
+                "always pools globally and has no drop-path. Leave them unset."
+            )
         model_args.pooling, model_args.drop_path_rate = None, 0.0
         return
     if model_args.pooling is None:
@@ -77,12 +87,16 @@ def choose_head(model_args, encoder_type: str) -> None:
     if not 0 <= model_args.drop_path_rate < 1:
         raise UserValueError(f"--drop_path_rate must be in [0, 1), got {model_args.drop_path_rate}.")
     if model_args.pooling == "cls" and model_args.drop_path_rate > 0:
-        raise UserValueError("--drop_path_rate needs --pooling mean: the CLS-token model, a stock "
-                             "ViTForImageClassification, has no drop-path.")
+        raise UserValueError(
+            "--drop_path_rate needs --pooling mean: the CLS-token model, a stock "
+            "ViTForImageClassification, has no drop-path."
+        )
+
 
 def saved_model_type(path: str) -> str | None:
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         return json.load(f).get("model_type")
+
 
 def fine_tuned_class_names(path: str) -> list[str] | None:
     """The class names, in label-id order, of a fine-tuned classifier checkpoint (a stock `...ForImageClassification`),
@@ -94,6 +108,7 @@ def fine_tuned_class_names(path: str) -> list[str] | None:
     id2label = config.get("id2label") or {}
     return [str(id2label[key]) for key in sorted(id2label, key=int)] or None
 
+
 def image_statistics(model_args, checkpoint_dir: str) -> tuple[list[float], list[float]]:
     """Normalisation mean / std: --image_processor_name's, else the checkpoint's, else ImageNet's."""
     if model_args.image_processor_name:
@@ -101,21 +116,35 @@ def image_statistics(model_args, checkpoint_dir: str) -> tuple[list[float], list
 
         try:
             processor = AutoImageProcessor.from_pretrained(
-                model_args.image_processor_name, revision=model_args.model_revision, cache_dir=model_args.cache_dir,
-                token=model_args.token, trust_remote_code=model_args.trust_remote_code)
+                model_args.image_processor_name,
+                revision=model_args.model_revision,
+                cache_dir=model_args.cache_dir,
+                token=model_args.token,
+                trust_remote_code=model_args.trust_remote_code,
+            )
         except OSError as err:
             raise UserPathError(f"--image_processor_name {model_args.image_processor_name!r}: {err}") from None
         mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
         if mean is None or std is None:
-            raise UserValueError(f"--image_processor_name {model_args.image_processor_name!r} has no image_mean / "
-                                 "image_std to normalise with.")
+            raise UserValueError(
+                f"--image_processor_name {model_args.image_processor_name!r} has no image_mean / "
+                "image_std to normalise with."
+            )
         logger.info(f"Normalising with the mean {mean} and std {std} of {model_args.image_processor_name}.")
         return list(mean), list(std)
     stats = image_stats_from_checkpoint(checkpoint_dir)
     return stats if stats is not None else (list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD))
 
-def write_classification_card(trainer: ClassificationTrainer, model_args, data_args: DataSourceArguments,
-                     checkpoint_dir: str, num_labels: int, eval_split: str | None, results: dict[str, Any]) -> None:
+
+def write_classification_card(
+    trainer: ClassificationTrainer,
+    model_args,
+    data_args: DataSourceArguments,
+    checkpoint_dir: str,
+    num_labels: int,
+    eval_split: str | None,
+    results: dict[str, Any],
+) -> None:
     """The fine-tuned model's card: the checkpoint (path or Hub id, `base_model` when a Hub id) it was fine-tuned
     from, the data, the recipe as run and the results; the licence given, else the base checkpoint's, else none."""
     if not trainer.is_world_process_zero():
@@ -126,16 +155,19 @@ def write_classification_card(trainer: ClassificationTrainer, model_args, data_a
     recipe = {
         "mode": "linear probe (frozen encoder)" if model_args.linear_probe else "end-to-end fine-tuning",
         "image size": f"{model_args.image_size} px; evaluation: shorter side to "
-                      f"{round(model_args.image_size / data_args.crop_pct)} px (bicubic), centre crop",
+        f"{round(model_args.image_size / data_args.crop_pct)} px (bicubic), centre crop",
         "optimizer steps (epochs)": f"{trainer.state.global_step} ({trainer.state.epoch or 0:g})",
         "total batch": total_batch,
         "peak learning rate": f"{args.learning_rate:.4g}, {getattr(scheduler, 'value', scheduler)} schedule, warm-up "
-                              f"{warmup:g}{' of the run' if 0 < warmup < 1 else ' steps'}",
+        f"{warmup:g}{' of the run' if 0 < warmup < 1 else ' steps'}",
         "optimizer": f"AdamW (betas {args.adam_beta1}, {args.adam_beta2}), weight decay {args.weight_decay} "
-                     "(none on norms, biases, tokens)",
-        "head": {"mean": "mean of the patch tokens + LayerNorm (the CIM authors' fine-tuning head; a "
-                         "BeitForImageClassification that computes exactly the ViT)",
-                 "cls": "CLS token after the final LayerNorm", None: "global average pooling"}[model_args.pooling],
+        "(none on norms, biases, tokens)",
+        "head": {
+            "mean": "mean of the patch tokens + LayerNorm (the CIM authors' fine-tuning head; a "
+            "BeitForImageClassification that computes exactly the ViT)",
+            "cls": "CLS token after the final LayerNorm",
+            None: "global average pooling",
+        }[model_args.pooling],
         "encoder weights": "the EMA target encoder" if model_args.use_ema_encoder else "the online encoder",
         "drop-path": model_args.drop_path_rate,
         "random erasing": model_args.random_erasing,
@@ -145,12 +177,20 @@ def write_classification_card(trainer: ClassificationTrainer, model_args, data_a
         "seed": args.seed,
     }
     card = build_classification_card(
-        model_name=os.path.basename(os.path.normpath(args.output_dir)), base=model_args.model_name_or_path,
-        base_is_hub_id=not os.path.isdir(model_args.model_name_or_path), encoder_config=encoder_config_from_checkpoint(
-            checkpoint_dir), linear_probe=model_args.linear_probe, dataset_name=dataset_display_name(data_args),
-        eval_split=eval_split, num_labels=num_labels, recipe=recipe, results=results,
-        license=model_args.license or card_license(checkpoint_dir))
+        model_name=os.path.basename(os.path.normpath(args.output_dir)),
+        base=model_args.model_name_or_path,
+        base_is_hub_id=not os.path.isdir(model_args.model_name_or_path),
+        encoder_config=encoder_config_from_checkpoint(checkpoint_dir),
+        linear_probe=model_args.linear_probe,
+        dataset_name=dataset_display_name(data_args),
+        eval_split=eval_split,
+        num_labels=num_labels,
+        recipe=recipe,
+        results=results,
+        license=model_args.license or card_license(checkpoint_dir),
+    )
     write_model_card(args.output_dir, card)
+
 
 __all__ = [
     "apply_recipe_defaults",

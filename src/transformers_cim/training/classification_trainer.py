@@ -23,6 +23,7 @@ from .utils import EpochToDatasetCallback, SkippedImages, StepGenerators
 
 logger = logging.get_logger(__name__)
 
+
 class ClassificationTrainer(Trainer):
     """``Trainer`` with a layer-decay AdamW optimizer and training-time Mixup / CutMix / label smoothing.
 
@@ -99,8 +100,11 @@ class ClassificationTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         model = model if model is not None else self.model
-        if not loads_through_from_pretrained(model, resume_from_checkpoint) or self.is_deepspeed_enabled \
-                or self.is_fsdp_enabled:
+        if (
+            not loads_through_from_pretrained(model, resume_from_checkpoint)
+            or self.is_deepspeed_enabled
+            or self.is_fsdp_enabled
+        ):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         load_weights_strictly(model, resume_from_checkpoint)
 
@@ -113,7 +117,11 @@ class ClassificationTrainer(Trainer):
 
     def _load_best_model(self) -> None:
         checkpoint = self.state.best_model_checkpoint
-        if not loads_through_from_pretrained(self.model, checkpoint) or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+        if (
+            not loads_through_from_pretrained(self.model, checkpoint)
+            or self.is_deepspeed_enabled
+            or self.is_fsdp_enabled
+        ):
             return super()._load_best_model()
         load_weights_strictly(self.model, checkpoint)
 
@@ -155,6 +163,7 @@ class ClassificationTrainer(Trainer):
         else:
             loss = soft_target_cross_entropy(logits, targets)
         return (loss, outputs) if return_outputs else loss
+
 
 __all__ = [
     "ClassificationTrainer",

@@ -101,8 +101,9 @@ def knn_predict(
 ) -> torch.Tensor:
     """Class scores ``(N_test, C)`` of the weighted k-NN vote (features are L2-normalised here)."""
     if train_feats.ndim != 2 or test_feats.ndim != 2 or train_feats.shape[1] != test_feats.shape[1]:
-        raise ValueError(f"Feature shapes do not match: train {tuple(train_feats.shape)}, "
-                         f"test {tuple(test_feats.shape)}.")
+        raise ValueError(
+            f"Feature shapes do not match: train {tuple(train_feats.shape)}, test {tuple(test_feats.shape)}."
+        )
     if train_feats.shape[0] != train_labels.shape[0]:
         raise ValueError("train_feats and train_labels have different lengths.")
     if temperature <= 0:
@@ -191,9 +192,17 @@ class KNNCallback(TrainerCallback):
     appended to ``state.log_history``. ``on_epoch_end=True`` also runs it at the end of every epoch.
     """
 
-    def __init__(self, train_dataset: Any, eval_dataset: Any, on_epoch_end: bool = False,
-                 metric_key_prefix: str = "eval_knn", every_steps: int = 0, on_evaluate: bool = True,
-                 trainer: Any = None, **knn_kwargs: Any):
+    def __init__(
+        self,
+        train_dataset: Any,
+        eval_dataset: Any,
+        on_epoch_end: bool = False,
+        metric_key_prefix: str = "eval_knn",
+        every_steps: int = 0,
+        on_evaluate: bool = True,
+        trainer: Any = None,
+        **knn_kwargs: Any,
+    ):
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.kwargs = dict(knn_kwargs, metric_key_prefix=metric_key_prefix)
         self.run_on_epoch_end, self.run_on_evaluate, self.every_steps = on_epoch_end, on_evaluate, every_steps
@@ -219,7 +228,9 @@ class KNNCallback(TrainerCallback):
             metrics.update(result)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if self.every_steps > 0 and (state.global_step % self.every_steps == 0 or state.global_step >= state.max_steps):
+        if self.every_steps > 0 and (
+            state.global_step % self.every_steps == 0 or state.global_step >= state.max_steps
+        ):
             self._run(state, model)
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):

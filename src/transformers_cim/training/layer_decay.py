@@ -19,6 +19,8 @@ NO_WEIGHT_DECAY_NAMES = ("position_embeddings", "cls_token", "mask_token", "pos_
 
 _VIT_BLOCK = re.compile(r"(?:^|\.)(?:layers|encoder\.layer)\.(\d+)\.")
 _RESNET_STAGE = re.compile(r"(?:^|\.)encoder\.stages\.(\d+)\.")
+
+
 def _encoder_type_of(model: nn.Module) -> str:
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
@@ -105,6 +107,7 @@ def param_groups_layer_decay(
             }
         groups[key]["params"].append(param)
     return [groups[key] for key in sorted(groups)]
+
 
 __all__ = [
     "NO_WEIGHT_DECAY_NAMES",

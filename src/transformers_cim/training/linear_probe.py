@@ -89,6 +89,7 @@ class LinearProbeForImageClassification(nn.Module):
             param.requires_grad_(True)
         return self.model
 
+
 __all__ = [
     "LinearProbeForImageClassification",
     "LinearProbeHead",

@@ -84,6 +84,7 @@ def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduc
         return loss
     return loss.mean()
 
+
 __all__ = [
     "cutmix_box",
     "mixup_cutmix",

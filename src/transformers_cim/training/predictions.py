@@ -32,16 +32,22 @@ logger = logging.getLogger("run_semantic_segmentation")
 
 def _collate_all_rows(rows: list[dict]) -> dict[str, torch.Tensor]:
     """Every row of a prediction batch, in order, the unusable ones too (flagged by ``cim_valid``)."""
-    return {"pixel_values": torch.stack([torch.as_tensor(row["pixel_values"]) for row in rows]),
-            "cim_valid": torch.tensor([bool(row["cim_valid"]) for row in rows])}
+    return {
+        "pixel_values": torch.stack([torch.as_tensor(row["pixel_values"]) for row in rows]),
+        "cim_valid": torch.tensor([bool(row["cim_valid"]) for row in rows]),
+    }
+
 
 @torch.no_grad()
-def write_predictions(model: torch.nn.Module, test_ds, names: list[str], args: TrainingArguments,
-                      path: str) -> int:
+def write_predictions(model: torch.nn.Module, test_ds, names: list[str], args: TrainingArguments, path: str) -> int:
     """Predicts every test row in order and writes ``row,label,score`` (top-1 class and its softmax probability) to
     `path`; a row whose image could not be used gets an empty label and score. Returns the number of rows."""
-    loader = torch.utils.data.DataLoader(test_ds, batch_size=args.per_device_eval_batch_size,
-                                         num_workers=args.dataloader_num_workers, collate_fn=_collate_all_rows)
+    loader = torch.utils.data.DataLoader(
+        test_ds,
+        batch_size=args.per_device_eval_batch_size,
+        num_workers=args.dataloader_num_workers,
+        collate_fn=_collate_all_rows,
+    )
     parameter = next(model.parameters())
     was_training = model.training
     model.eval()
@@ -71,9 +77,15 @@ class MaskWriter:
         mask_to_image(predicted).save(os.path.join(self.folder, f"{name}.png"))
         self.count += 1
 
+
 @torch.no_grad()
-def write_predicted_masks(model: UperNetForSemanticSegmentation, raw, data_args: DataSourceArguments,
-                          transform: SegmentationEvalTransform, writer: MaskWriter) -> None:
+def write_predicted_masks(
+    model: UperNetForSemanticSegmentation,
+    raw,
+    data_args: DataSourceArguments,
+    transform: SegmentationEvalTransform,
+    writer: MaskWriter,
+) -> None:
     """Predicts every image of a split without masks (at its own size) and saves its index map with `writer`.
     Undecodable images are skipped with a warning."""
     column = find_image_column(raw, data_args.image_column_name)
@@ -87,9 +99,11 @@ def write_predicted_masks(model: UperNetForSemanticSegmentation, raw, data_args:
             continue
         pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
         pixel_values, _ = transform(pixels, torch.zeros(1, 1))
-        logits = predict_logits(model, pixel_values[None].to(parameter.device, parameter.dtype),
-                                (image.height, image.width))
+        logits = predict_logits(
+            model, pixel_values[None].to(parameter.device, parameter.dtype), (image.height, image.width)
+        )
         writer(index, logits[0].argmax(0).cpu().numpy())
+
 
 __all__ = [
     "MaskWriter",

@@ -30,22 +30,35 @@ class DataSourceArguments:
 
     dataset_name: str | None = field(default=None, metadata={"help": "A Hub dataset id or a local Hub-layout dir."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration."})
-    train_dir: str | None = field(default=None, metadata={
-        "help": "A folder of training images (sub-folders allowed; for classification, one sub-folder per class)."})
-    validation_dir: str | None = field(default=None, metadata={
-        "help": "A folder of validation images (for classification, with the training folder's classes)."})
-    train_files: list[str] | None = field(default=None, metadata={
-        "help": "Training data files (parquet, arrow, csv, json, webdataset tar or image files)."})
+    train_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "A folder of training images (sub-folders allowed; for classification, one sub-folder per class)."
+        },
+    )
+    validation_dir: str | None = field(
+        default=None,
+        metadata={"help": "A folder of validation images (for classification, with the training folder's classes)."},
+    )
+    train_files: list[str] | None = field(
+        default=None,
+        metadata={"help": "Training data files (parquet, arrow, csv, json, webdataset tar or image files)."},
+    )
     validation_files: list[str] | None = field(default=None, metadata={"help": "Validation data files."})
     image_column_name: str | None = field(default=None, metadata={"help": "Image column; auto-detected if unset."})
-    streaming: bool = field(default=False, metadata={
-        "help": "Stream the dataset (needs --max_steps; classification also needs a ClassLabel label column and a "
-                "validation split)."})
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Stream the dataset (needs --max_steps; classification also needs a ClassLabel label column and a "
+            "validation split)."
+        },
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only this many training images."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use only this many validation images."})
 
-    def load_split(self, split: str, *, cache_dir: str | None = None,
-                   token: str | None = None) -> datasets.Dataset | datasets.IterableDataset:
+    def load_split(
+        self, split: str, *, cache_dir: str | None = None, token: str | None = None
+    ) -> datasets.Dataset | datasets.IterableDataset:
         """One split of the chosen source (see :func:`~transformers_cim.training.data.load_image_dataset`)."""
         return load_image_dataset(
             dataset_name=self.dataset_name,
@@ -78,9 +91,13 @@ class ResumableTrainingArguments(TrainingArguments):
     --resume_from_checkpoint PATH or `last` names one. Data-loader memory is pinned only when torch sees an
     accelerator (on a CPU-only machine pinning does nothing and torch warns about it)."""
 
-    overwrite_output_dir: bool = field(default=False, metadata={
-        "help": "Start afresh even when output_dir holds checkpoints (by default the run resumes from the newest "
-                "complete one)."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start afresh even when output_dir holds checkpoints (by default the run resumes from the newest "
+            "complete one)."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -172,14 +189,24 @@ def set_learning_rate(args: TrainingArguments, base_learning_rate: float | None,
     if explicit or base_learning_rate is None:
         origin = "--learning_rate as given" if explicit else "not scaled by the batch"
         return f"lr = {args.learning_rate:.4g} ({origin})"
-    per_device, accumulation, processes = (args.per_device_train_batch_size, args.gradient_accumulation_steps,
-                                           args.world_size)
+    per_device, accumulation, processes = (
+        args.per_device_train_batch_size,
+        args.gradient_accumulation_steps,
+        args.world_size,
+    )
     total_batch = per_device * accumulation * processes
     args.learning_rate = base_learning_rate * total_batch / 256
-    return (f"lr = base_lr x total_batch / 256 = {base_learning_rate:.4g} x {total_batch} / 256 = "
-            f"{args.learning_rate:.4g} (total_batch = {per_device} per device x {accumulation} accumulation "
-            f"step(s) x {processes} process(es); --learning_rate sets it directly)")
+    return (
+        f"lr = base_lr x total_batch / 256 = {base_learning_rate:.4g} x {total_batch} / 256 = "
+        f"{args.learning_rate:.4g} (total_batch = {per_device} per device x {accumulation} accumulation "
+        f"step(s) x {processes} process(es); --learning_rate sets it directly)"
+    )
 
 
-__all__ = ["DataSourceArguments", "ResumableTrainingArguments", "ScriptArgumentParser", "accelerator_available",
-           "set_learning_rate"]
+__all__ = [
+    "DataSourceArguments",
+    "ResumableTrainingArguments",
+    "ScriptArgumentParser",
+    "accelerator_available",
+    "set_learning_rate",
+]

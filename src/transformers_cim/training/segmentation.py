@@ -51,8 +51,9 @@ def pad_to_multiple(pixel_values: torch.Tensor, multiple: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, pixel_values: torch.Tensor, output_size: Sequence[int] | None = None
-                   ) -> torch.Tensor:
+def predict_logits(
+    model: nn.Module, pixel_values: torch.Tensor, output_size: Sequence[int] | None = None
+) -> torch.Tensor:
     """Logits ``(B, num_labels, h, w)`` of whole images ``(B, 3, H, W)``; ``(h, w)`` is `output_size` (the mask's
     size), else ``(H, W)``. Padding is cropped off before the (bilinear) resize."""
     height, width = pixel_values.shape[-2:]
@@ -78,8 +79,7 @@ class SegmentationEvaluation:
     loss_images: int = 0
 
 
-def _rows_of_process(dataset: Iterable[dict], process_index: int, num_processes: int
-                     ) -> Iterable[tuple[int, dict]]:
+def _rows_of_process(dataset: Iterable[dict], process_index: int, num_processes: int) -> Iterable[tuple[int, dict]]:
     """``(row index, row)`` of every `num_processes`-th row, starting at `process_index`."""
     if not isinstance(dataset, torch.utils.data.IterableDataset) and hasattr(dataset, "__len__"):
         return ((i, dataset[i]) for i in range(process_index, len(dataset), num_processes))
@@ -87,10 +87,19 @@ def _rows_of_process(dataset: Iterable[dict], process_index: int, num_processes:
 
 
 @torch.no_grad()
-def evaluate_segmentation(model: nn.Module, dataset: Iterable[dict], num_labels: int, ignore_index: int = 255, *,
-                          num_examples: int = 0, process_index: int = 0, num_processes: int = 1,
-                          autocast=None, on_prediction: Callable[[int, np.ndarray], None] | None = None,
-                          example_rows: set[int] | None = None) -> SegmentationEvaluation:
+def evaluate_segmentation(
+    model: nn.Module,
+    dataset: Iterable[dict],
+    num_labels: int,
+    ignore_index: int = 255,
+    *,
+    num_examples: int = 0,
+    process_index: int = 0,
+    num_processes: int = 1,
+    autocast=None,
+    on_prediction: Callable[[int, np.ndarray], None] | None = None,
+    example_rows: set[int] | None = None,
+) -> SegmentationEvaluation:
     """Scores `model` on every row of `dataset` (rows ``{"pixel_values": (3, H, W), "labels": (h, w),
     "cim_valid"}``), one whole image at a time, at the mask's resolution. Rows flagged invalid are counted, not
     scored. Under distributed evaluation each process takes every `num_processes`-th row; the caller sums.
@@ -146,22 +155,34 @@ class SegmentationTrainer(ClassificationTrainer):
         self.figure_examples = int(num_examples)
         self.last_examples: list[tuple[torch.Tensor, np.ndarray, np.ndarray]] = []
 
-    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: torch.Tensor | int | None = None):
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
         if model.training and inputs["pixel_values"].shape[0] < 2:
             # the collator dropped all images of this batch but one (or all): UperNet's pooling branch normalises
             # 1x1 maps with BatchNorm, which cannot train on one image; the batch adds a zero loss instead of a crash
             skipped = inputs.get("skipped_images")
             if skipped:
                 self.skipped_images.add(skipped)
-            logger.warning(f"Step {self.state.global_step}: a training batch kept {inputs['pixel_values'].shape[0]} "
-                           "usable image(s), fewer than the 2 UperNet's BatchNorm needs; it is left out.")
+            logger.warning(
+                f"Step {self.state.global_step}: a training batch kept {inputs['pixel_values'].shape[0]} "
+                "usable image(s), fewer than the 2 UperNet's BatchNorm needs; it is left out."
+            )
             zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
             return (zero, None) if return_outputs else zero
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval",
-                 on_prediction: Callable[[int, np.ndarray], None] | None = None) -> dict[str, float]:
+    def evaluate(
+        self,
+        eval_dataset=None,
+        ignore_keys=None,
+        metric_key_prefix: str = "eval",
+        on_prediction: Callable[[int, np.ndarray], None] | None = None,
+    ) -> dict[str, float]:
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("SegmentationTrainer.evaluate needs an evaluation dataset.")
@@ -169,21 +190,33 @@ class SegmentationTrainer(ClassificationTrainer):
         config = model.config
         start = time.perf_counter()
         result = evaluate_segmentation(
-            model, dataset, config.num_labels, self.ignore_index, num_examples=self.figure_examples,
-            process_index=self.args.process_index, num_processes=self.args.world_size,
-            autocast=self.autocast_smart_context_manager, on_prediction=on_prediction,
-            example_rows=spread_rows(dataset, self.figure_examples))
+            model,
+            dataset,
+            config.num_labels,
+            self.ignore_index,
+            num_examples=self.figure_examples,
+            process_index=self.args.process_index,
+            num_processes=self.args.world_size,
+            autocast=self.autocast_smart_context_manager,
+            on_prediction=on_prediction,
+            example_rows=spread_rows(dataset, self.figure_examples),
+        )
         counts = result.confusion.counts
-        totals = torch.tensor([result.loss * result.loss_images, result.loss_images, result.images, result.skipped],
-                              dtype=torch.float64)
+        totals = torch.tensor(
+            [result.loss * result.loss_images, result.loss_images, result.images, result.skipped], dtype=torch.float64
+        )
         if self.args.world_size > 1:
             device = self.args.device
             counts = self.accelerator.reduce(counts.to(device), reduction="sum").cpu()
             totals = self.accelerator.reduce(totals.to(device), reduction="sum").cpu()
         scores = flat_scores(segmentation_scores(counts, config.id2label))
-        metrics = {"loss": float(totals[0] / max(float(totals[1]), 1.0)), **scores,
-                   "images": int(totals[2]), "skipped_images": int(totals[3]),
-                   "runtime": round(time.perf_counter() - start, 2)}
+        metrics = {
+            "loss": float(totals[0] / max(float(totals[1]), 1.0)),
+            **scores,
+            "images": int(totals[2]),
+            "skipped_images": int(totals[3]),
+            "runtime": round(time.perf_counter() - start, 2),
+        }
         metrics = {f"{metric_key_prefix}_{key}": value for key, value in metrics.items()}
         self.last_examples = result.examples
         self.log(metrics)
@@ -209,6 +242,7 @@ def _hsl_to_rgb(h: float, s: float, lightness: float) -> tuple[int, int, int]:
         k = (n + h * 12) % 12
         a = s * min(lightness, 1 - lightness)
         return int(round(255 * (lightness - a * max(-1, min(k - 3, 9 - k, 1)))))
+
     return channel(0), channel(8), channel(4)
 
 
@@ -227,9 +261,14 @@ def _denormalise(pixel_values: torch.Tensor, mean: Sequence[float], std: Sequenc
     return (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
-def render_segmentation_examples(examples: Sequence[tuple[torch.Tensor, np.ndarray, np.ndarray]],
-                                 class_names: Sequence[str], mean: Sequence[float], std: Sequence[float],
-                                 ignore_index: int = 255, tile_height: int = 160) -> Image.Image:
+def render_segmentation_examples(
+    examples: Sequence[tuple[torch.Tensor, np.ndarray, np.ndarray]],
+    class_names: Sequence[str],
+    mean: Sequence[float],
+    std: Sequence[float],
+    ignore_index: int = 255,
+    tile_height: int = 160,
+) -> Image.Image:
     """One row per example: the image, the true mask, the predicted mask (class colours; ignored pixels black), and
     a legend of the class colours below."""
     palette = segmentation_palette(len(class_names))
@@ -238,12 +277,15 @@ def render_segmentation_examples(examples: Sequence[tuple[torch.Tensor, np.ndarr
     for pixel_values, true_mask, predicted in examples:
         height, width = true_mask.shape
         tile_width = max(1, int(round(tile_height * width / height)))
-        image = Image.fromarray(_denormalise(pixel_values, mean, std)).resize((tile_width, tile_height),
-                                                                              Image.BILINEAR)
+        image = Image.fromarray(_denormalise(pixel_values, mean, std)).resize(
+            (tile_width, tile_height), Image.BILINEAR
+        )
         true_tile = Image.fromarray(colourise(true_mask, palette, ignore_index)).resize(
-            (tile_width, tile_height), Image.NEAREST)
+            (tile_width, tile_height), Image.NEAREST
+        )
         predicted_tile = Image.fromarray(colourise(predicted, palette, ignore_index)).resize(
-            (tile_width, tile_height), Image.NEAREST)
+            (tile_width, tile_height), Image.NEAREST
+        )
         rows.append((image, true_tile, predicted_tile))
     width = 3 * max((r[0].width for r in rows), default=tile_height)
     legend_columns = 4

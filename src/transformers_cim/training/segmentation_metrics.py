@@ -14,8 +14,9 @@ from collections.abc import Mapping, Sequence
 import torch
 
 
-def confusion_counts(predicted: torch.Tensor, target: torch.Tensor, num_labels: int,
-                     ignore_index: int | None = 255) -> torch.Tensor:
+def confusion_counts(
+    predicted: torch.Tensor, target: torch.Tensor, num_labels: int, ignore_index: int | None = 255
+) -> torch.Tensor:
     """``(num_labels, num_labels)`` int64 counts, row = true class, column = predicted class, over the pixels whose
     true label is not `ignore_index`. `predicted` and `target` are integer tensors of one shape; a target outside
     ``[0, num_labels)`` (other than the ignore index) is an error."""
@@ -27,8 +28,9 @@ def confusion_counts(predicted: torch.Tensor, target: torch.Tensor, num_labels: 
         predicted, target = predicted[keep], target[keep]
     if target.numel() and (target.min() < 0 or target.max() >= num_labels):
         bad = sorted(set(target[(target < 0) | (target >= num_labels)].unique().tolist()))
-        raise ValueError(f"Target labels {bad[:10]} are outside [0, {num_labels}) and are not the ignore index "
-                         f"{ignore_index}.")
+        raise ValueError(
+            f"Target labels {bad[:10]} are outside [0, {num_labels}) and are not the ignore index {ignore_index}."
+        )
     flat = target * num_labels + predicted.clamp(0, num_labels - 1)
     return torch.bincount(flat, minlength=num_labels * num_labels).reshape(num_labels, num_labels).cpu()
 
@@ -48,8 +50,9 @@ def _ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator > 0 else math.nan
 
 
-def segmentation_scores(counts: torch.Tensor, class_names: Sequence[str] | Mapping[int, str] | None = None
-                        ) -> dict[str, float | dict[str, float]]:
+def segmentation_scores(
+    counts: torch.Tensor, class_names: Sequence[str] | Mapping[int, str] | None = None
+) -> dict[str, float | dict[str, float]]:
     """Scores of a confusion matrix (rows true, columns predicted):
 
     - ``mean_iou``: the mean over classes of TP / (TP + FP + FN), classes with an empty union left out;

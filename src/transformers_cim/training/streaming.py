@@ -72,9 +72,20 @@ class _Reader:
 
     MAX_AGE_BUFFERS = 4  # max_age in buffer sizes
 
-    def __init__(self, source: datasets.IterableDataset, image_column: str, transform: Callable, min_size: int,
-                 buffer_size: int, role: int, num_roles: int, epoch: int, seed_key: list[int], world_size: int = 1,
-                 rank: int = 0):
+    def __init__(
+        self,
+        source: datasets.IterableDataset,
+        image_column: str,
+        transform: Callable,
+        min_size: int,
+        buffer_size: int,
+        role: int,
+        num_roles: int,
+        epoch: int,
+        seed_key: list[int],
+        world_size: int = 1,
+        rank: int = 0,
+    ):
         self.source, self.image_column = source, image_column
         self.transform, self.min_size, self.buffer_size = transform, min_size, buffer_size
         self.max_age = self.MAX_AGE_BUFFERS * buffer_size
@@ -106,8 +117,9 @@ class _Reader:
 
     def _decode(self, record: _Record) -> dict:
         # a record without a file name is named by its place in this reader's stream (the same in every pass)
-        where = f"stream record {record.seq} of reader {self.role}" + (f", process {self.rank}" if self.world_size > 1
-                                                                      else "")
+        where = f"stream record {record.seq} of reader {self.role}" + (
+            f", process {self.rank}" if self.world_size > 1 else ""
+        )
         return decoded_row(record.value, self.transform, self.min_size, self.augment_rng, where=where)
 
     def _oldest(self) -> _Record | None:
@@ -180,13 +192,17 @@ class _Reader:
         for _ in range(state["next_seq"] - state["start_seq"]):
             record = next(records, None)
             if record is None:
-                raise RuntimeError("The stream ended before the checkpoint's position: its files changed since the "
-                                   "checkpoint was saved. Resume with the same data, or start a new run.")
+                raise RuntimeError(
+                    "The stream ended before the checkpoint's position: its files changed since the "
+                    "checkpoint was saved. Resume with the same data, or start a new run."
+                )
             if record.seq in slots:
                 buffer[slots[record.seq]] = record
         if any(r is None for r in buffer):
-            raise RuntimeError("The checkpoint's shuffle buffer does not match the stream: its files changed since the "
-                               "checkpoint was saved. Resume with the same data, or start a new run.")
+            raise RuntimeError(
+                "The checkpoint's shuffle buffer does not match the stream: its files changed since the "
+                "checkpoint was saved. Resume with the same data, or start a new run."
+            )
         self.buffer = buffer
         self.draining = bool(state["draining"])
         if not self.draining:
@@ -211,8 +227,18 @@ class ResumableImageStream(torch.utils.data.IterableDataset):
             them, else every `world_size`-th record.
     """
 
-    def __init__(self, source: datasets.IterableDataset, image_column: str, transform: Callable, *,
-                 min_size: int = 32, buffer_size: int = 1000, seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        source: datasets.IterableDataset,
+        image_column: str,
+        transform: Callable,
+        *,
+        min_size: int = 32,
+        buffer_size: int = 1000,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         if buffer_size < 1:
             raise ValueError(f"buffer_size must be at least 1, got {buffer_size}.")
         self.source = without_image_decoding(source, image_column)
@@ -250,8 +276,10 @@ class ResumableImageStream(torch.utils.data.IterableDataset):
                 raise ValueError(f"Not a stream state: no {key!r}.")
         saved_world = state.get("world_size", 1)
         if saved_world != self.world_size:
-            raise UserValueError(f"The checkpoint's stream was read by {saved_world} process(es), this run has "
-                             f"{self.world_size}: resume with {saved_world} (each process's position is saved separately).")
+            raise UserValueError(
+                f"The checkpoint's stream was read by {saved_world} process(es), this run has "
+                f"{self.world_size}: resume with {saved_world} (each process's position is saved separately)."
+            )
         self._resume, self._epoch_offset = state, None
         self.epoch = state["epoch"]
 
@@ -276,14 +304,26 @@ class ResumableImageStream(torch.utils.data.IterableDataset):
         source = self._rank_source()
         if num_workers > 1:
             if source.num_shards < num_workers:
-                raise UserValueError(f"{num_workers} dataloader workers for {source.num_shards} shard(s) in this process: "
-                                 "each worker reads whole shards, so use at most as many workers as shards.")
+                raise UserValueError(
+                    f"{num_workers} dataloader workers for {source.num_shards} shard(s) in this process: "
+                    "each worker reads whole shards, so use at most as many workers as shards."
+                )
             # an uneven split gives some workers one shard more; they simply run longer
             source = source.shard(num_shards=num_workers, index=role, contiguous=True)
         source.set_epoch(self.epoch)
-        reader = _Reader(source, self.image_column, self.transform, self.min_size, self.buffer_size, role,
-                         num_workers, self.epoch, [self.seed, self.rank, role, self.epoch], self.world_size,
-                         rank=self.rank)
+        reader = _Reader(
+            source,
+            self.image_column,
+            self.transform,
+            self.min_size,
+            self.buffer_size,
+            role,
+            num_workers,
+            self.epoch,
+            [self.seed, self.rank, role, self.epoch],
+            self.world_size,
+            rank=self.rank,
+        )
         _ACTIVE_READER = reader
         try:
             yield from reader.rows(resume["roles"][role] if resume else None)

@@ -227,7 +227,8 @@ class CIMTrainer(Trainer):
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         """Weight decay on matrices and conv kernels only: not on norms, biases, CLS/position tokens."""
         return [
-            name for name, param in model.named_parameters()
+            name
+            for name, param in model.named_parameters()
             if param.ndim >= 2 and "cls_token" not in name and "position_embeddings" not in name
         ]
 
@@ -306,10 +307,16 @@ class CIMTrainer(Trainer):
         # (every process reading everything): the stream already reads only this process's part. Inputs are moved
         # to the device by the Trainer.
         if self.args.dataloader_persistent_workers:
-            logger.warning("dataloader_persistent_workers is ignored for a resumable stream: each pass over it "
-                           "starts new workers so that they see the pass's epoch.")
-        params = {"batch_size": self._train_batch_size, "collate_fn": self.data_collator,
-                  "num_workers": self.args.dataloader_num_workers, "pin_memory": self.args.dataloader_pin_memory}
+            logger.warning(
+                "dataloader_persistent_workers is ignored for a resumable stream: each pass over it "
+                "starts new workers so that they see the pass's epoch."
+            )
+        params = {
+            "batch_size": self._train_batch_size,
+            "collate_fn": self.data_collator,
+            "num_workers": self.args.dataloader_num_workers,
+            "pin_memory": self.args.dataloader_pin_memory,
+        }
         if self.args.dataloader_num_workers > 0 and self.args.dataloader_prefetch_factor is not None:
             params["prefetch_factor"] = self.args.dataloader_prefetch_factor
         return DataLoaderShard(self.train_dataset, device=None, **params)
@@ -319,8 +326,11 @@ class CIMTrainer(Trainer):
         from its start (which decodes and drops every batch already trained on)."""
         path = self._stream_state_file(checkpoint)
         if not os.path.isfile(path):
-            logger.warning("%s holds no stream position (saved by an older version?): the stream is replayed from its "
-                           "start and the batches already trained on are dropped.", checkpoint)
+            logger.warning(
+                "%s holds no stream position (saved by an older version?): the stream is replayed from its "
+                "start and the batches already trained on are dropped.",
+                checkpoint,
+            )
             return
         with open(path) as f:
             self.train_dataset.load_state_dict(json.load(f))
@@ -348,7 +358,8 @@ class CIMTrainer(Trainer):
 
     def _loads_through_from_pretrained(self, checkpoint: str | None) -> bool:
         return loads_through_from_pretrained(unwrap_cim(self.model), checkpoint) and not (
-            self.is_deepspeed_enabled or self.is_fsdp_enabled or getattr(self, "is_fsdp_xla_enabled", False))
+            self.is_deepspeed_enabled or self.is_fsdp_enabled or getattr(self, "is_fsdp_xla_enabled", False)
+        )
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         if not self._loads_through_from_pretrained(resume_from_checkpoint):
@@ -383,8 +394,11 @@ class CIMTrainer(Trainer):
         if unwrap_cim(self.model).config.contrastive_loss_weight > 0:
             names += ["contrastive_loss"]
         sums = self._train_metrics.sums
-        totals = torch.tensor([[float(sums.get(n, 0.0)), self._train_metrics.counts.get(n, 0)] for n in names],
-                              dtype=torch.float64, device=self.args.device)
+        totals = torch.tensor(
+            [[float(sums.get(n, 0.0)), self._train_metrics.counts.get(n, 0)] for n in names],
+            dtype=torch.float64,
+            device=self.args.device,
+        )
         if self.args.world_size > 1:
             totals = self.accelerator.reduce(totals, reduction="sum")
         return {n: float(t[0] / t[1]) for n, t in zip(names, totals) if t[1] > 0}

@@ -64,8 +64,13 @@ class VisualizationCallback(TrainerCallback):
     The end-of-run figure is made at the last optimizer step, while the trackers are still open (they close in their
     own `on_train_end`). Add the callback with `trainer.add_callback`."""
 
-    def __init__(self, pixel_values: torch.Tensor, every_steps: int | None = None,
-                 filename: str = "correlation_maps.png", trainer: Trainer | None = None):
+    def __init__(
+        self,
+        pixel_values: torch.Tensor,
+        every_steps: int | None = None,
+        filename: str = "correlation_maps.png",
+        trainer: Trainer | None = None,
+    ):
         self.pixel_values = pixel_values
         self.every_steps = every_steps
         self.filename = filename
@@ -93,14 +98,16 @@ class VisualizationCallback(TrainerCallback):
             self._write(args, state, model, self.filename)  # the last step: trackers still open
             self._final_step = state.global_step
         elif self._interval > 0 and state.global_step % self._interval == 0:
-            self._write(args, state, model, f"correlation_maps_step{state.global_step}.png"
-                        if self.every_steps else None)
+            self._write(
+                args, state, model, f"correlation_maps_step{state.global_step}.png" if self.every_steps else None
+            )
         return control
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if self._final_step != state.global_step:  # training ended some other way: the file at least
             self._write(args, state, model, self.filename)
         return control
+
 
 __all__ = [
     "AUTO_FIGURES_PER_RUN",

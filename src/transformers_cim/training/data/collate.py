@@ -26,16 +26,20 @@ def _placeholder(transform: Callable) -> torch.Tensor:
     return torch.zeros(3, h, w)
 
 
-def decoded_row(value: Any, transform: Callable, min_size: int, rng: np.random.Generator | None = None,
-                where: str | None = None) -> dict:
+def decoded_row(
+    value: Any, transform: Callable, min_size: int, rng: np.random.Generator | None = None, where: str | None = None
+) -> dict:
     """``{"pixel_values": view, "cim_valid": True}``, or, for an image that cannot be used, a zero placeholder with
     ``cim_valid=False`` and ``cim_skipped = (name, reason)`` (the collator drops the row and reports it): the name is
     the image's file name when it has one, else `where` (e.g. ``"row 12"``). `rng`, when given, drives the
     transform's draws."""
     image, reason = decode_image_with_reason(value, min_size=min_size)
     if image is None:
-        return {"pixel_values": _placeholder(transform), "cim_valid": False,
-                "cim_skipped": (image_name(value) or where, reason)}
+        return {
+            "pixel_values": _placeholder(transform),
+            "cim_valid": False,
+            "cim_skipped": (image_name(value) or where, reason),
+        }
     return {"pixel_values": transform(image) if rng is None else transform(image, rng=rng), "cim_valid": True}
 
 
@@ -63,8 +67,11 @@ class PretrainingBatchTransform:
         values = batch[self.image_column]
         wheres = [f"row {i}" for i in indices] if indices is not None else [None] * len(values)
         rows = [decoded_row(value, self.transform, self.min_size, where=where) for value, where in zip(values, wheres)]
-        return {"pixel_values": [r["pixel_values"] for r in rows], "cim_valid": [r["cim_valid"] for r in rows],
-                "cim_skipped": [r.get("cim_skipped") for r in rows]}
+        return {
+            "pixel_values": [r["pixel_values"] for r in rows],
+            "cim_valid": [r["cim_valid"] for r in rows],
+            "cim_skipped": [r.get("cim_skipped") for r in rows],
+        }
 
 
 class ClassificationBatchTransform(PretrainingBatchTransform):
@@ -80,7 +87,9 @@ class ClassificationBatchTransform(PretrainingBatchTransform):
         labels = [_as_label(v) for v in raw]
         for i, label in enumerate(labels):
             if label is None and out["cim_valid"][i]:
-                where = image_name(batch[self.image_column][i]) or (f"row {indices[i]}" if indices is not None else None)
+                where = image_name(batch[self.image_column][i]) or (
+                    f"row {indices[i]}" if indices is not None else None
+                )
                 out["cim_valid"][i], out["cim_skipped"][i] = False, (where, f"no label ({raw[i]!r})")
         out["labels"] = [-100 if label is None else label for label in labels]
         return out
@@ -116,8 +125,13 @@ def prepare_dataset(
     ds = without_image_decoding(ds, image_column)
     if isinstance(ds, datasets.IterableDataset):
         # the package's transforms also take the rows' indices, to name a skipped image that has no file name
-        return ds.map(fn, batched=True, with_indices=isinstance(fn, PretrainingBatchTransform),
-                      batch_size=streaming_batch_size, remove_columns=ds.column_names)
+        return ds.map(
+            fn,
+            batched=True,
+            with_indices=isinstance(fn, PretrainingBatchTransform),
+            batch_size=streaming_batch_size,
+            remove_columns=ds.column_names,
+        )
     return ds.with_transform(fn)
 
 
@@ -158,8 +172,16 @@ class SeededImageDataset(SeededRows):
     :func:`build_pretraining_transform`, with integer ``labels`` too when `label_column` is given; each row's
     crop/flip draws from its own generator."""
 
-    def __init__(self, ds: datasets.Dataset, image_column: str, transform: Callable, *, min_size: int = 32,
-                 seed: int = 0, label_column: str | None = None):
+    def __init__(
+        self,
+        ds: datasets.Dataset,
+        image_column: str,
+        transform: Callable,
+        *,
+        min_size: int = 32,
+        seed: int = 0,
+        label_column: str | None = None,
+    ):
         super().__init__(ds, [image_column] + ([label_column] if label_column else []), [image_column], seed)
         self.image_column, self.transform, self.min_size = image_column, transform, min_size
         self.label_column = label_column
@@ -226,8 +248,9 @@ class SkippingCollator:
             batch["labels"] = torch.tensor([int(row["labels"]) for row in valid], dtype=torch.long)
         batch["num_skipped"] = torch.tensor(len(features) - len(valid), dtype=torch.long)
         if len(valid) < len(features):
-            batch["skipped_images"] = [tuple(row.get("cim_skipped") or (None, "unusable"))
-                                       for row in features if not _row_is_valid(row)]
+            batch["skipped_images"] = [
+                tuple(row.get("cim_skipped") or (None, "unusable")) for row in features if not _row_is_valid(row)
+            ]
         for annotate in _BATCH_ANNOTATORS:  # e.g. a ResumableImageStream's: where its reader is after this batch
             batch.update(annotate())
         return batch

@@ -35,8 +35,18 @@ from .decoding import _exif_transpose, _open_image, decode_image_with_reason, im
 from .sources import IMAGE_FILE_EXTENSIONS
 from .transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-MASK_COLUMN_NAMES = ("label", "labels", "mask", "masks", "annotation", "segmentation", "semantic_segmentation",
-                     "segmentation_mask", "seg_map", "gt")
+MASK_COLUMN_NAMES = (
+    "label",
+    "labels",
+    "mask",
+    "masks",
+    "annotation",
+    "segmentation",
+    "semantic_segmentation",
+    "segmentation_mask",
+    "seg_map",
+    "gt",
+)
 IMAGE_FOLDER_NAMES = ("images", "image", "img", "imgs")
 MASK_FOLDER_NAMES = ("masks", "mask", "labels", "label", "annotations", "annotation")
 
@@ -58,7 +68,8 @@ def _files_by_stem(folder: str, argument: str) -> dict[str, str]:
                     raise UserValueError(
                         f"--{argument}: {found[key]} and {os.path.join(root, name)} differ only in their extension, so "
                         "the image / mask pairing (by file name without the extension) is ambiguous. Rename or remove "
-                        "one.")
+                        "one."
+                    )
                 found[key] = os.path.join(root, name)
     return found
 
@@ -67,15 +78,18 @@ def _sub_folder(directory: str, candidates: Sequence[str]) -> str | None:
     return next((os.path.join(directory, c) for c in candidates if os.path.isdir(os.path.join(directory, c))), None)
 
 
-def segmentation_folder_dataset(directory: str, argument: str = "train_dir", *,
-                                require_masks: bool = True) -> datasets.Dataset:
+def segmentation_folder_dataset(
+    directory: str, argument: str = "train_dir", *, require_masks: bool = True
+) -> datasets.Dataset:
     """A dataset with ``image`` and ``label`` (mask) columns from ``directory/images/...`` and
     ``directory/masks/...`` (or ``labels/``, ``annotations/``), paired by relative path without the extension
     (``images/a/001.jpg`` with ``masks/a/001.png``). `argument` names the flag in error messages. Without
     `require_masks` (prediction), a folder of images alone gives an ``image`` column only."""
     path = os.path.expanduser(directory)
     if not os.path.isdir(path):
-        raise UserPathError(f"--{argument} {directory!r} is not a folder. Point it at a folder with images/ and masks/.")
+        raise UserPathError(
+            f"--{argument} {directory!r} is not a folder. Point it at a folder with images/ and masks/."
+        )
     image_dir, mask_dir = _sub_folder(path, IMAGE_FOLDER_NAMES), _sub_folder(path, MASK_FOLDER_NAMES)
     if image_dir is None and not require_masks:
         image_dir = path
@@ -83,7 +97,8 @@ def segmentation_folder_dataset(directory: str, argument: str = "train_dir", *,
         raise UserValueError(
             f"--{argument} {directory!r} needs two sub-folders: images/ (the photos) and masks/ (one index-map PNG "
             "per photo, same file name, any extension; labels/ or annotations/ also work). Found: "
-            f"{sorted(os.listdir(path))[:10]}.")
+            f"{sorted(os.listdir(path))[:10]}."
+        )
     images = _files_by_stem(image_dir, argument)
     if not images:
         raise UserValueError(f"--{argument} {directory!r}: {image_dir} holds no image files.")
@@ -95,15 +110,18 @@ def segmentation_folder_dataset(directory: str, argument: str = "train_dir", *,
     if unmatched:
         raise UserValueError(
             f"--{argument} {directory!r}: {len(unmatched)} image(s) have no mask of the same name in {mask_dir}, e.g. "
-            f"{unmatched[:3]}. Add their masks (same relative path and file name, any image extension) or remove them.")
+            f"{unmatched[:3]}. Add their masks (same relative path and file name, any image extension) or remove them."
+        )
     keys = sorted(images)
     features = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
-    return datasets.Dataset.from_dict({"image": [images[k] for k in keys], "label": [masks[k] for k in keys]},
-                                      features=features)
+    return datasets.Dataset.from_dict(
+        {"image": [images[k] for k in keys], "label": [masks[k] for k in keys]}, features=features
+    )
 
 
-def find_mask_column(ds: datasets.Dataset | datasets.IterableDataset, image_column: str,
-                     requested: str | None = None) -> str:
+def find_mask_column(
+    ds: datasets.Dataset | datasets.IterableDataset, image_column: str, requested: str | None = None
+) -> str:
     """The mask column: `requested` (checked), else the first common name (``label``, ``mask``, ``annotation``,
     ...), else the only other ``Image`` column."""
     features = ds.features
@@ -113,14 +131,21 @@ def find_mask_column(ds: datasets.Dataset | datasets.IterableDataset, image_colu
             raise UserValueError(f"Mask column {requested!r} (--label_column_name) not found; columns are {names}.")
         return requested
     for name in MASK_COLUMN_NAMES:  # a ClassLabel (an image-level class, e.g. a scene's "label") is never the mask
-        if name in names and name != image_column and not (
-                features is not None and isinstance(features[name], datasets.ClassLabel)):
+        if (
+            name in names
+            and name != image_column
+            and not (features is not None and isinstance(features[name], datasets.ClassLabel))
+        ):
             return name
-    others = [n for n in names if n != image_column and features is not None and isinstance(features[n], datasets.Image)]
+    others = [
+        n for n in names if n != image_column and features is not None and isinstance(features[n], datasets.Image)
+    ]
     if len(others) == 1:
         return others[0]
-    raise UserValueError(f"No mask column found among {names} (looked for {', '.join(MASK_COLUMN_NAMES[:6])}, ...); "
-                         "name it with --label_column_name.")
+    raise UserValueError(
+        f"No mask column found among {names} (looked for {', '.join(MASK_COLUMN_NAMES[:6])}, ...); "
+        "name it with --label_column_name."
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -158,7 +183,8 @@ def decode_mask(value: Any, where: str | None = None) -> tuple[np.ndarray | None
             raise UserValueError(
                 f"The mask of {_describe(where, value)} is a colour image (RGB with differing channels), not an index "
                 "map of class ids. Convert it to one (a single-channel PNG whose pixel values are the class ids, e.g. "
-                "with a colour -> id lookup), or save it as a palette (P mode) PNG.")
+                "with a colour -> id lookup), or save it as a palette (P mode) PNG."
+            )
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
     if array.ndim != 2:
@@ -189,7 +215,8 @@ class MaskRules:
                 f"The mask of {where} has label values {values[:10]}{reduced} outside the {self.num_labels} classes "
                 f"(0..{self.num_labels - 1}) that are not the ignore index {self.ignore_index}. Fix: give the full "
                 "class list (--id2label), set --ignore_index to the 'unlabelled' value, or use --reduce_labels if 0 "
-                "means 'unlabelled' and the classes start at 1.")
+                "means 'unlabelled' and the classes start at 1."
+            )
         return mask
 
 
@@ -204,15 +231,15 @@ def _stats(values: Sequence[float]) -> torch.Tensor:
     return torch.tensor(list(values), dtype=torch.float32).view(3, 1, 1)
 
 
-def resize_pair(image: torch.Tensor, mask: torch.Tensor | None, height: int, width: int
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def resize_pair(
+    image: torch.Tensor, mask: torch.Tensor | None, height: int, width: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Image ``(3, H, W)`` float resized bilinearly (antialiased when shrinking), mask ``(H, W)`` by nearest
     neighbour, to ``height x width``."""
     if tuple(image.shape[-2:]) == (height, width):
         return image, mask
     shrink = height < image.shape[-2] or width < image.shape[-1]
-    image = F.interpolate(image[None], size=(height, width), mode="bilinear", align_corners=False,
-                          antialias=shrink)[0]
+    image = F.interpolate(image[None], size=(height, width), mode="bilinear", align_corners=False, antialias=shrink)[0]
     if mask is not None:
         mask = F.interpolate(mask[None, None].float(), size=(height, width), mode="nearest-exact")[0, 0].long()
     return image, mask
@@ -231,10 +258,17 @@ class SegmentationTrainTransform:
     probability 0.5; normalise. `base_size` defaults to the crop's shorter side. The image and the mask always get
     the same geometry (bilinear for the image, nearest for the mask)."""
 
-    def __init__(self, crop_size: int | Sequence[int], *, base_size: int | None = None,
-                 scale_range: tuple[float, float] = (0.5, 2.0), hflip: bool = True,
-                 mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD,
-                 ignore_index: int = 255):
+    def __init__(
+        self,
+        crop_size: int | Sequence[int],
+        *,
+        base_size: int | None = None,
+        scale_range: tuple[float, float] = (0.5, 2.0),
+        hflip: bool = True,
+        mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+        std: Sequence[float] = IMAGENET_DEFAULT_STD,
+        ignore_index: int = 255,
+    ):
         if not 0 < scale_range[0] <= scale_range[1]:
             raise UserValueError(f"The scale range must be increasing and positive, got {scale_range}.")
         self.size = _pair(crop_size)  # `size` as the other transforms: the placeholder of a skipped row
@@ -242,8 +276,9 @@ class SegmentationTrainTransform:
         self.scale_range, self.hflip, self.ignore_index = tuple(scale_range), hflip, int(ignore_index)
         self.mean, self.std = _stats(mean), _stats(std)
 
-    def __call__(self, image: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, image: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """`image` (3, H, W) uint8 or float in [0, 255], `mask` (H, W) int -> normalised (3, h, w) float32 view and
         (h, w) int64 labels, (h, w) = the crop size."""
         low, high = self.scale_range
@@ -258,14 +293,19 @@ class SegmentationTrainTransform:
             mask = F.pad(mask, (0, pad_w, 0, pad_h), value=self.ignore_index)
         top = int(torch.randint(0, image.shape[-2] - crop_h + 1, (), generator=generator))
         left = int(torch.randint(0, image.shape[-1] - crop_w + 1, (), generator=generator))
-        image, mask = image[:, top:top + crop_h, left:left + crop_w], mask[top:top + crop_h, left:left + crop_w]
+        image, mask = (
+            image[:, top : top + crop_h, left : left + crop_w],
+            mask[top : top + crop_h, left : left + crop_w],
+        )
         if self.hflip and float(torch.rand((), generator=generator)) < 0.5:
             image, mask = image.flip(-1), mask.flip(-1)
         return image.contiguous(), mask.contiguous()
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(crop_size={self.size}, base_size={self.base_size}, "
-                f"scale_range={self.scale_range}, hflip={self.hflip})")
+        return (
+            f"{type(self).__name__}(crop_size={self.size}, base_size={self.base_size}, "
+            f"scale_range={self.scale_range}, hflip={self.hflip})"
+        )
 
 
 class SegmentationEvalTransform:
@@ -273,14 +313,20 @@ class SegmentationEvalTransform:
     when None) and normalised; the mask kept at the original size, so that the scores are computed on the original
     pixels (the prediction is resized back to the mask)."""
 
-    def __init__(self, base_size: int | None = None, *, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
-                 std: Sequence[float] = IMAGENET_DEFAULT_STD):
+    def __init__(
+        self,
+        base_size: int | None = None,
+        *,
+        mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+        std: Sequence[float] = IMAGENET_DEFAULT_STD,
+    ):
         self.base_size = int(base_size) if base_size else None
         self.size = (self.base_size or 1, self.base_size or 1)  # placeholder size of a skipped row
         self.mean, self.std = _stats(mean), _stats(std)
 
-    def __call__(self, image: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, image: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         image = image.float()
         if self.base_size is not None:
             height, width = shorter_side_size(image.shape[-2], image.shape[-1], self.base_size)
@@ -296,12 +342,24 @@ class SegmentationEvalTransform:
 # ------------------------------------------------------------------------------------------------------------
 def _placeholder_row(transform, ignore_index: int, name: str | None, reason: str) -> dict:
     height, width = transform.size
-    return {"pixel_values": torch.zeros(3, height, width), "labels": torch.full((height, width), ignore_index),
-            "cim_valid": False, "cim_skipped": (name, reason)}
+    return {
+        "pixel_values": torch.zeros(3, height, width),
+        "labels": torch.full((height, width), ignore_index),
+        "cim_valid": False,
+        "cim_skipped": (name, reason),
+    }
 
 
-def segmentation_row(image_value: Any, mask_value: Any, transform, rules: MaskRules, *, min_size: int = 16,
-                     generator: torch.Generator | None = None, where: str | None = None) -> dict:
+def segmentation_row(
+    image_value: Any,
+    mask_value: Any,
+    transform,
+    rules: MaskRules,
+    *,
+    min_size: int = 16,
+    generator: torch.Generator | None = None,
+    where: str | None = None,
+) -> dict:
     """One row ``{"pixel_values", "labels", "cim_valid": True}`` from a stored image and mask; an image or mask that
     cannot be decoded gives a placeholder flagged ``cim_valid=False`` (skipped and counted by the collator). A mask
     of another size than its image, a colour-coded mask or labels outside the class list raise `UserValueError`
@@ -318,7 +376,8 @@ def segmentation_row(image_value: Any, mask_value: Any, transform, rules: MaskRu
         raise UserValueError(
             f"The mask of {described} is {mask.shape[1]}x{mask.shape[0]} px, its image {image.width}x{image.height} "
             "px: every mask must have the size of its image (resize the masks with nearest-neighbour interpolation, "
-            "never bilinear, or fix the pairing).")
+            "never bilinear, or fix the pairing)."
+        )
     mask = rules.apply(mask, described)
     pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
     pixel_values, labels = transform(pixels, torch.from_numpy(mask), generator)
@@ -329,16 +388,32 @@ class SeededSegmentationDataset(SeededRows):
     """`SeededRows` of (image, mask) pairs through `transform` (:func:`segmentation_row`), each row's random draws
     from a torch generator keyed by ``(seed, epoch, row)``."""
 
-    def __init__(self, ds: datasets.Dataset, image_column: str, mask_column: str, transform, rules: MaskRules, *,
-                 min_size: int = 16, seed: int = 0):
+    def __init__(
+        self,
+        ds: datasets.Dataset,
+        image_column: str,
+        mask_column: str,
+        transform,
+        rules: MaskRules,
+        *,
+        min_size: int = 16,
+        seed: int = 0,
+    ):
         super().__init__(ds, [image_column, mask_column], [image_column, mask_column], seed)
         self.image_column, self.mask_column = image_column, mask_column
         self.transform, self.rules, self.min_size = transform, rules, min_size
 
     def _row(self, values: list[Any], index: int) -> dict:
         image_value, mask_value = values
-        return segmentation_row(image_value, mask_value, self.transform, self.rules, min_size=self.min_size,
-                                generator=torch_generator(self.seed, self.epoch, index), where=f"row {index}")
+        return segmentation_row(
+            image_value,
+            mask_value,
+            self.transform,
+            self.rules,
+            min_size=self.min_size,
+            generator=torch_generator(self.seed, self.epoch, index),
+            where=f"row {index}",
+        )
 
 
 class SegmentationBatchTransform:
@@ -351,13 +426,23 @@ class SegmentationBatchTransform:
         self.transform, self.rules, self.min_size = transform, rules, min_size
 
     def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        rows = [segmentation_row(image, mask, self.transform, self.rules, min_size=self.min_size, where=f"row {i}")
-                for image, mask, i in zip(batch[self.image_column], batch[self.mask_column], indices)]
+        rows = [
+            segmentation_row(image, mask, self.transform, self.rules, min_size=self.min_size, where=f"row {i}")
+            for image, mask, i in zip(batch[self.image_column], batch[self.mask_column], indices)
+        ]
         return {key: [row.get(key) for row in rows] for key in ("pixel_values", "labels", "cim_valid", "cim_skipped")}
 
 
-def prepare_segmentation_stream(ds: datasets.IterableDataset, image_column: str, mask_column: str, transform,
-                                rules: MaskRules, *, min_size: int = 16, batch_size: int = 16) -> datasets.IterableDataset:
+def prepare_segmentation_stream(
+    ds: datasets.IterableDataset,
+    image_column: str,
+    mask_column: str,
+    transform,
+    rules: MaskRules,
+    *,
+    min_size: int = 16,
+    batch_size: int = 16,
+) -> datasets.IterableDataset:
     """A streamed dataset of rows (images and masks decoded lazily by the transform, corrupt ones flagged)."""
     ds = without_image_decoding(without_image_decoding(ds, image_column), mask_column)
     fn = SegmentationBatchTransform(image_column, mask_column, transform, rules, min_size)

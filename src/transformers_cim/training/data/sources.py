@@ -24,8 +24,13 @@ try:  # extension -> packaged builder table used by datasets itself (private; a 
     from datasets.packaged_modules import _EXTENSION_TO_MODULE
 except ImportError:  # pragma: no cover
     _EXTENSION_TO_MODULE = {
-        ".parquet": ("parquet", {}), ".arrow": ("arrow", {}), ".csv": ("csv", {}), ".tsv": ("csv", {}),
-        ".json": ("json", {}), ".jsonl": ("json", {}), ".tar": ("webdataset", {}),
+        ".parquet": ("parquet", {}),
+        ".arrow": ("arrow", {}),
+        ".csv": ("csv", {}),
+        ".tsv": ("csv", {}),
+        ".json": ("json", {}),
+        ".jsonl": ("json", {}),
+        ".tar": ("webdataset", {}),
     }
 
 logger = logging.getLogger(__name__)
@@ -118,15 +123,18 @@ def load_image_dataset(
     without images, unsupported file types or a split that does not exist - all before any data is prepared.
     """
     train_files, validation_files, test_files = _as_list(train_files), _as_list(validation_files), _as_list(test_files)
-    _check_single_source(dataset_name, train_dir or test_dir, validation_dir, train_files + test_files, validation_files)
+    _check_single_source(
+        dataset_name, train_dir or test_dir, validation_dir, train_files + test_files, validation_files
+    )
     if split == "test" and (test_dir or test_files):
         if test_dir:
             _check_image_dir("test_dir", test_dir)
             data_files = {"test": [os.path.join(os.path.abspath(os.path.expanduser(test_dir)), "**")]}
             return _load_split("imagefolder", None, data_files, split, streaming, cache_dir, token)
         data_files = _checked_data_files(test_files, [], names=("test_files", "test"))
-        return _load_split(_builder_for_files(data_files["test"]), None, data_files, split, streaming, cache_dir,
-                           token)
+        return _load_split(
+            _builder_for_files(data_files["test"]), None, data_files, split, streaming, cache_dir, token
+        )
     if dataset_name:
         _check_dataset_name(dataset_name)
         return _load_split(dataset_name, dataset_config_name, None, split, streaming, cache_dir, token)
@@ -240,8 +248,9 @@ def _has_image_file(directory: str) -> bool:
     return False
 
 
-def _checked_data_files(train_files: list[str], validation_files: list[str],
-                        names: tuple[str, str] = ("train_files", "train")) -> dict[str, list[str]]:
+def _checked_data_files(
+    train_files: list[str], validation_files: list[str], names: tuple[str, str] = ("train_files", "train")
+) -> dict[str, list[str]]:
     data_files = {}
     sources = ((*names, train_files), ("validation_files", "validation", validation_files))
     for arg, split, files in sources:
@@ -310,4 +319,6 @@ def _check_split(builder: datasets.DatasetBuilder, split: str, source: str) -> N
     missing = [s for s in wanted if available and s not in available]
     if missing:
         hint = " (give validation_dir/validation_files for a validation split)" if source in _FILE_BUILDERS else ""
-        raise UserValueError(f"Split {missing[0]!r} does not exist in {source!r}; available splits: {available}{hint}.")
+        raise UserValueError(
+            f"Split {missing[0]!r} does not exist in {source!r}; available splits: {available}{hint}."
+        )

@@ -50,7 +50,7 @@ def random_erase_(
         if 0 < h < height and 0 < w < width:
             top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
             noise = rng.standard_normal((channels, h, w), dtype=np.float32)
-            tensor[:, top:top + h, left:left + w] = torch.from_numpy(noise)
+            tensor[:, top : top + h, left : left + w] = torch.from_numpy(noise)
             break
     return tensor
 
@@ -119,8 +119,10 @@ class RandomResizedCropFlip:
 
     def __repr__(self) -> str:
         erasing = f", random_erasing={self.random_erasing}" if self.random_erasing else ""
-        return (f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={self.ratio}, "
-                f"hflip={self.hflip}{erasing})")
+        return (
+            f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={self.ratio}, "
+            f"hflip={self.hflip}{erasing})"
+        )
 
 
 class ResizeCenterCrop:
@@ -155,7 +157,9 @@ class ResizeCenterCrop:
     def image_processor(self) -> ViTImageProcessorPil:
         """The stock image processor that computes this transform (see
         :func:`transformers_cim.image_processing.eval_image_processor`)."""
-        return eval_image_processor(self.size, self.crop_pct, self.mean.flatten().tolist(), self.std.flatten().tolist())
+        return eval_image_processor(
+            self.size, self.crop_pct, self.mean.flatten().tolist(), self.std.flatten().tolist()
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(size={self.size}, crop_pct={self.crop_pct})"

@@ -25,8 +25,14 @@ Returns:
 """
 
 
-def _areas(prediction: np.ndarray, reference: np.ndarray, num_labels: int, ignore_index: int,
-           label_map: dict | None, reduce_labels: bool) -> tuple[np.ndarray, ...]:
+def _areas(
+    prediction: np.ndarray,
+    reference: np.ndarray,
+    num_labels: int,
+    ignore_index: int,
+    label_map: dict | None,
+    reduce_labels: bool,
+) -> tuple[np.ndarray, ...]:
     """Per class: the pixels where prediction and reference agree, the predicted pixels and the reference pixels."""
     reference = reference.astype(np.int64)
     prediction = prediction.astype(np.int64)
@@ -67,14 +73,23 @@ class MeanIoU(evaluate.Metric):
             features=datasets.Features({"predictions": mask, "references": mask}),
         )
 
-    def _compute(self, predictions, references, num_labels: int, ignore_index: int, nan_to_num: int | None = None,
-                 label_map: dict | None = None, reduce_labels: bool = False) -> dict:
+    def _compute(
+        self,
+        predictions,
+        references,
+        num_labels: int,
+        ignore_index: int,
+        nan_to_num: int | None = None,
+        label_map: dict | None = None,
+        reduce_labels: bool = False,
+    ) -> dict:
         intersect = np.zeros(num_labels, dtype=np.int64)
         predicted = np.zeros(num_labels, dtype=np.int64)
         labelled = np.zeros(num_labels, dtype=np.int64)
         for prediction, reference in zip(predictions, references):
-            areas = _areas(np.asarray(prediction), np.asarray(reference), num_labels, ignore_index, label_map,
-                           reduce_labels)
+            areas = _areas(
+                np.asarray(prediction), np.asarray(reference), num_labels, ignore_index, label_map, reduce_labels
+            )
             intersect, predicted, labelled = intersect + areas[0], predicted + areas[1], labelled + areas[2]
         per_category_iou = _ratio(intersect, predicted + labelled - intersect)
         per_category_accuracy = _ratio(intersect, labelled)

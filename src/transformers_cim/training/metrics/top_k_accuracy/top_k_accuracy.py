@@ -26,10 +26,12 @@ class TopKAccuracy(evaluate.Metric):
             description=_DESCRIPTION,
             citation="",
             inputs_description=_INPUTS,
-            features=datasets.Features({
-                "predictions": datasets.Sequence(datasets.Value("int64")),
-                "references": datasets.Value("int64"),
-            }),
+            features=datasets.Features(
+                {
+                    "predictions": datasets.Sequence(datasets.Value("int64")),
+                    "references": datasets.Value("int64"),
+                }
+            ),
         )
 
     def _compute(self, predictions, references, k: int = 5) -> dict[str, float]:
