@@ -109,21 +109,24 @@ class ModelArguments:
     ignore_mismatched_sizes: bool = field(
         default=False,
         metadata={
-            "help": "Re-initialise encoder weights whose shapes do not fit the checkpoint's config instead of stopping. "
+            "help": "Re-initialise encoder weights whose shapes do not fit the checkpoint's config instead of "
+            "stopping. "
             "The classification head is always new when the label count differs."
         },
     )
     trust_remote_code: bool = field(
         default=False,
         metadata={
-            "help": "Allow custom code from the Hub for --image_processor_name. (The model is always a stock ViT / ResNet "
+            "help": "Allow custom code from the Hub for --image_processor_name. (The model is always a stock ViT / "
+            "ResNet "
             "loaded without custom code, and datasets runs no dataset scripts.)"
         },
     )
     license: str | None = field(
         default=None,
         metadata={
-            "help": "Licence stated in the model card (a Hub licence id, e.g. apache-2.0, mit, cc-by-nc-4.0). Default: "
+            "help": "Licence stated in the model card (a Hub licence id, e.g. apache-2.0, mit, cc-by-nc-4.0). "
+            "Default: "
             "the base checkpoint card's licence, else none stated."
         },
     )
@@ -137,7 +140,8 @@ class ModelArguments:
     pooling: str | None = field(
         default=None,
         metadata={
-            "help": "ViT fine-tuning head: 'mean' (mean of the patch tokens + a new LayerNorm, the CIM authors' default; "
+            "help": "ViT fine-tuning head: 'mean' (mean of the patch tokens + a new LayerNorm, the CIM authors' "
+            "default; "
             "saved as a stock BeitForImageClassification that computes exactly the ViT) or 'cls' (the CLS token "
             "after the final LayerNorm; a ViTForImageClassification). Default: mean, or cls for --linear_probe.",
             "choices": ["mean", "cls"],
@@ -153,7 +157,8 @@ class ModelArguments:
     random_erasing: float | None = field(
         default=None,
         metadata={
-            "help": "Probability of random erasing (one rectangle of per-pixel noise) of a training view. Default: 0.25 "
+            "help": "Probability of random erasing (one rectangle of per-pixel noise) of a training view. Default: "
+            "0.25 "
             "for fine-tuning (the authors' recipe), 0 for linear probing."
         },
     )
@@ -174,7 +179,8 @@ class ModelArguments:
     layer_decay: float | None = field(
         default=None,
         metadata={
-            "help": "Layer-wise lr decay (1.0 = off). Default: 0.8 for ViT fine-tuning (the CIM authors' recipe; MAE's "
+            "help": "Layer-wise lr decay (1.0 = off). Default: 0.8 for ViT fine-tuning (the CIM authors' recipe; "
+            "MAE's "
             "ViT-B recipe uses 0.65), else 1.0."
         },
     )
@@ -205,7 +211,8 @@ class DataTrainingArguments(DataSourceArguments):
     test_dir: str | None = field(
         default=None,
         metadata={
-            "help": "A folder of images to predict with --do_predict (no labels needed). Default: a dataset's test split."
+            "help": "A folder of images to predict with --do_predict (no labels needed). Default: a dataset's test "
+            "split."
         },
     )
     test_files: list[str] | None = field(default=None, metadata={"help": "Data files to predict with --do_predict."})
@@ -222,7 +229,8 @@ class DataTrainingArguments(DataSourceArguments):
     crop_pct: float | None = field(
         default=None,
         metadata={
-            "help": "Evaluation: resize to image_size/crop_pct, center-crop. Default: the CIM authors' 0.95 up to 224 px, "
+            "help": "Evaluation: resize to image_size/crop_pct, center-crop. Default: the CIM authors' 0.95 up to "
+            "224 px, "
             "1.0 above (MAE's is 0.875)."
         },
     )
@@ -230,7 +238,8 @@ class DataTrainingArguments(DataSourceArguments):
     hub_metrics: bool = field(
         default=False,
         metadata={
-            "help": "Score top-1 with the Hub's evaluate-metric/accuracy (needs a connection) instead of this package's "
+            "help": "Score top-1 with the Hub's evaluate-metric/accuracy (needs a connection) instead of this "
+            "package's "
             "offline copy; the two give the same number."
         },
     )

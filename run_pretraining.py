@@ -106,7 +106,8 @@ class ModelArguments:
     channels_last: bool = field(
         default=False,
         metadata={
-            "help": "ResNet encoders: keep the convolution weights (hence activations) in channels-last memory format, "
+            "help": "ResNet encoders: keep the convolution weights (hence activations) in channels-last memory "
+            "format, "
             "faster with bf16 on recent GPUs. Results equal the default layout up to rounding."
         },
     )
@@ -115,7 +116,8 @@ class ModelArguments:
     license: str | None = field(
         default=None,
         metadata={
-            "help": "Licence stated in the model card (a Hub licence id, e.g. apache-2.0, mit). Default: the licence of "
+            "help": "Licence stated in the model card (a Hub licence id, e.g. apache-2.0, mit). Default: the licence "
+            "of "
             "--model_name_or_path's card when it states one, else none."
         },
     )
@@ -160,7 +162,8 @@ class DataTrainingArguments(DataSourceArguments):
     shuffle_buffer_size: int = field(
         default=10_000,
         metadata={
-            "help": "Shuffle buffer of a streamed dataset, per data reader (each worker of each process holds its own, of "
+            "help": "Shuffle buffer of a streamed dataset, per data reader (each worker of each process holds its "
+            "own, of "
             "encoded images)."
         },
     )
@@ -172,7 +175,8 @@ class DataTrainingArguments(DataSourceArguments):
     visualize_every_steps: int | None = field(
         default=None,
         metadata={
-            "help": "Also write the correlation-map figure every N steps (correlation_maps_stepN.png, and to the --report_to "
+            "help": "Also write the correlation-map figure every N steps (correlation_maps_stepN.png, and to the "
+            "--report_to "
             "trackers). Default: to the trackers about 10 times per run when --report_to names any, else only at "
             "the end; 0: only at the end."
         },
@@ -209,13 +213,15 @@ class CIMTrainingArguments(ResumableTrainingArguments):
     warmup_steps: float = field(
         default=40 / 300,
         metadata={
-            "help": "Linear warm-up: steps, or a fraction of the run when < 1 (default 40/300: the recipe's 40 of 300 epochs)."
+            "help": "Linear warm-up: steps, or a fraction of the run when < 1 (default 40/300: the recipe's 40 of "
+            "300 epochs)."
         },
     )
     max_grad_norm: float = field(
         default=0.0,
         metadata={
-            "help": "Gradient clipping (0 = off). Off like the authors' runs: their script asks for 1.0, but their code "
+            "help": "Gradient clipping (0 = off). Off like the authors' runs: their script asks for 1.0, but their "
+            "code "
             "clips only on an AMP path their fp32 runs never took."
         },
     )

@@ -112,7 +112,8 @@ class ModelArguments:
     out_indices: list[int] | None = field(
         default=None,
         metadata={
-            "help": "ViT blocks (1-based) feeding the FPN, 4 of them. Default: 4, 6, 8, 12 of 12 and the same fractions "
+            "help": "ViT blocks (1-based) feeding the FPN, 4 of them. Default: 4, 6, 8, 12 of 12 and the same "
+            "fractions "
             "of other depths."
         },
     )
@@ -120,7 +121,8 @@ class ModelArguments:
     layer_decay: float = field(
         default=0.65,
         metadata={
-            "help": "Layer-wise lr decay: block i of L trains at lr x decay^(L+1-i), the neck and heads at lr (1 = off)."
+            "help": "Layer-wise lr decay: block i of L trains at lr x decay^(L+1-i), the neck and heads at lr (1 = "
+            "off)."
         },
     )
     license: str | None = field(default=None, metadata={"help": "Licence for the card. Default: the base card's."})
@@ -137,7 +139,8 @@ class DataTrainingArguments(DataSourceArguments):
     train_dir: str | None = field(
         default=None,
         metadata={
-            "help": "A folder with images/ and masks/ sub-folders (labels/ or annotations/ also accepted), paired by file "
+            "help": "A folder with images/ and masks/ sub-folders (labels/ or annotations/ also accepted), paired by "
+            "file "
             "name without the extension; masks are single-channel index maps."
         },
     )

@@ -105,7 +105,8 @@ def main(argv=None) -> None:
             )
             times[name].append(seconds)
         print(
-            f"  round {r + 1}/{args.rounds}: position {times['position'][-1]:.2f} s, replay {times['replay'][-1]:.2f} s"
+            f"  round {r + 1}/{args.rounds}: position {times['position'][-1]:.2f} s, replay "
+            f"{times['replay'][-1]:.2f} s"
         )
     pos, rep = C.median(times["position"]), C.median(times["replay"])
     re_read = sum(r["next_seq"] - r["start_seq"] for r in state["roles"] if r is not None)
@@ -121,15 +122,18 @@ def main(argv=None) -> None:
         "",
         *C.machine_lines(device, args.threads),
         f"- Command: `{C.command_line()}`",
-        f"- Data: `{os.path.normpath(args.data)}` split {args.split}, streaming, shuffle buffer {args.shuffle_buffer}, "
+        f"- Data: `{os.path.normpath(args.data)}` split {args.split}, streaming, shuffle buffer "
+        f"{args.shuffle_buffer}, "
         f"{args.workers} workers, loader batch {args.loader_batch_size}; resumed after batch {index} "
         "(both ways yield the same next batch: checked)",
         "",
         table,
         "",
-        f"- The saved position is **{rep / pos:.1f}x** faster to resume from; replay grows with the position, the saved "
+        f"- The saved position is **{rep / pos:.1f}x** faster to resume from; replay grows with the position, the "
+        "saved "
         "position with the shuffle buffer only.",
-        f"- Records re-read (not decoded) to refill the shuffle buffer: {re_read} (at most 4 x the buffer per reader); "
+        f"- Records re-read (not decoded) to refill the shuffle buffer: {re_read} (at most 4 x the buffer per "
+        "reader); "
         f"replay reads and decodes all {args.position}+.",
         f"- Benchmark wall time: {time.perf_counter() - started:.0f} s",
     ]

@@ -2,7 +2,8 @@
 paper's segmentation setting: 512 px crops, UperNet width 512 (auxiliary head 256), BEiT's FPN neck over blocks
 4, 6, 8, 12. Prints a table of s/step and images/s per model, after `--warmup` untimed steps.
 
-The UperNet is the one `run_semantic_segmentation.py` builds (`transformers_cim.transfer.upernet_for_semantic_segmentation`).
+The UperNet is the one `run_semantic_segmentation.py` builds
+(`transformers_cim.transfer.upernet_for_semantic_segmentation`).
 Its decoder at stride 4 costs as much as a ViT-B/16 encoder or more, so small encoders are not much faster.
 
     python benchmarks/bench_segmentation.py --threads 1                     # ViT-S/16 and ViT-B/16, batch 2

@@ -291,7 +291,8 @@ def main() -> None:
     else:
         held_out = load_images(args.data, args.num_held_out, size, split="validation")
     print(
-        f"{'run':48s} {'steps':>5s} {'loss':>7s} {'prior':>7s} {'ratio':>6s} {'IoU':>6s} {'prior':>6s} {'follow':>6s} {'s':>6s}"
+        f"{'run':48s} {'steps':>5s} {'loss':>7s} {'prior':>7s} {'ratio':>6s} {'IoU':>6s} {'prior':>6s} "
+        f"{'follow':>6s} {'s':>6s}"
     )
     for spec in args.runs:
         r = run(spec, images, held_out, args)

@@ -24,7 +24,8 @@ TINY_OVERRIDES = (
 STEPS, BATCH, WORLD = 4, 4, 2
 
 # Imports run_pretraining, records per rank (1) which records its stream read (hashes of the encoded bytes, taken
-# where the stream decodes them), (2) a checksum of each batch it trained on, (3) after every optimizer step *and* the EMA
+# where the stream decodes them), (2) a checksum of each batch it trained on, (3) after every optimizer step *and* the
+# EMA
 # update, exact hashes of the online encoder, target encoder and decoder weights; writes rank<N>.json.
 DRIVER = textwrap.dedent("""
     import hashlib, json, os, sys

@@ -78,17 +78,20 @@ def settings_lines(args: argparse.Namespace, results: dict) -> list[str]:
         f"(blr {args.pretrain_blr:g} x batch/256), warm-up {args.warmup_fraction:g} of the budget then cosine, "
         f"clip {args.clip_grad:g}; {args.device}{' bf16 autocast' if args.bf16 else ' fp32'}.",
         f"- CIM: package defaults except sizes: context {args.context_size} px ({args.context_size // args.patch_size}"
-        f"^2 tokens), {args.num_exemplars} exemplars of {args.exemplar_size} px ({args.exemplar_size // args.patch_size}"
+        f"^2 tokens), {args.num_exemplars} exemplars of {args.exemplar_size} px "
+        f"({args.exemplar_size // args.patch_size}"
         f"^2 tokens), decoder {args.decoder_hidden_size} / {args.decoder_num_attention_heads} heads, view crop "
         f"({args.cim_crop_min:g}, 1); {json.dumps(cim_cfg)}.",
         f"- MAE: `transformers.ViTMAEForPreTraining`, mask {args.mask_ratio:g}, normalised-pixel loss, decoder "
-        f"{args.mae_decoder_hidden_size} / {args.mae_decoder_layers} layers / {args.mae_decoder_heads} heads, view crop "
+        f"{args.mae_decoder_hidden_size} / {args.mae_decoder_layers} layers / {args.mae_decoder_heads} heads, view "
+        "crop "
         f"({args.mae_crop_min:g}, 1), MAE authors' init (xavier).",
         f"- linear probe: BatchNorm1d(affine=False) + Linear on cached frozen features, AdamW lr {args.probe_lr:g}, "
         f"cosine, {args.probe_epochs} epochs, batch 256. k-NN: k={args.knn_k}, cosine, T={args.knn_temperature:g}. "
         "CLS = CLS token, mean = mean of the patch tokens, both after the final LayerNorm.",
         f"- fine-tune: BEiT-as-plain-ViT, mean-pool + LayerNorm, {args.finetune_epochs:g} epochs, batch "
-        f"{args.finetune_batch_size}, lr {args.finetune_blr:g} x batch/256, layer decay {args.finetune_layer_decay:g}, "
+        f"{args.finetune_batch_size}, lr {args.finetune_blr:g} x batch/256, layer decay "
+        f"{args.finetune_layer_decay:g}, "
         f"wd {args.finetune_weight_decay:g}, drop-path {args.finetune_drop_path:g}, crop ({args.finetune_crop_min:g}, "
         f"1) + flip, random erasing {args.random_erasing:g}, mixup {args.mixup:g} / cutmix {args.cutmix:g}, label "
         f"smoothing {args.label_smoothing:g}, warm-up {args.finetune_warmup_fraction:g}, cosine; no RandAugment.",

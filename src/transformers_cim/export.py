@@ -66,7 +66,8 @@ def export_encoder(cim_checkpoint_dir: str | os.PathLike, output_dir: str | os.P
     saved as the identity on the final CLS token (``pooler.dense`` = identity matrix, zero bias, ``pooler_act``
     ``linear``), so ``pooler_output`` is exactly ``last_hidden_state[:, 0]``, the feature probes and k-NN read; a
     ResNet's pooler is its global average pooling. The image processor computes the
-    evaluation transform (`eval_image_processor`, crop_pct 0.875) with the checkpoint's mean / std when it has one, else
+    evaluation transform (`eval_image_processor`, crop_pct 0.875) with the checkpoint's mean / std when it has one,
+    else
     ImageNet's. A stock ViT / ResNet checkpoint is accepted too (its encoder is re-saved).
     """
     source = resolve_checkpoint_path(cim_checkpoint_dir)

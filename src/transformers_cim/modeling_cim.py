@@ -378,7 +378,8 @@ class CIMPreTrainedModel(PreTrainedModel):
         self, enable: bool = True, gradient_checkpointing_func=checkpoint, every_n_layers: int = 1
     ):
         """As `PreTrainedModel`'s; a ResNet encoder (transformers' has no checkpointing) first gets checkpointable
-        stages (see `resnet_checkpointing`), so the class's `supports_gradient_checkpointing` holds for both families."""
+        stages (see `resnet_checkpointing`), so the class's `supports_gradient_checkpointing` holds for both
+        families."""
         if isinstance(self.encoder, ResNetModel):
             make_stages_checkpointable(self.encoder)
         super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, every_n_layers)

@@ -130,7 +130,8 @@ def sample_enclosing_boxes(
     An axis-aligned w x h box (area ~ U(scale), h/w log-uniform) is placed uniformly inside the view; the
     view is turned by theta about its centre; the exemplar is the axis-aligned bounding box of the sampled box
     in the turned view, with the corners that fall outside the image pulled in to its edge along the rows or
-    along the columns, whichever keeps the larger exemplar (so the exemplar holds image pixels only). Seen from the unturned view, that is a rectangle rotated by
+    along the columns, whichever keeps the larger exemplar (so the exemplar holds image pixels only). Seen from the
+    unturned view, that is a rectangle rotated by
     theta that encloses most of the sampled box and is larger and squarer than it.
     """
     device = torch.device(device)

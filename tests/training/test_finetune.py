@@ -1,4 +1,5 @@
-"""Tests for transformers_cim.training.classification_trainer and run_image_classification.py (tiny models, self-made data)."""
+"""Tests for transformers_cim.training.classification_trainer and run_image_classification.py (tiny models,
+self-made data)."""
 
 from __future__ import annotations
 

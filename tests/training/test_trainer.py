@@ -1,4 +1,5 @@
-"""Tests for transformers_cim.training.trainer: the momentum schedule and callback, the pretext IoU, weight-decay groups,
+"""Tests for transformers_cim.training.trainer: the momentum schedule and callback, the pretext IoU, weight-decay
+groups,
 logging, the non-finite-loss stop, batches whose every image was dropped, and exact pretext sampling per step."""
 
 from __future__ import annotations

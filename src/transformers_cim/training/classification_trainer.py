@@ -28,7 +28,8 @@ class ClassificationTrainer(Trainer):
     """``Trainer`` with a layer-decay AdamW optimizer and training-time Mixup / CutMix / label smoothing.
 
     Extra keyword arguments: ``layer_decay`` (1.0 = off), ``mixup_alpha``, ``cutmix_alpha`` (0 = off),
-    ``label_smoothing`` (default: ``args.label_smoothing_factor``, the Trainer's flag), ``mix_seed`` (Mixup / CutMix draws come from
+    ``label_smoothing`` (default: ``args.label_smoothing_factor``, the Trainer's flag), ``mix_seed`` (Mixup / CutMix
+    draws come from
     a generator per (seed, step, micro-batch), so a resumed run mixes as the uninterrupted one did; default: the
     global torch RNG). Evaluation always uses the
     plain cross-entropy of the model. The collator's ``num_skipped`` / ``skipped_images`` entries (images it dropped)

@@ -168,7 +168,8 @@ def knn_evaluate(
     """k-NN top-1 accuracy of ``encoder``'s frozen features: ``{f"{prefix}_top1": acc}``.
 
     ``train_ds`` / ``eval_ds`` are labelled datasets (rows with ``pixel_values`` and ``labels``, e.g. from
-    :func:`transformers_cim.training.data.build_classification_transform`) or ``DataLoader`` objects. ``encoder`` may be a
+    :func:`transformers_cim.training.data.build_classification_transform`) or ``DataLoader`` objects. ``encoder`` may
+    be a
     CIM model (its online encoder is used), a ``ViTModel`` / ``ResNetModel`` or a classifier.
     """
     train_feats, train_labels = extract_features(

@@ -62,7 +62,8 @@ def build_config(
     model_args, cim_args, cli_fields: Sequence[str], quickstart: Mapping[str, Mapping] | None = None
 ) -> CIMConfig:
     """The CIM config: preset / path / checkpoint (else the quick start's ``{"config": ..., "encoder": ...}``
-    settings when given, else ViT-B/16), then the ``cli_fields`` of ``cim_args``, then --config_overrides; validated."""
+    settings when given, else ViT-B/16), then the ``cli_fields`` of ``cim_args``, then --config_overrides;
+    validated."""
     if model_args.config_name and os.path.exists(model_args.config_name):
         config = CIMConfig.from_pretrained(model_args.config_name)
     elif model_args.config_name:

@@ -86,7 +86,8 @@ def accelerator_available() -> bool:
 
 @dataclass
 class ResumableTrainingArguments(TrainingArguments):
-    """`TrainingArguments` with the resume rule of both scripts (`transformers_cim.training.checkpoints.checkpoint_to_resume`):
+    """`TrainingArguments` with the resume rule of both scripts
+    (`transformers_cim.training.checkpoints.checkpoint_to_resume`):
     a run resumes from the newest complete checkpoint in output_dir unless --overwrite_output_dir;
     --resume_from_checkpoint PATH or `last` names one. Data-loader memory is pinned only when torch sees an
     accelerator (on a CPU-only machine pinning does nothing and torch warns about it)."""

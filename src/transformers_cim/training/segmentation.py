@@ -5,7 +5,8 @@
   cropped back and resized to the size the scores are computed at.
 * :func:`evaluate_segmentation` scores a dataset of (image, mask) rows at the masks' own resolution: confusion
   matrix -> mean IoU, per-class IoU, pixel accuracy (:mod:`transformers_cim.training.segmentation_metrics`).
-* :class:`SegmentationTrainer` is :class:`~transformers_cim.training.classification_trainer.ClassificationTrainer` (layer-decay AdamW,
+* :class:`SegmentationTrainer` is :class:`~transformers_cim.training.classification_trainer.ClassificationTrainer`
+(layer-decay AdamW,
   skipped-image counting, the package's card kept) whose ``evaluate`` is that whole-image evaluation.
 * :func:`render_segmentation_examples` draws image / true mask / predicted mask rows as one PNG.
 """

@@ -1,5 +1,6 @@
 """The data of `run_semantic_segmentation.py`: the splits of an image / mask folder pair or a dataset, the class
-names (a dataset's ClassLabel, an ``id2label.json`` or the encoder's), the rows with their masks transformed (seeded per
+names (a dataset's ClassLabel, an ``id2label.json`` or the encoder's), the rows with their masks transformed (seeded
+per
 row and epoch, or streamed), and the names the predicted masks are saved under. The arguments are the script's
 dataclasses (``data_args``, ``model_args``)."""
 

@@ -227,7 +227,8 @@ def recipe_rows(
     args = trainer.args
     total_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     return {
-        "head": f"UperNet, width {model_args.decoder_hidden_size}, auxiliary FCN head x{model_args.auxiliary_loss_weight}",
+        "head": f"UperNet, width {model_args.decoder_hidden_size}, auxiliary FCN head "
+        f"x{model_args.auxiliary_loss_weight}",
         "optimizer steps (epochs)": f"{trainer.state.global_step} ({trainer.state.epoch or 0:g})",
         "total batch": total_batch,
         "training crop": f"{crop[0]}x{crop[1]} px after a random rescale x{data_args.scale_range} of shorter side "
@@ -235,7 +236,8 @@ def recipe_rows(
         "evaluation": "whole image, "
         + (f"shorter side {data_args.base_size} px" if data_args.base_size else "at its own size")
         + ", scored at the masks' resolution",
-        "peak learning rate": f"{args.learning_rate:.4g}, {getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)} "
+        "peak learning rate": f"{args.learning_rate:.4g}, "
+        f"{getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)} "
         f"schedule, warm-up {args.warmup_steps:g}",
         "optimizer": f"AdamW (betas {args.adam_beta1}, {args.adam_beta2}), weight decay {args.weight_decay}",
         "layer decay / drop path": f"{model_args.layer_decay} / {model_args.drop_path_rate}",

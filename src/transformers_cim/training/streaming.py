@@ -1,7 +1,8 @@
 """Streamed pre-training data that a checkpoint resumes exactly.
 
 `ResumableImageStream` reads a `datasets.IterableDataset` whose images are still encoded and yields decoded,
-augmented rows for :class:`~transformers_cim.training.data.SkippingCollator`. Every reader (one per DataLoader worker, or one
+augmented rows for :class:`~transformers_cim.training.data.SkippingCollator`. Every reader (one per DataLoader worker,
+or one
 per process without workers) owns its part of the stream, a shuffle buffer and two seeded generators (shuffling and
 crop/flip), so what it yields depends only on (seed, rank, worker, epoch) and on where it is.
 
@@ -288,7 +289,8 @@ class ResumableImageStream(torch.utils.data.IterableDataset):
             return None
         if self._resume["num_roles"] != num_workers:
             raise UserValueError(
-                f"The checkpoint's stream was read by {self._resume['num_roles']} dataloader worker(s) per process, this "
+                f"The checkpoint's stream was read by {self._resume['num_roles']} dataloader worker(s) per process, "
+                "this "
                 f"run uses {num_workers}: resume with --dataloader_num_workers {self._resume['num_roles']} (each "
                 "worker's position is saved separately)."
             )

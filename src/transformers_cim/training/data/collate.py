@@ -233,7 +233,8 @@ class SkippingCollator:
     was dropped, ``skipped_images``: a ``(name, reason)`` pair per dropped row (name: file name, row or stream record,
     or None when unknown).
 
-    Rows from a :class:`~transformers_cim.training.streaming.ResumableImageStream` also get ``stream_state``: the position of
+    Rows from a :class:`~transformers_cim.training.streaming.ResumableImageStream` also get ``stream_state``: the
+    position of
     the reader that produced them, which `CIMTrainer` saves with its checkpoints.
 
     When every row is invalid, ``pixel_values`` has shape ``(0, 3, H, W)`` (and ``labels`` shape ``(0,)``).

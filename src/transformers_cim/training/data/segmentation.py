@@ -66,7 +66,8 @@ def _files_by_stem(folder: str, argument: str) -> dict[str, str]:
                 key = os.path.relpath(os.path.join(root, stem), folder)
                 if key in found:
                     raise UserValueError(
-                        f"--{argument}: {found[key]} and {os.path.join(root, name)} differ only in their extension, so "
+                        f"--{argument}: {found[key]} and {os.path.join(root, name)} differ only in their extension, "
+                        "so "
                         "the image / mask pairing (by file name without the extension) is ambiguous. Rename or remove "
                         "one."
                     )

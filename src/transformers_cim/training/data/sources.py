@@ -116,7 +116,8 @@ def load_image_dataset(
     ``validation_dir`` (image folders, class sub-folders become labels); ``train_files`` / ``validation_files``
     (parquet, csv, json, arrow, tar or image files; the builder is chosen by extension). ``split="validation"``
     selects the validation source; ``split="test"`` the ``test_dir`` / ``test_files`` (read on their own, so that
-    unlabelled test images never add a class to the training labels). With no source, :func:`default_image_dataset` is returned (as an
+    unlabelled test images never add a class to the training labels). With no source, :func:`default_image_dataset` is
+    returned (as an
     ``IterableDataset`` when ``streaming``) whatever the split.
 
     Raises ``FileNotFoundError`` for a missing local path, ``ValueError`` for several sources, an image folder
