@@ -39,18 +39,17 @@ from typing import Any
 
 import datasets
 import transformers
-from transformers import BeitForImageClassification
 
-from transformers_cim.checkpoint_loading import checkpoint_kind, resolve_checkpoint_path
-from transformers_cim.encoder_loading import load_encoder_for_classification
+from transformers_cim.checkpoint_loading import resolve_checkpoint_path
 from transformers_cim.errors import UserValueError, exit_on_user_error
 from transformers_cim.training.classification_data import build_datasets, load_split
 from transformers_cim.training.classification_metrics import classification_metric_functions
 from transformers_cim.training.classification_recipe import (
     apply_recipe_defaults,
-    fine_tuned_class_names,
+    checkpoint_encoder_type,
     image_statistics,
-    saved_model_type,
+    load_classifier,
+    trained_class_names,
     write_classification_card,
 )
 from transformers_cim.training.classification_trainer import ClassificationTrainer
@@ -64,7 +63,6 @@ from transformers_cim.training.data import (
     find_image_column,
     prepare_dataset,
 )
-from transformers_cim.training.linear_probe import LinearProbeForImageClassification
 from transformers_cim.training.predictions import write_predictions
 from transformers_cim.training.script_args import (
     DataSourceArguments,
@@ -75,7 +73,6 @@ from transformers_cim.training.script_args import (
     set_learning_rate,
 )
 from transformers_cim.training.utils import fetch_batches_per_process
-from transformers_cim.transfer import beit_for_image_classification
 
 logger = logging.getLogger("run_image_classification")
 
@@ -313,31 +310,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         token=model_args.token,
         revision=model_args.model_revision,
     )
-    fine_tuned_beit = saved_model_type(path) == "beit"
-    if fine_tuned_beit:
-        if training_args.do_train:
-            raise UserValueError(
-                f"{model_args.model_name_or_path} is a fine-tuned (BEiT-class) classifier; fine-tune "
-                "from the pre-training checkpoint or the exported encoder instead. --do_eval / "
-                "--do_predict score it as it is."
-            )
-        encoder_type = "vit"
-    else:
-        _, encoder_type = checkpoint_kind(path)
+    encoder_type, fine_tuned_beit = checkpoint_encoder_type(path, model_args, training_args)
     apply_recipe_defaults(model_args, training_args, encoder_type)
     if data_args.streaming and training_args.max_steps <= 0 and training_args.do_train:
         raise UserValueError("--streaming needs --max_steps (a streamed dataset has no length).")
-    class_names = None
-    if not training_args.do_train:  # evaluate / predict the checkpoint as it is: its head must be trained
-        class_names = fine_tuned_class_names(path)
-        if class_names is None:
-            raise UserValueError(
-                f"{model_args.model_name_or_path} is not a fine-tuned classifier (its classification "
-                "head would be new, hence random): evaluating or predicting with it needs --do_train."
-            )
-        if model_args.linear_probe:
-            logger.warning("--linear_probe is ignored without --do_train: the checkpoint is evaluated as it is.")
-            model_args.linear_probe = False
+    class_names = None if training_args.do_train else trained_class_names(path, model_args)
 
     # learning rate and seed
     base = training_args.base_learning_rate
@@ -385,7 +362,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         shards = max(1, count_shards(train_ds) // max(1, training_args.world_size))
         training_args.dataloader_num_workers = check_num_workers(training_args.dataloader_num_workers, shards)
     id2label = dict(enumerate(names))
-    label2id = {name: i for i, name in id2label.items()}
     if eval_ds is None and training_args.do_eval:
         logger.warning("No evaluation set (no validation split and --train_val_split 0): --do_eval is ignored.")
         training_args.do_eval = False
@@ -394,36 +370,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         eval_ds = None
 
     # model: the authors' mean-pool BEiT head, or a stock ViT / ResNet classifier, or a linear probe
-    load_kwargs = {}
-    if encoder_type == "vit" and model_args.attn_implementation:
-        load_kwargs["attn_implementation"] = model_args.attn_implementation
-    encoder_weights = "ema" if model_args.use_ema_encoder else "online"
-    if fine_tuned_beit:  # evaluated / predicted as it is
-        model = BeitForImageClassification.from_pretrained(path)
-    elif encoder_type == "vit" and model_args.pooling == "mean" and training_args.do_train:
-        model = beit_for_image_classification(
-            path,
-            len(names),
-            id2label=id2label,
-            label2id=label2id,
-            drop_path_rate=model_args.drop_path_rate,
-            image_size=model_args.image_size,
-            seed=training_args.seed,
-            encoder_weights=encoder_weights,
-        )
-    else:
-        model = load_encoder_for_classification(
-            path,
-            len(names),
-            id2label,
-            label2id,
-            model_args.image_size,
-            ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
-            encoder_weights=encoder_weights,
-            **load_kwargs,
-        )
-    if model_args.linear_probe:
-        model = LinearProbeForImageClassification(model)
+    model = load_classifier(path, model_args, training_args, encoder_type, fine_tuned_beit, id2label)
     image_processor = eval_transform.image_processor()  # pipeline() users get the evaluated pixels
 
     # Trainer

@@ -10,17 +10,24 @@ import logging
 import os
 from typing import Any
 
+from torch import nn
+from transformers import BeitForImageClassification
+
 from ..checkpoint_loading import (
+    checkpoint_kind,
     encoder_config_from_checkpoint,
     image_stats_from_checkpoint,
 )
+from ..encoder_loading import load_encoder_for_classification
 from ..errors import UserPathError, UserValueError
+from ..transfer import beit_for_image_classification
 from .classification_data import dataset_display_name
 from .classification_trainer import ClassificationTrainer
 from .data import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
 )
+from .linear_probe import LinearProbeForImageClassification
 from .modelcard import build_classification_card, card_license, write_model_card
 from .script_args import DataSourceArguments, ResumableTrainingArguments
 
@@ -192,7 +199,87 @@ def write_classification_card(
     write_model_card(args.output_dir, card)
 
 
+def checkpoint_encoder_type(path: str, model_args, training_args: ResumableTrainingArguments) -> tuple[str, bool]:
+    """``(encoder type, is a fine-tuned BEiT-class classifier)`` of the checkpoint in `path`; a fine-tuned BEiT is
+    scored as it is, never fine-tuned again."""
+    fine_tuned_beit = saved_model_type(path) == "beit"
+    if fine_tuned_beit:
+        if training_args.do_train:
+            raise UserValueError(
+                f"{model_args.model_name_or_path} is a fine-tuned (BEiT-class) classifier; fine-tune "
+                "from the pre-training checkpoint or the exported encoder instead. --do_eval / "
+                "--do_predict score it as it is."
+            )
+        encoder_type = "vit"
+    else:
+        _, encoder_type = checkpoint_kind(path)
+    return encoder_type, fine_tuned_beit
+
+
+def trained_class_names(path: str, model_args) -> list[str]:
+    """The class names of a fine-tuned classifier evaluated or predicted as it is (without --do_train); any other
+    checkpoint's head would be new, hence random, and is refused. A linear probe is then ignored."""
+    class_names = fine_tuned_class_names(path)
+    if class_names is None:
+        raise UserValueError(
+            f"{model_args.model_name_or_path} is not a fine-tuned classifier (its classification "
+            "head would be new, hence random): evaluating or predicting with it needs --do_train."
+        )
+    if model_args.linear_probe:
+        logger.warning("--linear_probe is ignored without --do_train: the checkpoint is evaluated as it is.")
+        model_args.linear_probe = False
+    return class_names
+
+
+def load_classifier(
+    path: str,
+    model_args,
+    training_args: ResumableTrainingArguments,
+    encoder_type: str,
+    fine_tuned_beit: bool,
+    id2label: dict[int, str],
+) -> nn.Module:
+    """The model to train or score: a fine-tuned BEiT as it is, the authors' mean-pool head (a BEiT that is exactly
+    the ViT) for ViT fine-tuning, else a stock ViT / ResNet classifier with a new head; a linear probe wraps it."""
+    names = list(id2label.values())
+    label2id = {name: i for i, name in id2label.items()}
+    load_kwargs = {}
+    if encoder_type == "vit" and model_args.attn_implementation:
+        load_kwargs["attn_implementation"] = model_args.attn_implementation
+    encoder_weights = "ema" if model_args.use_ema_encoder else "online"
+    if fine_tuned_beit:  # evaluated / predicted as it is
+        model = BeitForImageClassification.from_pretrained(path)
+    elif encoder_type == "vit" and model_args.pooling == "mean" and training_args.do_train:
+        model = beit_for_image_classification(
+            path,
+            len(names),
+            id2label=id2label,
+            label2id=label2id,
+            drop_path_rate=model_args.drop_path_rate,
+            image_size=model_args.image_size,
+            seed=training_args.seed,
+            encoder_weights=encoder_weights,
+        )
+    else:
+        model = load_encoder_for_classification(
+            path,
+            len(names),
+            id2label,
+            label2id,
+            model_args.image_size,
+            ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+            encoder_weights=encoder_weights,
+            **load_kwargs,
+        )
+    if model_args.linear_probe:
+        model = LinearProbeForImageClassification(model)
+    return model
+
+
 __all__ = [
+    "checkpoint_encoder_type",
+    "load_classifier",
+    "trained_class_names",
     "apply_recipe_defaults",
     "choose_head",
     "fine_tuned_class_names",
