@@ -26,6 +26,7 @@ import transformers
 
 from transformers_cim.configuration_cim import PRESET_NAMES
 from transformers_cim.errors import UserPathError, UserValueError, exit_on_user_error
+from transformers_cim.hub_card import card_license
 from transformers_cim.training.data import (
     ResizeCenterCrop,
     SkippingCollator,
@@ -35,7 +36,6 @@ from transformers_cim.training.data import (
     prepare_dataset,
 )
 from transformers_cim.training.knn import KNNCallback
-from transformers_cim.training.modelcard import card_license
 from transformers_cim.training.pretraining import (
     build_config,
     build_model,

@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback, TrainingArguments, ViTConfig
 
 from transformers_cim import CIMConfig, CIMForPreTraining
+from transformers_cim.hub_card import has_cim_card, write_model_card
 from transformers_cim.training.data import SkippingCollator
-from transformers_cim.training.modelcard import build_model_card, has_cim_card, write_model_card
+from transformers_cim.training.modelcard import build_model_card
 from transformers_cim.training.trainer import (
     CIMTrainer,
     MomentumCallback,

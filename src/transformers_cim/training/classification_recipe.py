@@ -20,6 +20,7 @@ from ..checkpoint_loading import (
 )
 from ..encoder_loading import load_encoder_for_classification
 from ..errors import UserPathError, UserValueError
+from ..hub_card import card_license, write_model_card
 from ..transfer import beit_for_image_classification
 from .classification_data import dataset_display_name
 from .classification_trainer import ClassificationTrainer
@@ -28,7 +29,7 @@ from .data import (
     IMAGENET_DEFAULT_STD,
 )
 from .linear_probe import LinearProbeForImageClassification
-from .modelcard import build_classification_card, card_license, write_model_card
+from .modelcard import build_classification_card
 from .script_args import DataSourceArguments, ResumableTrainingArguments
 
 logger = logging.getLogger("run_image_classification")

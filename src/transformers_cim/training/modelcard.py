@@ -5,15 +5,7 @@ from __future__ import annotations
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from ..hub_card import (  # the card basics, re-exported: the scripts write cards with them
-    CARD_TAGS,
-    card_license,
-    card_with_metadata,
-    encoder_description,
-    has_cim_card,
-    is_hub_id,
-    write_model_card,
-)
+from ..hub_card import CARD_TAGS, card_with_metadata, encoder_description, is_hub_id
 
 
 def _settings_table(config) -> str:
@@ -304,13 +296,6 @@ The saved image processor resizes to the evaluation size and normalises with the
 
 
 __all__ = [
-    "CARD_TAGS",
-    "card_license",
-    "card_with_metadata",
-    "encoder_description",
-    "has_cim_card",
-    "is_hub_id",
-    "write_model_card",
     "build_classification_card",
     "build_model_card",
     "build_segmentation_card",

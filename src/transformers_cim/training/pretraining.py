@@ -17,6 +17,7 @@ import transformers
 
 from ..configuration_cim import CIMConfig
 from ..errors import UserPathError, UserValueError
+from ..hub_card import write_model_card
 from ..modeling_cim import CIMForPreTraining
 from .data import (
     RandomResizedCropFlip,
@@ -27,7 +28,7 @@ from .data import (
     find_label_column,
     prepare_dataset,
 )
-from .modelcard import build_model_card, write_model_card
+from .modelcard import build_model_card
 from .script_args import (
     set_learning_rate,
 )

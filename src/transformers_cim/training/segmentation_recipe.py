@@ -21,6 +21,7 @@ from ..checkpoint_loading import (
 )
 from ..configuration_cim import PRESET_NAMES, preset_encoder_config
 from ..errors import UserValueError
+from ..hub_card import card_license, write_model_card
 from ..transfer import upernet_for_semantic_segmentation
 from .data import (
     IMAGENET_DEFAULT_MEAN,
@@ -29,7 +30,7 @@ from .data import (
 from .data.segmentation import (
     shorter_side_size,
 )
-from .modelcard import build_segmentation_card, card_license, write_model_card
+from .modelcard import build_segmentation_card
 from .script_args import (
     DataSourceArguments,
     ResumableTrainingArguments,
