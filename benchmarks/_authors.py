@@ -22,12 +22,10 @@ Conventions of the two models, and how they are mapped:
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib
 import math
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import types
@@ -44,7 +42,7 @@ from transformers_cim import CIMForPreTraining
 from transformers_cim.convert_cim_original_to_hf import ConversionOptions, convert_checkpoint, convert_pretraining
 from transformers_cim.pretext import correlation_maps, sample_config_boxes
 from transformers_cim.pretext_metrics import PROBABILITY_FLOOR
-from transformers_cim.seeding import numpy_rng, torch_generator
+from transformers_cim.training.seeding import numpy_rng, torch_generator
 
 AUTHORS_ENV = "CIM_AUTHORS_CODE"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -56,10 +54,13 @@ TOLERANCE = 1e-5
 # arbitrary signs on the two sides. An eps well above that noise makes their steps negligible; every other element
 # still moves by about lr.
 STEP_CHECK_EPS = 1e-6
-ONE_LR_NOTE = ("our predictor after the step at the lr of every other parameter (as our trainer runs it): their "
-               "W1 - W0 moved twice as far")
-TARGET_CLS_NOTE = ("target CLS token after the EMA update: theirs is the online CLS token (shared), ours an EMA "
-                   "copy of it")
+ONE_LR_NOTE = (
+    "our predictor after the step at the lr of every other parameter (as our trainer runs it): their "
+    "W1 - W0 moved twice as far"
+)
+TARGET_CLS_NOTE = (
+    "target CLS token after the EMA update: theirs is the online CLS token (shared), ours an EMA copy of it"
+)
 
 
 @dataclass(frozen=True)
@@ -82,10 +83,12 @@ class Sizes:
     max_rotation: int = 45
 
     def describe(self) -> str:
-        return (f"ViT width {self.width}, {self.depth} layers, {self.heads} heads, patch {self.patch}; {self.image} px "
-                f"views, {self.context} px context, {self.num_exemplars} exemplars of {self.exemplar} px; decoder "
-                f"{self.decoder_width} wide, {self.decoder_heads} heads; exemplar scale {self.exemplar_scale}, aspect "
-                f"1/3-3, rotation +-{self.max_rotation} deg; view scale {self.view_scale}")
+        return (
+            f"ViT width {self.width}, {self.depth} layers, {self.heads} heads, patch {self.patch}; {self.image} px "
+            f"views, {self.context} px context, {self.num_exemplars} exemplars of {self.exemplar} px; decoder "
+            f"{self.decoder_width} wide, {self.decoder_heads} heads; exemplar scale {self.exemplar_scale}, aspect "
+            f"1/3-3, rotation +-{self.max_rotation} deg; view scale {self.view_scale}"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -120,8 +123,9 @@ def import_authors_code(path: str) -> types.SimpleNamespace:
     """Their ``models.cim`` and ``util.datasets`` modules, imported from the checkout at ``path``."""
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.isfile(os.path.join(path, "models", "cim.py")):
-        raise FileNotFoundError(f"{path!r} is not a checkout of weivision/Correlational-Image-Modeling "
-                                "(no models/cim.py).")
+        raise FileNotFoundError(
+            f"{path!r} is not a checkout of weivision/Correlational-Image-Modeling (no models/cim.py)."
+        )
     _import_torchvision()
     if path not in sys.path:
         sys.path.insert(0, path)
@@ -134,8 +138,10 @@ def import_authors_code(path: str) -> types.SimpleNamespace:
     datasets_module = importlib.import_module("util.datasets")
     for module in (cim, datasets_module):
         if not os.path.abspath(module.__file__).startswith(path + os.sep):
-            raise ImportError(f"{module.__name__} was imported from {module.__file__}, not from {path}: another "
-                              "package named models/util shadows their code.")
+            raise ImportError(
+                f"{module.__name__} was imported from {module.__file__}, not from {path}: another "
+                "package named models/util shadows their code."
+            )
     return types.SimpleNamespace(cim=cim, datasets=datasets_module, path=path)
 
 
@@ -148,21 +154,38 @@ def build_authors_model(authors: types.SimpleNamespace, sizes: Sizes, seed: int)
     """Their ``CorrelationalAutoencoderViT`` at ``sizes``, with their init, without the contrastive loss."""
     torch.manual_seed(seed)
     return authors.cim.CorrelationalAutoencoderViT(
-        img_size=sizes.image, patch_size=sizes.patch, embed_dim=sizes.width, depth=sizes.depth,
-        num_heads=sizes.heads, decoder_embed_dim=sizes.decoder_width, decoder_num_heads=sizes.decoder_heads,
-        mlp_ratio=4.0, norm_layer=partial(nn.LayerNorm, eps=1e-6), context_size=sizes.context,
-        template_size=sizes.exemplar, sigma_cont=0.0, sigma_corr=1.0,
+        img_size=sizes.image,
+        patch_size=sizes.patch,
+        embed_dim=sizes.width,
+        depth=sizes.depth,
+        num_heads=sizes.heads,
+        decoder_embed_dim=sizes.decoder_width,
+        decoder_num_heads=sizes.decoder_heads,
+        mlp_ratio=4.0,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        context_size=sizes.context,
+        template_size=sizes.exemplar,
+        sigma_cont=0.0,
+        sigma_corr=1.0,
     )
 
 
 def authors_args(sizes: Sizes) -> argparse.Namespace:
     """The ``args`` their checkpoints carry, with the names of their pre-training flags."""
     return argparse.Namespace(
-        model="vit_tiny_patch16", gear="cim", input_size=sizes.image, context_size=sizes.context,
-        template_size=sizes.exemplar, template_num=sizes.num_exemplars, rotaton_max_degree=sizes.max_rotation,
-        template_min_scale=sizes.exemplar_scale[0], template_max_scale=sizes.exemplar_scale[1],
-        template_min_ratio=sizes.exemplar_ratio[0], template_max_ratio=sizes.exemplar_ratio[1],
-        sigma_cont=0.0, sigma_corr=1.0,
+        model="vit_tiny_patch16",
+        gear="cim",
+        input_size=sizes.image,
+        context_size=sizes.context,
+        template_size=sizes.exemplar,
+        template_num=sizes.num_exemplars,
+        rotaton_max_degree=sizes.max_rotation,
+        template_min_scale=sizes.exemplar_scale[0],
+        template_max_scale=sizes.exemplar_scale[1],
+        template_min_ratio=sizes.exemplar_ratio[0],
+        template_max_ratio=sizes.exemplar_ratio[1],
+        sigma_cont=0.0,
+        sigma_corr=1.0,
     )
 
 
@@ -213,8 +236,12 @@ def fixed_inputs(sizes: Sizes, batch: int, seed: int) -> FixedInputs:
     generator = torch.Generator().manual_seed(seed)
     context = torch.randn(batch, 3, sizes.context, sizes.context, generator=generator)
     exemplars = torch.randn(batch, sizes.num_exemplars, 3, sizes.exemplar, sizes.exemplar, generator=generator)
-    config = types.SimpleNamespace(exemplar_scale=sizes.exemplar_scale, exemplar_aspect_ratio=sizes.exemplar_ratio,
-                                   exemplar_max_rotation=float(sizes.max_rotation), exemplar_box_mode="enclosing")
+    config = types.SimpleNamespace(
+        exemplar_scale=sizes.exemplar_scale,
+        exemplar_aspect_ratio=sizes.exemplar_ratio,
+        exemplar_max_rotation=float(sizes.max_rotation),
+        exemplar_box_mode="enclosing",
+    )
     boxes = sample_config_boxes(config, batch, sizes.num_exemplars, generator=generator)
     return FixedInputs(context, exemplars, correlation_maps(boxes, sizes.context).round().long())
 
@@ -237,8 +264,12 @@ def authors_probabilities(model: nn.Module, inputs: FixedInputs) -> torch.Tensor
 
 def our_forward(model: CIMForPreTraining, inputs: FixedInputs) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, logits (B, K, m, m)) of our forward with the exemplars, maps and context given (no pretext)."""
-    out = model(inputs.context, exemplar_pixel_values=inputs.exemplars,
-                correlation_labels=inputs.masks.float(), context_pixel_values=inputs.context)
+    out = model(
+        inputs.context,
+        exemplar_pixel_values=inputs.exemplars,
+        correlation_labels=inputs.masks.float(),
+        context_pixel_values=inputs.context,
+    )
     return out.loss, out.logits
 
 
@@ -253,8 +284,9 @@ def decays(name: str, param: torch.Tensor) -> bool:
     return param.ndim > 1 and "cls_token" not in name
 
 
-def adamw(model: nn.Module, lr: float, weight_decay: float, predictor_lr_scale: float = 1.0,
-          eps: float = 1e-8) -> torch.optim.AdamW:
+def adamw(
+    model: nn.Module, lr: float, weight_decay: float, predictor_lr_scale: float = 1.0, eps: float = 1e-8
+) -> torch.optim.AdamW:
     """AdamW (0.9, 0.95) over the trainable parameters; ``predictor_lr_scale`` puts our predictor in a group of its
     own with that many times the lr and as many times less weight decay (same decoupled decay per step)."""
     groups: dict[tuple[bool, bool], list[torch.Tensor]] = {}  # (in the predictor group, decayed) -> parameters
@@ -265,8 +297,9 @@ def adamw(model: nn.Module, lr: float, weight_decay: float, predictor_lr_scale: 
     param_groups = []
     for (predictor, decayed), params in groups.items():
         scale = predictor_lr_scale if predictor else 1.0
-        param_groups.append({"params": params, "weight_decay": weight_decay / scale if decayed else 0.0,
-                             "lr_scale": scale})
+        param_groups.append(
+            {"params": params, "weight_decay": weight_decay / scale if decayed else 0.0, "lr_scale": scale}
+        )
     return torch.optim.AdamW(param_groups, lr=lr, betas=(0.9, 0.95), eps=eps)
 
 
@@ -319,16 +352,23 @@ def authors_transforms(authors: types.SimpleNamespace, sizes: Sizes, augmentatio
     from torchvision.transforms import InterpolationMode
 
     to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    photometric = transforms.Compose([
-        transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-        transforms.RandomGrayscale(p=0.2),
-        transforms.RandomApply([authors.datasets.GaussianBlur([0.1, 2.0])], p=0.5),
-        transforms.RandomApply([authors.datasets.Solarization()], p=0.2),
-    ])
+    photometric = transforms.Compose(
+        [
+            transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+            transforms.RandomGrayscale(p=0.2),
+            transforms.RandomApply([authors.datasets.GaussianBlur([0.1, 2.0])], p=0.5),
+            transforms.RandomApply([authors.datasets.Solarization()], p=0.2),
+        ]
+    )
     return {
-        "search": transforms.Compose([
-            transforms.RandomResizedCrop(sizes.image, scale=sizes.view_scale, interpolation=InterpolationMode.BICUBIC),
-            transforms.RandomHorizontalFlip()]),
+        "search": transforms.Compose(
+            [
+                transforms.RandomResizedCrop(
+                    sizes.image, scale=sizes.view_scale, interpolation=InterpolationMode.BICUBIC
+                ),
+                transforms.RandomHorizontalFlip(),
+            ]
+        ),
         "common": photometric if augmentation else None,
         "template": transforms.RandomHorizontalFlip() if augmentation else None,
         "post_context": to_tensor,
@@ -339,9 +379,15 @@ def authors_transforms(authors: types.SimpleNamespace, sizes: Sizes, augmentatio
 def authors_dataset(authors: types.SimpleNamespace, folder: str, sizes: Sizes, augmentation: bool):
     """Their ``CorrlationDataset`` (sic) over an image folder: each item (context, K exemplars, K masks)."""
     return authors.datasets.CorrlationDataset(
-        folder, search_size=sizes.image, context_size=sizes.context, template_size=sizes.exemplar,
-        template_num=sizes.num_exemplars, scale=sizes.exemplar_scale, ratio=sizes.exemplar_ratio,
-        degree=sizes.max_rotation, transform=authors_transforms(authors, sizes, augmentation),
+        folder,
+        search_size=sizes.image,
+        context_size=sizes.context,
+        template_size=sizes.exemplar,
+        template_num=sizes.num_exemplars,
+        scale=sizes.exemplar_scale,
+        ratio=sizes.exemplar_ratio,
+        degree=sizes.max_rotation,
+        transform=authors_transforms(authors, sizes, augmentation),
     )
 
 
@@ -352,7 +398,7 @@ def batch_indices(num_images: int, batch_size: int, seed: int) -> Iterator[tuple
     while True:
         order = numpy_rng(seed, epoch).permutation(num_images)
         for start in range(0, num_images - batch_size + 1, batch_size):
-            yield epoch, [int(i) for i in order[start:start + batch_size]]
+            yield epoch, [int(i) for i in order[start : start + batch_size]]
         epoch += 1
 
 
@@ -379,8 +425,9 @@ def authors_step_loss(model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tens
     return loss, torch.stack(masks, dim=1)
 
 
-def our_step_loss(model: CIMForPreTraining, pixel_values: torch.Tensor, seed: int,
-                  step: int) -> tuple[torch.Tensor, torch.Tensor]:
+def our_step_loss(
+    model: CIMForPreTraining, pixel_values: torch.Tensor, seed: int, step: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, true maps) of our forward, which samples the exemplars and maps itself (seeded per step)."""
     out = model(pixel_values, generator=torch_generator(seed, step))
     return out.loss, out.correlation_labels
@@ -400,141 +447,3 @@ def temporary_directory() -> tempfile.TemporaryDirectory:
 
 def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.detach().float() - b.detach().float()).abs().max())
-
-
-
-# --------------------------------------------------------------------------------------------------
-# Part 1: equality on identical inputs
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Difference:
-    """The largest absolute difference of one quantity, and where it is (a parameter name, or empty)."""
-
-    quantity: str
-    max_abs: float
-    where: str = ""
-    compared: int = 1
-
-
-def largest_difference(quantity: str, ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> Difference:
-    """The largest difference over the tensors of ``ours`` (every one must have a counterpart in ``theirs``)."""
-    missing = sorted(set(ours) - set(theirs))
-    if missing:
-        raise KeyError(f"{quantity}: no counterpart for {missing[:5]}")
-    worst = max(ours, key=lambda name: max_abs(ours[name], theirs[name]))
-    return Difference(quantity, max_abs(ours[worst], theirs[worst]), worst, len(ours))
-
-
-def our_gradients(model: CIMForPreTraining) -> dict[str, torch.Tensor]:
-    """Our gradient of every parameter, zero where there is none (frozen patch projection, EMA target)."""
-    return {name: torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
-            for name, p in model.named_parameters() if "position_embeddings" not in name}
-
-
-def predictor_as_one_logit(theirs: dict[str, torch.Tensor], authors_model: nn.Module) -> dict[str, torch.Tensor]:
-    """Their gradient mapped by the converter gives ``g1 - g0 = 2 g`` for our predictor; ``g`` is ``g1``."""
-    out = dict(theirs)
-    grad_w, grad_b = authors_model.decoder_pred_mask[0].weight.grad, authors_model.decoder_pred_mask[0].bias.grad
-    out[PREDICTOR_PREFIX + "weight"] = grad_w[1:2].clone()
-    out[PREDICTOR_PREFIX + "bias"] = grad_b[1:2].clone()
-    return out
-
-
-def compare_on_fixed_inputs(authors: types.SimpleNamespace, sizes: Sizes, work_dir: str, seed: int = 0,
-                            batch: int = 4, lr: float = 1e-4, weight_decay: float = 0.05,
-                            momentum: float = 0.99, perturb: str | None = None) -> list[Difference]:
-    """Builds their model (their init), converts it to ours, feeds both the same context, exemplars and maps and
-    compares loss, probabilities, logits, every gradient, then the weights after one AdamW step and one EMA update
-    of each side. ``perturb`` (one of our parameter names) adds 1e-3 to the first element of that weight of ours
-    after the conversion, to see the comparison fail."""
-    theirs = build_authors_model(authors, sizes, seed)
-    ours = convert_authors_model(theirs, sizes, work_dir)
-    if perturb is not None:
-        with torch.no_grad():
-            dict(ours.named_parameters())[perturb].view(-1)[0] += 1e-3
-    theirs.train()
-    ours.train()
-    inputs = fixed_inputs(sizes, batch, seed + 1)
-    return (forward_and_gradient_differences(theirs, ours, inputs, sizes)
-            + step_differences(theirs, ours, sizes, lr, weight_decay, momentum))
-
-
-def forward_and_gradient_differences(theirs: nn.Module, ours: CIMForPreTraining, inputs: FixedInputs,
-                                     sizes: Sizes) -> list[Difference]:
-    """Loss, probabilities, logits and gradients of one forward + backward of each side (gradients left in place)."""
-    their_loss, their_logits = authors_forward(theirs, inputs)
-    our_loss, our_logits = our_forward(ours, inputs)
-    their_loss.backward()
-    our_loss.backward()
-    grad_w = theirs.decoder_pred_mask[0].weight.grad
-    their_grads = predictor_as_one_logit(authors_tensors_as_ours(theirs, sizes, grads=True), theirs)
-    grads = our_gradients(ours)
-    return [
-        Difference("loss (per-exemplar mean CE summed over K)", max_abs(our_loss, their_loss)),
-        Difference("probabilities (sigmoid(l) vs softmax(l0, l1)[1])",
-                   max_abs(our_logits.detach().sigmoid(), authors_probabilities(theirs, inputs)), "",
-                   our_logits.numel()),
-        Difference("logits (l vs l1 - l0), relative to the largest absolute logit",
-                   max_abs(our_logits, their_logits) / float(their_logits.abs().max()), "", our_logits.numel()),
-        Difference("their predictor gradient: channel 0 + channel 1 (must be 0)",
-                   float((grad_w[0] + grad_w[1]).abs().max())),
-        largest_difference("gradients (every trainable or frozen online / decoder parameter)",
-                           {n: g for n, g in grads.items() if not n.startswith("target_")}, their_grads),
-        Difference("gradients reaching our EMA target (must be 0)",
-                   max(float(g.abs().max()) for n, g in grads.items() if n.startswith("target_"))),
-    ]
-
-
-def step_differences(theirs: nn.Module, ours: CIMForPreTraining, sizes: Sizes, lr: float, weight_decay: float,
-                     momentum: float) -> list[Difference]:
-    """The weights after one AdamW step and one EMA update of each side, from the gradients in place; and our
-    predictor after a step at the lr of every other parameter (what our trainer does), against theirs."""
-    one_lr = copy.deepcopy(ours)
-    for name, param in one_lr.named_parameters():
-        param.grad = dict(ours.named_parameters())[name].grad
-    optimizers = [adamw(one_lr, lr, weight_decay, eps=STEP_CHECK_EPS),
-                  adamw(theirs, lr, weight_decay, eps=STEP_CHECK_EPS),
-                  adamw(ours, lr, weight_decay, predictor_lr_scale=PREDICTOR_TWO_LOGIT_LR, eps=STEP_CHECK_EPS)]
-    for optimizer in optimizers:
-        set_lr(optimizer, lr)
-        optimizer.step()
-    authors_momentum_update(theirs, momentum)
-    ours.momentum_update(momentum)
-    after = authors_tensors_as_ours(theirs, sizes)
-    kinds: dict[str, dict[str, torch.Tensor]] = {"online": {}, "target": {}, "target_cls": {}}
-    for name, tensor in ours.state_dict().items():
-        target = name.startswith("target_")
-        kind = "target_cls" if target and name.endswith("embeddings.cls_token") else "target" if target else "online"
-        kinds[kind][name] = tensor
-    predictor = {n: t for n, t in one_lr.state_dict().items() if n.startswith(PREDICTOR_PREFIX)}
-    return [
-        largest_difference("weights after one AdamW step (online encoder + decoder)", kinds["online"], after),
-        largest_difference("weights after one EMA update (target encoder, CLS token aside)", kinds["target"], after),
-        largest_difference(f"{TARGET_CLS_NOTE} (not gated)", kinds["target_cls"], after),
-        largest_difference(f"{ONE_LR_NOTE} (not gated)", predictor, after),
-    ]
-
-
-def gated(difference: Difference) -> bool:
-    """Whether a row of `compare_on_fixed_inputs` must be within `TOLERANCE` (the noted rows differ by
-    construction)."""
-    return not difference.quantity.endswith("(not gated)")
-
-
-def git_commit(path: str) -> str:
-    """The short commit of the repository at ``path``, marked when its tracked files have uncommitted changes."""
-    def git(*command: str) -> str:
-        found = subprocess.run(["git", "-C", path, *command], capture_output=True, text=True, check=False)
-        return found.stdout.strip()
-
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    return commit + (" + uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else "")
-
-
-def transformers_cim_path() -> str:
-    """Where the ``transformers_cim`` in use was imported from (the editable checkout, or another copy)."""
-    import transformers_cim
-
-    return os.path.dirname(os.path.abspath(transformers_cim.__file__))

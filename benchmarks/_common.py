@@ -28,15 +28,28 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def add_common_args(parser: argparse.ArgumentParser, default_device: str = "cpu") -> argparse.ArgumentParser:
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=default_device,
-                        help="where the model / batched code runs (default: %(default)s)")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
-                        help="fp32, or bf16 autocast (weights stay fp32, matmuls run in bf16) (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch.set_num_threads (default: all cores of this process's CPU affinity)")
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default=default_device,
+        help="where the model / batched code runs (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default="fp32",
+        help="fp32, or bf16 autocast (weights stay fp32, matmuls run in bf16) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads (default: all cores of this process's CPU affinity)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", type=str, default=None,
-                        help="also write the printed markdown (tables + machine line) to this file")
+    parser.add_argument(
+        "--output", type=str, default=None, help="also write the printed markdown (tables + machine line) to this file"
+    )
     return parser
 
 
@@ -128,8 +141,12 @@ def time_call(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def alternate(candidates: dict[str, Callable[[], object]], rounds: int, device: torch.device,
-              log: Callable[[str], None] | None = print) -> dict[str, list[float]]:
+def alternate(
+    candidates: dict[str, Callable[[], object]],
+    rounds: int,
+    device: torch.device,
+    log: Callable[[str], None] | None = print,
+) -> dict[str, list[float]]:
     """Times every candidate once per round, in an order that rotates each round (so no candidate always runs
     first or after the same neighbour). Returns the per-round times."""
     names = list(candidates)
@@ -229,8 +246,7 @@ def fmt_bytes(n: float | None) -> str:
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]], align: str | None = None) -> str:
     align = align or ("l" + "r" * (len(headers) - 1))
     marks = {"l": ":--", "r": "--:", "c": ":-:"}
-    lines = ["| " + " | ".join(str(h) for h in headers) + " |",
-             "|" + "|".join(marks[a] for a in align) + "|"]
+    lines = ["| " + " | ".join(str(h) for h in headers) + " |", "|" + "|".join(marks[a] for a in align) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
 

@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _authors as A  # noqa: E402
+import _authors_compare as C  # noqa: E402
 from _common import command_line, machine_lines, markdown_table  # noqa: E402
 
 from transformers_cim.data import default_image_dataset, load_image_dataset  # noqa: E402
@@ -90,8 +91,17 @@ class RunResult:
 # --------------------------------------------------------------------------------------------------
 
 
-def train_side(side: str, authors, sizes: A.Sizes, converted_dir: str, authors_state: dict, images_folder: str,
-               photos, augmentation: bool, args: argparse.Namespace) -> RunResult:
+def train_side(
+    side: str,
+    authors,
+    sizes: A.Sizes,
+    converted_dir: str,
+    authors_state: dict,
+    images_folder: str,
+    photos,
+    augmentation: bool,
+    args: argparse.Namespace,
+) -> RunResult:
     """Trains one side for ``args.steps`` steps from the shared initial weights, with its own pretext."""
     torch.manual_seed(args.seed)
     if side == "theirs":
@@ -102,12 +112,14 @@ def train_side(side: str, authors, sizes: A.Sizes, converted_dir: str, authors_s
     else:
         model = A.CIMForPreTraining.from_pretrained(converted_dir)
         model.config.exemplar_augmentation = augmentation
-        view = RandomResizedCropFlip(size=sizes.image, scale=sizes.view_scale, mean=A.IMAGENET_MEAN,
-                                     std=A.IMAGENET_STD)
+        view = RandomResizedCropFlip(
+            size=sizes.image, scale=sizes.view_scale, mean=A.IMAGENET_MEAN, std=A.IMAGENET_STD
+        )
         dataset = SeededImageDataset(photos, "image", view, seed=args.seed)
     model.train()
-    optimizer = A.adamw(model, args.lr, args.weight_decay,
-                        predictor_lr_scale=args.our_predictor_lr_scale if side == "ours" else 1.0)
+    optimizer = A.adamw(
+        model, args.lr, args.weight_decay, predictor_lr_scale=args.our_predictor_lr_scale if side == "ours" else 1.0
+    )
     windows: list[Window] = []
     batches = A.batch_indices(len(photos), args.batch_size, args.seed)
     for step in range(args.steps):
@@ -139,11 +151,22 @@ def train_side(side: str, authors, sizes: A.Sizes, converted_dir: str, authors_s
 # --------------------------------------------------------------------------------------------------
 
 
-def equality_table(differences: list[A.Difference]) -> str:
-    rows = [[d.quantity, f"{d.max_abs:.2e}", d.where or "", d.compared,
-             ("yes" if d.max_abs <= A.TOLERANCE else "**NO**") if A.gated(d) else "-"] for d in differences]
-    return markdown_table(["quantity", "max abs difference", "largest at", "tensors / values",
-                           f"<= {A.TOLERANCE:g}"], rows, align="lrlrc")
+def equality_table(differences: list[C.Difference]) -> str:
+    rows = [
+        [
+            d.quantity,
+            f"{d.max_abs:.2e}",
+            d.where or "",
+            d.compared,
+            ("yes" if d.max_abs <= A.TOLERANCE else "**NO**") if C.gated(d) else "-",
+        ]
+        for d in differences
+    ]
+    return markdown_table(
+        ["quantity", "max abs difference", "largest at", "tensors / values", f"<= {A.TOLERANCE:g}"],
+        rows,
+        align="lrlrc",
+    )
 
 
 def training_table(results: list[RunResult]) -> str:
@@ -153,14 +176,20 @@ def training_table(results: list[RunResult]) -> str:
     for augmentation in settings:
         pair = {r.side: r for r in results if r.augmentation == augmentation}
         for index, _ in enumerate(pair["ours"].windows):
-            cells = [("on" if augmentation else "off"),
-                     f"{pair['ours'].windows[index].first_step}-"
-                     f"{pair['ours'].windows[index].first_step + len(pair['ours'].windows[index].losses) - 1}"]
+            cells = [
+                ("on" if augmentation else "off"),
+                f"{pair['ours'].windows[index].first_step}-"
+                f"{pair['ours'].windows[index].first_step + len(pair['ours'].windows[index].losses) - 1}",
+            ]
             for side in SIDES:
                 run, window = pair[side], pair[side].windows[index]
                 loss, prior = run.mean_loss(window), run.prior_loss(window)
-                cells += [f"{loss:.3f}", f"{prior:.3f}", f"**{loss / prior:.3f}**",
-                          f"{window.images / window.seconds:.1f}"]
+                cells += [
+                    f"{loss:.3f}",
+                    f"{prior:.3f}",
+                    f"**{loss / prior:.3f}**",
+                    f"{window.images / window.seconds:.1f}",
+                ]
             rows.append(cells)
     headers = ["aug", "steps"]
     for side in SIDES:
@@ -176,10 +205,21 @@ def summary_table(results: list[RunResult], last: int) -> str:
         ratio = sum(run.mean_loss(w) / run.prior_loss(w) for w in tail) / len(tail)
         images, seconds = sum(w.images for w in run.windows), sum(w.seconds for w in run.windows)
         prior = run.prior()
-        rows.append([run.side, "on" if run.augmentation else "off", f"{ratio:.3f}", f"{images / seconds:.1f}",
-                     f"{float(prior.mean()):.3f}", f"{float(prior.max()):.3f}"])
-    return markdown_table(["side", "aug", f"loss/prior, last {last} windows", "img/s (whole run)",
-                           "prior map: mean", "prior map: max"], rows, align="llrrrr")
+        rows.append(
+            [
+                run.side,
+                "on" if run.augmentation else "off",
+                f"{ratio:.3f}",
+                f"{images / seconds:.1f}",
+                f"{float(prior.mean()):.3f}",
+                f"{float(prior.max()):.3f}",
+            ]
+        )
+    return markdown_table(
+        ["side", "aug", f"loss/prior, last {last} windows", "img/s (whole run)", "prior map: mean", "prior map: max"],
+        rows,
+        align="llrrrr",
+    )
 
 
 def our_config_prior_line(results: list[RunResult], converted_dir: str) -> str:
@@ -187,9 +227,11 @@ def our_config_prior_line(results: list[RunResult], converted_dir: str) -> str:
     config = A.CIMForPreTraining.config_class.from_pretrained(converted_dir)
     analytic = correlation_prior(config, generator=torch.Generator().manual_seed(0))
     ours = [r for r in results if r.side == "ours"][0]
-    return (f"Cross-check: our empirical prior map vs `correlation_prior` (our box distribution, 8192 boxes): max "
-            f"abs difference {float((ours.prior() - analytic).abs().max()):.3f}, mean {float(ours.prior().mean()):.3f}"
-            f" vs {float(analytic.mean()):.3f}.")
+    return (
+        f"Cross-check: our empirical prior map vs `correlation_prior` (our box distribution, 8192 boxes): max "
+        f"abs difference {float((ours.prior() - analytic).abs().max()):.3f}, mean {float(ours.prior().mean()):.3f}"
+        f" vs {float(analytic.mean()):.3f}."
+    )
 
 
 def load_photos(args: argparse.Namespace):
@@ -202,11 +244,17 @@ def load_photos(args: argparse.Namespace):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--authors_code", default=os.environ.get(A.AUTHORS_ENV),
-                        help=f"checkout of weivision/Correlational-Image-Modeling (default: ${A.AUTHORS_ENV})")
-    parser.add_argument("--data", default=None,
-                        help="dataset folder in Hub layout (e.g. ../shared/data/imagenette-160); default: the "
-                             "scikit-image photos of the quick start")
+    parser.add_argument(
+        "--authors_code",
+        default=os.environ.get(A.AUTHORS_ENV),
+        help=f"checkout of weivision/Correlational-Image-Modeling (default: ${A.AUTHORS_ENV})",
+    )
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="dataset folder in Hub layout (e.g. ../shared/data/imagenette-160); default: the "
+        "scikit-image photos of the quick start",
+    )
     parser.add_argument("--max_images", type=int, default=1024, help="images of --data used (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--window", type=int, default=50, help="steps per row of the training table")
@@ -215,9 +263,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup_steps", type=int, default=40)
     parser.add_argument("--weight_decay", type=float, default=0.05)
     parser.add_argument("--augmentation", nargs="+", choices=("on", "off"), default=["on", "off"])
-    parser.add_argument("--our_predictor_lr_scale", type=float, default=1.0,
-                        help="lr multiple of our 1-logit predictor (2 with half the weight decay reproduces their "
-                             "2-logit predictor's Adam steps; default %(default)s: as our trainer)")
+    parser.add_argument(
+        "--our_predictor_lr_scale",
+        type=float,
+        default=1.0,
+        help="lr multiple of our 1-logit predictor (2 with half the weight decay reproduces their "
+        "2-logit predictor's Adam steps; default %(default)s: as our trainer)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip_training", action="store_true", help="part 1 only")
@@ -233,19 +285,33 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     authors = A.import_authors_code(args.authors_code)
     sizes = A.Sizes()
-    lines = ["# Side by side with the authors' code", "", f"Command: `{command_line()}`", "",
-             *machine_lines(torch.device("cpu"), args.threads,
-                            extra=f"Their code: {authors.path} (commit {A.git_commit(authors.path)}); this "
-                                  f"repository: commit {A.git_commit(os.path.dirname(__file__))}; package imported "
-                                  f"from {os.path.dirname(A.transformers_cim_path())}"), ""]
+    lines = [
+        "# Side by side with the authors' code",
+        "",
+        f"Command: `{command_line()}`",
+        "",
+        *machine_lines(
+            torch.device("cpu"),
+            args.threads,
+            extra=f"Their code: {authors.path} (commit {C.git_commit(authors.path)}); this "
+            f"repository: commit {C.git_commit(os.path.dirname(__file__))}; package imported "
+            f"from {os.path.dirname(C.transformers_cim_path())}",
+        ),
+        "",
+    ]
     with A.temporary_directory() as work_dir:
-        differences = A.compare_on_fixed_inputs(authors, sizes, os.path.join(work_dir, "equality"), seed=args.seed)
-        lines += ["## 1. Equality on identical inputs (fp32)", "",
-                  f"Their model at {sizes.describe()}; their init, converted with cim-convert-original; batch 4, "
-                  "the same context, exemplars and maps on both sides. The step: AdamW lr 1e-4, wd 0.05, eps "
-                  f"{A.STEP_CHECK_EPS:g}, our predictor at {A.PREDICTOR_TWO_LOGIT_LR:g}x lr and 1/"
-                  f"{A.PREDICTOR_TWO_LOGIT_LR:g} wd (their two logits), then EMA momentum 0.99.", "",
-                  equality_table(differences), ""]
+        differences = C.compare_on_fixed_inputs(authors, sizes, os.path.join(work_dir, "equality"), seed=args.seed)
+        lines += [
+            "## 1. Equality on identical inputs (fp32)",
+            "",
+            f"Their model at {sizes.describe()}; their init, converted with cim-convert-original; batch 4, "
+            "the same context, exemplars and maps on both sides. The step: AdamW lr 1e-4, wd 0.05, eps "
+            f"{A.STEP_CHECK_EPS:g}, our predictor at {A.PREDICTOR_TWO_LOGIT_LR:g}x lr and 1/"
+            f"{A.PREDICTOR_TWO_LOGIT_LR:g} wd (their two logits), then EMA momentum 0.99.",
+            "",
+            equality_table(differences),
+            "",
+        ]
         print("\n".join(lines), flush=True)
         if not args.skip_training:
             lines += training_report(authors, sizes, work_dir, args)
@@ -255,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.output, "w") as f:
         f.write(text)
     print(f"(written to {args.output})")
-    return 0 if all(d.max_abs <= A.TOLERANCE for d in differences if A.gated(d)) else 1
+    return 0 if all(d.max_abs <= A.TOLERANCE for d in differences if C.gated(d)) else 1
 
 
 def training_report(authors, sizes: A.Sizes, work_dir: str, args: argparse.Namespace) -> list[str]:
@@ -270,12 +336,16 @@ def training_report(authors, sizes: A.Sizes, work_dir: str, args: argparse.Names
     for setting in args.augmentation:
         for side in SIDES:
             started = time.time()
-            results.append(train_side(side, authors, sizes, converted_dir, initial.state_dict(), folder, photos,
-                                      setting == "on", args))
+            results.append(
+                train_side(
+                    side, authors, sizes, converted_dir, initial.state_dict(), folder, photos, setting == "on", args
+                )
+            )
             print(f"trained {side}, augmentation {setting}: {time.time() - started:.0f} s", flush=True)
     data = args.data or "the scikit-image photos of the quick start"
     return [
-        "## 2. Training curves, same initial weights", "",
+        "## 2. Training curves, same initial weights",
+        "",
         f"{args.steps} steps, batch {args.batch_size}, {len(photos)} images ({data}), the same images at every step "
         f"on both sides; AdamW (0.9, 0.95), wd {args.weight_decay} on matrices (not norms, biases, CLS), peak lr "
         f"{args.lr:g}, {args.warmup_steps} warm-up steps then cosine to 0, EMA momentum 0.99 -> 1 (cosine), fp32, "
@@ -283,9 +353,14 @@ def training_report(authors, sizes: A.Sizes, work_dir: str, args: argparse.Names
         "cross-entropy summed over the K = 6 exemplars (both sides). Prior: each side's per-pixel mean true map "
         "over its run, scored on each window's maps with the same loss; loss/prior < 1 means the model locates the "
         "exemplar better than the best constant map. img/s: data pipeline (search view, exemplars, maps) + forward "
-        "+ backward + AdamW + EMA, single process.", "",
-        training_table(results), "", summary_table(results, last=2), "",
-        our_config_prior_line(results, converted_dir), "",
+        "+ backward + AdamW + EMA, single process.",
+        "",
+        training_table(results),
+        "",
+        summary_table(results, last=2),
+        "",
+        our_config_prior_line(results, converted_dir),
+        "",
     ]
 
 

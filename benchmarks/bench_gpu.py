@@ -65,9 +65,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--search_start", type=int, default=64, help="first batch of the largest-batch search")
     p.add_argument("--search_limit", type=int, default=8192, help="stop doubling here")
     p.add_argument("--search_granularity", type=int, default=8, help="bisect until hi - lo <= this")
-    p.add_argument("--search_mode", choices=("eager", "compile", "none"), default="eager",
-                   help="step used by the largest-batch search (compile re-compiles per batch size)")
-    p.add_argument("--dry_run", action="store_true", help="tiny encoder, small batches, simulated OOM (for CPU checks)")
+    p.add_argument(
+        "--search_mode",
+        choices=("eager", "compile", "none"),
+        default="eager",
+        help="step used by the largest-batch search (compile re-compiles per batch size)",
+    )
+    p.add_argument(
+        "--dry_run", action="store_true", help="tiny encoder, small batches, simulated OOM (for CPU checks)"
+    )
     p.add_argument("--dry_run_max_fit", type=int, default=12, help="dry run: batches above this 'run out of memory'")
     C.add_common_args(p, default_device="cuda")
     p.set_defaults(dtype="bf16")
@@ -85,8 +91,15 @@ def build_config(args) -> CIMConfig:
     if args.dry_run:
         from transformers import ViTConfig
 
-        encoder = ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-                            patch_size=16, layer_norm_eps=1e-6, qkv_bias=True)
+        encoder = ViTConfig(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=128,
+            patch_size=16,
+            layer_norm_eps=1e-6,
+            qkv_bias=True,
+        )
         return CIMConfig(encoder_config=encoder, decoder_hidden_size=64, decoder_num_attention_heads=4)
     return CIMConfig.from_preset(args.model)
 
@@ -108,6 +121,7 @@ def make_step(model, runner, optimizer, args, device, fail_above: int | None = N
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         model.momentum_update(0.99)
+
     step.reset = lambda: optimizer.zero_grad(set_to_none=True)  # drops gradients left by a failed step
     return step
 
@@ -131,8 +145,11 @@ def free_memory(device) -> None:
 
 
 def is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower() or \
-        "CUBLAS_STATUS_ALLOC_FAILED" in str(err)
+    return (
+        isinstance(err, torch.OutOfMemoryError)
+        or "out of memory" in str(err).lower()
+        or "CUBLAS_STATUS_ALLOC_FAILED" in str(err)
+    )
 
 
 def make_inputs(batch: int, device) -> torch.Tensor:
@@ -204,21 +221,26 @@ def count_flops(model, step, batch: int, device) -> int:
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("bench_gpu.py needs a CUDA GPU and none is visible (torch.cuda.is_available() is False). "
-                 "Run it on a GPU machine, or check the script with: python benchmarks/bench_gpu.py --device cpu "
-                 "--dry_run")
+        sys.exit(
+            "bench_gpu.py needs a CUDA GPU and none is visible (torch.cuda.is_available() is False). "
+            "Run it on a GPU machine, or check the script with: python benchmarks/bench_gpu.py --device cpu "
+            "--dry_run"
+        )
     if args.device == "cpu" and not args.dry_run:
         sys.exit("bench_gpu.py measures a GPU; on the CPU only --dry_run is supported (use bench_step.py for CPU).")
     started = time.perf_counter()
     device = C.setup(args)
     torch.set_float32_matmul_precision("high")
     where = C.gpu_name(device) if device.type == "cuda" else "CPU (dry run)"
-    print(f"bench_gpu: {'tiny dry-run encoder' if args.dry_run else args.model} on {where}, {args.dtype}, "
-          f"batch {args.batch_size}, started {C.now_utc()}")
+    print(
+        f"bench_gpu: {'tiny dry-run encoder' if args.dry_run else args.model} on {where}, {args.dtype}, "
+        f"batch {args.batch_size}, started {C.now_utc()}"
+    )
 
     model = build_model(args, device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1.5e-4,
-                                  betas=(0.9, 0.95), weight_decay=0.05)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05
+    )
     attn = model.config.encoder_config._attn_implementation
     fail_above = args.dry_run_max_fit if args.dry_run else None
     eager_step = make_step(model, model, optimizer, args, device, fail_above)
@@ -257,14 +279,25 @@ def main(argv=None) -> None:
             pretext()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        times = C.alternate({mode: lambda step=step: step(pixel_values), "pretext": pretext}, args.steps, device,
-                            log=None)
+        times = C.alternate(
+            {mode: lambda step=step: step(pixel_values), "pretext": pretext}, args.steps, device, log=None
+        )
         step_s, pre_s = C.median(times[mode]), C.median(times["pretext"])
         tflops = flops / step_s / 1e12
         mem = C.fmt_bytes(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else "n/a (cpu)"
         mfu = f"{100 * tflops / peak:.1f}%" if peak else "n/a"
-        rows.append([mode, f"{first:.1f}", f"{step_s * 1e3:.1f} ({C.spread([x * 1e3 for x in times[mode]])})",
-                     f"{args.batch_size / step_s:.0f}", f"{tflops:.1f}", mfu, f"{100 * pre_s / step_s:.1f}%", mem])
+        rows.append(
+            [
+                mode,
+                f"{first:.1f}",
+                f"{step_s * 1e3:.1f} ({C.spread([x * 1e3 for x in times[mode]])})",
+                f"{args.batch_size / step_s:.0f}",
+                f"{tflops:.1f}",
+                mfu,
+                f"{100 * pre_s / step_s:.1f}%",
+                mem,
+            ]
+        )
         print(f"  {mode}: {step_s * 1e3:.1f} ms/step, {args.batch_size / step_s:.0f} images/s, MFU {mfu}")
     pixel_values = None  # noqa: F841 - frees the MFU batch before the search
     free_memory(device)
@@ -281,13 +314,27 @@ def main(argv=None) -> None:
             search_lines.append(
                 f"- Largest batch that fits ({args.search_mode} step, {args.dtype}, AdamW, 2 steps per probe): "
                 f"**{best}**{' (search limit reached; raise --search_limit)' if limit_hit else ''}"
-                f"{f', to within {args.search_granularity}' if not limit_hit else ''} (probes: {trail})")
+                f"{f', to within {args.search_granularity}' if not limit_hit else ''} (probes: {trail})"
+            )
         if args.dry_run:
-            search_lines.append(f"- Dry run: out-of-memory simulated above batch {args.dry_run_max_fit}; expected "
-                                f"answer {args.dry_run_max_fit}")
+            search_lines.append(
+                f"- Dry run: out-of-memory simulated above batch {args.dry_run_max_fit}; expected "
+                f"answer {args.dry_run_max_fit}"
+            )
 
-    table = C.markdown_table(["mode", "first step s (compile)", "step ms, median (min-max)", "images/s",
-                              "achieved TFLOP/s", "MFU", "pretext share", "peak memory"], rows)
+    table = C.markdown_table(
+        [
+            "mode",
+            "first step s (compile)",
+            "step ms, median (min-max)",
+            "images/s",
+            "achieved TFLOP/s",
+            "MFU",
+            "pretext share",
+            "peak memory",
+        ],
+        rows,
+    )
     lines = [
         f"### GPU: CIM {'(dry run, tiny encoder)' if args.dry_run else args.model} training step, batch "
         f"{args.batch_size}, {args.dtype} autocast, attention {attn}",

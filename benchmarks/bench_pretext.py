@@ -29,7 +29,6 @@ that both give identical outputs. The batched rows also give images per CPU-seco
 from __future__ import annotations
 
 import argparse
-import math
 import multiprocessing as mp
 import os
 import sys
@@ -45,36 +44,55 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
+from _reference_pipeline import (  # noqa: E402
+    MEAN,
+    STD,
+    ReferenceSettings,
+    _worker_init,
+    _worker_ready,
+    _worker_run,
+    mask_loop,
+    mask_pil,
+    reference_batch,
+    sample_box,
+)
 
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "imagenette-160")
-MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch_size", type=int, default=64, help="images per call of the batched sampler")
-    p.add_argument("--reference_images", type=int, default=12,
-                   help="images per round and per worker process for the reference pipeline")
-    p.add_argument("--reference_mask", choices=("loop", "pil", "both", "none"), default="both",
-                   help="how the reference builds the true maps (default: %(default)s = time both variants; "
-                        "none: no PIL pipeline)")
+    p.add_argument(
+        "--reference_images",
+        type=int,
+        default=12,
+        help="images per round and per worker process for the reference pipeline",
+    )
+    p.add_argument(
+        "--reference_mask",
+        choices=("loop", "pil", "both", "none"),
+        default="both",
+        help="how the reference builds the true maps (default: %(default)s = time both variants; "
+        "none: no PIL pipeline)",
+    )
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--data", default=DEFAULT_DATA,
-                   help="parquet dataset of real photos for the views (random images when it does not exist)")
+    p.add_argument(
+        "--data",
+        default=DEFAULT_DATA,
+        help="parquet dataset of real photos for the views (random images when it does not exist)",
+    )
     p.add_argument("--no_augmentation", action="store_true", help="exemplar photometric transforms off (both sides)")
-    p.add_argument("--compare_reference", action="store_true",
-                   help="also time the batched implementation from before issue 11 side by side (whole sampler "
-                        "and its parts), after checking both give identical outputs")
+    p.add_argument(
+        "--compare_reference",
+        action="store_true",
+        help="also time the batched implementation from before issue 11 side by side (whole sampler "
+        "and its parts), after checking both give identical outputs",
+    )
     C.add_common_args(p)
     args = p.parse_args(argv)
     return args
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Inputs
-# ------------------------------------------------------------------------------------------------------------
 
 
 def load_views(path: str, count: int, size: int = 224, seed: int = 0) -> tuple[list[np.ndarray], str]:
@@ -105,156 +123,6 @@ def to_normalized_batch(views: list[np.ndarray]) -> torch.Tensor:
     arr = np.stack(views).astype(np.float32) / 255.0
     arr = (arr - MEAN) / STD
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Reference pipeline (per image, per exemplar, PIL + numpy, as the authors' data loader does it)
-# ------------------------------------------------------------------------------------------------------------
-
-
-class ReferenceSettings:
-    """The recipe's pretext settings (the same numbers as CIMConfig's defaults)."""
-
-    def __init__(self, augmentation: bool = True):
-        self.num_exemplars, self.exemplar_size, self.context_size = 6, 64, 160
-        self.scale, self.aspect, self.max_rotation = (0.05, 0.48), (1 / 3, 3.0), 45.0
-        self.augmentation = augmentation
-        self.jitter, self.jitter_p = (0.4, 0.4, 0.2, 0.1), 0.8
-        self.gray_p, self.blur_p, self.blur_sigma, self.solarize_p, self.flip_p = 0.2, 0.5, (0.1, 2.0), 0.2, 0.5
-
-
-def normalize(image: PIL.Image.Image) -> np.ndarray:
-    arr = np.asarray(image, dtype=np.float32) / 255.0
-    return ((arr - MEAN) / STD).transpose(2, 0, 1)
-
-
-def sample_box(width: int, height: int, s: ReferenceSettings, rng: np.random.Generator):
-    """(x0, y0, w, h, theta_degrees): an axis-aligned box in the frame of the view rotated by theta."""
-    area = width * height
-    for _ in range(10):
-        target = area * rng.uniform(*s.scale)
-        ratio = math.exp(rng.uniform(math.log(s.aspect[0]), math.log(s.aspect[1])))  # h / w
-        w, h = math.sqrt(target / ratio), math.sqrt(target * ratio)
-        if w <= width and h <= height:
-            break
-    else:
-        w = h = math.sqrt(area * s.scale[0])
-    theta = rng.uniform(-s.max_rotation, s.max_rotation)
-    x0, y0 = rng.uniform(0, width - w), rng.uniform(0, height - h)
-    return x0, y0, w, h, theta
-
-
-def _hue_shift(image: PIL.Image.Image, shift: float) -> PIL.Image.Image:
-    hsv = np.array(image.convert("HSV"), dtype=np.uint8)
-    hsv[..., 0] = (hsv[..., 0].astype(np.int16) + int(round(shift * 255))) % 256
-    return PIL.Image.fromarray(hsv, "HSV").convert("RGB")
-
-
-def photometric(image: PIL.Image.Image, s: ReferenceSettings, rng: np.random.Generator) -> PIL.Image.Image:
-    if rng.random() < s.jitter_p:
-        b, c, sat, hue = s.jitter
-        for op in rng.permutation(4):
-            if op == 0:
-                image = PIL.ImageEnhance.Brightness(image).enhance(rng.uniform(1 - b, 1 + b))
-            elif op == 1:
-                image = PIL.ImageEnhance.Contrast(image).enhance(rng.uniform(1 - c, 1 + c))
-            elif op == 2:
-                image = PIL.ImageEnhance.Color(image).enhance(rng.uniform(1 - sat, 1 + sat))
-            else:
-                image = _hue_shift(image, rng.uniform(-hue, hue))
-    if rng.random() < s.gray_p:
-        image = image.convert("L").convert("RGB")
-    if rng.random() < s.blur_p:
-        image = image.filter(PIL.ImageFilter.GaussianBlur(radius=rng.uniform(*s.blur_sigma)))
-    if rng.random() < s.solarize_p:
-        image = PIL.ImageOps.solarize(image, threshold=128)
-    if rng.random() < s.flip_p:
-        image = image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT)
-    return image
-
-
-def mask_pil(box, width: int, height: int, size: int) -> np.ndarray:
-    """Draw the box in the rotated frame, rotate it back into the view (PIL), resize to the context grid."""
-    x0, y0, w, h, theta = box
-    canvas = PIL.Image.new("L", (width, height), 0)
-    PIL.ImageDraw.Draw(canvas).rectangle([x0, y0, x0 + w, y0 + h], fill=255)
-    back = canvas.rotate(-theta, resample=PIL.Image.Resampling.NEAREST, expand=False)
-    back = back.resize((size, size), PIL.Image.Resampling.NEAREST)
-    return (np.asarray(back) > 127).astype(np.float32)
-
-
-def mask_loop(box, width: int, height: int, size: int) -> np.ndarray:
-    """A Python loop over the context pixels: map each pixel centre into the rotated frame, test the box."""
-    x0, y0, w, h, theta = box
-    a = math.radians(theta)
-    cos, sin = math.cos(a), math.sin(a)
-    cx, cy = width / 2.0, height / 2.0
-    sx, sy = width / size, height / size
-    out = np.zeros((size, size), dtype=np.float32)
-    for i in range(size):
-        y = (i + 0.5) * sy - cy
-        for j in range(size):
-            x = (j + 0.5) * sx - cx
-            # PIL's rotate(theta) turns the picture counter-clockwise on screen (y down): a view point (x, y)
-            # lands at (x cos + y sin, -x sin + y cos) around the centre
-            xr = x * cos + y * sin + cx
-            yr = -x * sin + y * cos + cy
-            if x0 <= xr <= x0 + w and y0 <= yr <= y0 + h:
-                out[i, j] = 1.0
-    return out
-
-
-def reference_pretext(view: np.ndarray, s: ReferenceSettings, rng: np.random.Generator, mask_mode: str):
-    """One image -> (context (3, m, m), exemplars (K, 3, n, n), maps (K, m, m)), float32 numpy."""
-    image = PIL.Image.fromarray(view)
-    width, height = image.size
-    context = normalize(image.resize((s.context_size, s.context_size), PIL.Image.Resampling.BICUBIC))
-    exemplars, maps = [], []
-    make_mask = mask_loop if mask_mode == "loop" else mask_pil
-    for _ in range(s.num_exemplars):
-        box = sample_box(width, height, s, rng)
-        x0, y0, w, h, theta = box
-        rotated = image.rotate(theta, resample=PIL.Image.Resampling.BILINEAR, expand=False)
-        crop = rotated.crop((int(round(x0)), int(round(y0)), int(round(x0 + w)), int(round(y0 + h))))
-        crop = crop.resize((s.exemplar_size, s.exemplar_size), PIL.Image.Resampling.BILINEAR)
-        if s.augmentation:
-            crop = photometric(crop, s, rng)
-        exemplars.append(normalize(crop))
-        maps.append(make_mask(box, width, height, s.context_size))
-    return context, np.stack(exemplars), np.stack(maps)
-
-
-def reference_batch(views: list[np.ndarray], s: ReferenceSettings, rng: np.random.Generator, mask_mode: str):
-    """Per-image pipeline over a list of views, then collation into batch arrays (as a data loader would)."""
-    out = [reference_pretext(v, s, rng, mask_mode) for v in views]
-    return tuple(np.stack(parts) for parts in zip(*out))
-
-
-# worker-process side (one process per core, like data-loader workers)
-_WORKER: dict = {}
-
-
-def _worker_init(views, augmentation, seed):
-    torch.set_num_threads(1)
-    _WORKER.update(views=views, settings=ReferenceSettings(augmentation),
-                   rng=np.random.default_rng(seed + os.getpid()))
-
-
-def _worker_run(task):
-    start, count, mask_mode = task
-    views = _WORKER["views"]
-    chunk = [views[(start + i) % len(views)] for i in range(count)]
-    context, exemplars, maps = reference_batch(chunk, _WORKER["settings"], _WORKER["rng"], mask_mode)
-    return float(context.sum() + exemplars.sum() + maps.sum())  # a checksum only: no transfer charged
-
-
-def _worker_ready(_):
-    return os.getpid()
-
-
-# ------------------------------------------------------------------------------------------------------------
-# The batched sampler before issue 11, side by side
-# ------------------------------------------------------------------------------------------------------------
 
 
 class CpuTimed:
@@ -290,8 +158,9 @@ def part_candidates(batch: torch.Tensor, config, seed: int, device: torch.device
     from transformers_cim import pretext
 
     generator = torch.Generator(device=device).manual_seed(seed)
-    boxes = pretext.sample_config_boxes(config, batch.shape[0], config.num_exemplars, generator=generator,
-                                        device=device)
+    boxes = pretext.sample_config_boxes(
+        config, batch.shape[0], config.num_exemplars, generator=generator, device=device
+    )
     n, m, supersample = config.exemplar_size, config.context_size, pretext.exemplar_supersampling(config)
     mean = batch.new_tensor(config.image_mean).view(1, 3, 1, 1)
     std = batch.new_tensor(config.image_std).view(1, 3, 1, 1)
@@ -341,16 +210,15 @@ def comparison_rows(threads: int, timed: dict) -> list[list[object]]:
             ratio = "-"
             if impl != "before":
                 wall_ratio, cpu_ratio = (rates[impl][i] / rates["before"][i] for i in (0, 1))
-                ratio = f"**{wall_ratio:.2f}x** ({cpu_ratio:.2f}x)" if impl == "current" else \
-                    f"{wall_ratio:.2f}x ({cpu_ratio:.2f}x)"
-            rows.append([threads, function, label, images, per_call, f"{rates[impl][0]:.1f}", f"{rates[impl][1]:.1f}",
-                         ratio])
+                ratio = (
+                    f"**{wall_ratio:.2f}x** ({cpu_ratio:.2f}x)"
+                    if impl == "current"
+                    else f"{wall_ratio:.2f}x ({cpu_ratio:.2f}x)"
+                )
+            rows.append(
+                [threads, function, label, images, per_call, f"{rates[impl][0]:.1f}", f"{rates[impl][1]:.1f}", ratio]
+            )
     return rows
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Main
-# ------------------------------------------------------------------------------------------------------------
 
 
 def check_masks(views, settings) -> float:
@@ -377,7 +245,10 @@ def main(argv=None) -> None:
     config = CIMConfig(exemplar_augmentation=not args.no_augmentation)
     settings = ReferenceSettings(augmentation=not args.no_augmentation)
     assert (config.num_exemplars, config.exemplar_size, config.context_size) == (
-        settings.num_exemplars, settings.exemplar_size, settings.context_size)
+        settings.num_exemplars,
+        settings.exemplar_size,
+        settings.context_size,
+    )
     masks = {"both": ("loop", "pil"), "none": ()}.get(args.reference_mask, (args.reference_mask,))
     thread_settings = sorted({1, all_cores})
 
@@ -386,8 +257,10 @@ def main(argv=None) -> None:
     iou = check_masks(views, settings)
     if args.compare_reference:
         check_identical(batch, config, args.seed, args.dtype, device)
-    print(f"bench_pretext: batch {args.batch_size} on {args.device} ({args.dtype}); reference {args.reference_images} "
-          f"images/round/process, masks {masks}; thread settings {thread_settings}; loop-vs-PIL map IoU {iou:.3f}")
+    print(
+        f"bench_pretext: batch {args.batch_size} on {args.device} ({args.dtype}); reference {args.reference_images} "
+        f"images/round/process, masks {masks}; thread settings {thread_settings}; loop-vs-PIL map IoU {iou:.3f}"
+    )
 
     generator = torch.Generator(device=device).manual_seed(args.seed)
 
@@ -409,8 +282,9 @@ def main(argv=None) -> None:
         torch.set_num_threads(threads)
         pool = None
         if threads > 1:
-            pool = mp.get_context("spawn").Pool(threads, initializer=_worker_init,
-                                                initargs=(views, not args.no_augmentation, args.seed))
+            pool = mp.get_context("spawn").Pool(
+                threads, initializer=_worker_init, initargs=(views, not args.no_augmentation, args.seed)
+            )
             pool.map(_worker_ready, range(threads * 4))  # start-up outside the timing
         batched_name = f"batched sample_pretext ({args.device})"
         candidates = {batched_name: CpuTimed(batched)}
@@ -423,11 +297,11 @@ def main(argv=None) -> None:
             name = f"reference PIL pipeline, mask {mode}"
             if pool is None:
                 chunk = views[: args.reference_images]
-                candidates[name] = (lambda chunk=chunk, mode=mode: reference_batch(chunk, settings, rng, mode))
+                candidates[name] = lambda chunk=chunk, mode=mode: reference_batch(chunk, settings, rng, mode)
                 counts[name] = args.reference_images
             else:
                 tasks = [(w * args.reference_images, args.reference_images, mode) for w in range(threads)]
-                candidates[name] = (lambda tasks=tasks: pool.map(_worker_run, tasks, chunksize=1))
+                candidates[name] = lambda tasks=tasks: pool.map(_worker_run, tasks, chunksize=1)
                 counts[name] = args.reference_images * threads
         label = f"{threads} core" + ("s" if threads > 1 else "") + (" (worker processes)" if pool else "")
         print(f"{label}: warm-up...")
@@ -451,8 +325,10 @@ def main(argv=None) -> None:
                     timer()
                 timer.times.clear()
             part_times = C.alternate(timers, args.rounds, device)
-            whole = {("sample_pretext", impl): (args.batch_size, times[name], cpu_times[(threads, name)])
-                     for impl, name in (("current", batched_name), ("before", before_name))}
+            whole = {
+                ("sample_pretext", impl): (args.batch_size, times[name], cpu_times[(threads, name)])
+                for impl, name in (("current", batched_name), ("before", before_name))
+            }
             for (fn, impl), (_, images) in parts.items():
                 whole[(fn, impl)] = (images, part_times[f"{fn} ({impl})"], timers[f"{fn} ({impl})"].times)
             compared += comparison_rows(threads, whole)
@@ -472,21 +348,44 @@ def main(argv=None) -> None:
             speedup = f"{batched_rate / rate:.2g}x" if batched_rate and not name.startswith("batched") else "-"
             cpu = cpu_times.get((t, name))
             per_cpu_second = f"{count / C.median(cpu):.1f}" if cpu else "-"
-            how = ("torch threads" if name.startswith("batched")
-                   else "worker processes" if threads > 1 else "in process")
+            how = (
+                "torch threads" if name.startswith("batched") else "worker processes" if threads > 1 else "in process"
+            )
             per_round = f"{C.median(tm) * 1e3:.0f} ({C.spread([x * 1e3 for x in tm])})"
             rows.append([f"{threads} ({how})", name, count, per_round, f"{rate:.1f}", per_cpu_second, speedup])
-    table = C.markdown_table(["cores", "pipeline", "images / round", "ms per round, median (min-max)", "images/s",
-                              "images per CPU-s", "batched speed-up"], rows, align="llrrrrr")
+    table = C.markdown_table(
+        [
+            "cores",
+            "pipeline",
+            "images / round",
+            "ms per round, median (min-max)",
+            "images/s",
+            "images per CPU-s",
+            "batched speed-up",
+        ],
+        rows,
+        align="llrrrrr",
+    )
     comparison = []
     if compared:
         comparison = [
             "",
             "Before / after issue 11, side by side in this process (same rounds, identical outputs checked):",
             "",
-            C.markdown_table(["cores", "function", "implementation", "images / call", "ms per call, median (min-max)",
-                              "images/s", "images per CPU-s", "x before: wall (CPU)"], compared,
-                             align="lllrrrrr"),
+            C.markdown_table(
+                [
+                    "cores",
+                    "function",
+                    "implementation",
+                    "images / call",
+                    "ms per call, median (min-max)",
+                    "images/s",
+                    "images per CPU-s",
+                    "x before: wall (CPU)",
+                ],
+                compared,
+                align="lllrrrrr",
+            ),
         ]
     lines = [
         f"### Pretext generation: batched `sample_pretext` vs per-image PIL pipeline ({args.device}, {args.dtype})",

@@ -27,8 +27,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
-from transformers_cim import data  # noqa: E402
-from transformers_cim.streaming import STREAM_STATE_KEY, ResumableImageStream, StreamPosition  # noqa: E402
+from transformers_cim.training import data  # noqa: E402
+from transformers_cim.training.streaming import STREAM_STATE_KEY, ResumableImageStream, StreamPosition  # noqa: E402
 
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "imagenette-160")
 
@@ -55,8 +55,9 @@ def make_stream(args) -> ResumableImageStream:
 
 
 def loader(stream, args) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(stream, batch_size=args.loader_batch_size, num_workers=args.workers,
-                                       collate_fn=data.SkippingCollator())
+    return torch.utils.data.DataLoader(
+        stream, batch_size=args.loader_batch_size, num_workers=args.workers, collate_fn=data.SkippingCollator()
+    )
 
 
 def saved_position(args) -> tuple[dict, int]:
@@ -98,31 +99,41 @@ def main(argv=None) -> None:
         sys.exit("The resumed stream's first batch differs from the replayed one: the saved position is wrong.")
     times: dict[str, list[float]] = {"position": [], "replay": []}
     for r in range(args.rounds):
-        for name in (["position", "replay"] if r % 2 == 0 else ["replay", "position"]):
-            seconds, _ = (first_batch_from_position(args, state) if name == "position"
-                          else first_batch_by_replay(args, index))
+        for name in ["position", "replay"] if r % 2 == 0 else ["replay", "position"]:
+            seconds, _ = (
+                first_batch_from_position(args, state) if name == "position" else first_batch_by_replay(args, index)
+            )
             times[name].append(seconds)
-        print(f"  round {r + 1}/{args.rounds}: position {times['position'][-1]:.2f} s, replay {times['replay'][-1]:.2f} s")
+        print(
+            f"  round {r + 1}/{args.rounds}: position {times['position'][-1]:.2f} s, replay "
+            f"{times['replay'][-1]:.2f} s"
+        )
     pos, rep = C.median(times["position"]), C.median(times["replay"])
     re_read = sum(r["next_seq"] - r["start_seq"] for r in state["roles"] if r is not None)
-    table = C.markdown_table(["resume by", "time to the first batch after the checkpoint, s, median (min-max)"], [
-        ["saved stream position (ResumableImageStream)", f"{pos:.2f} ({C.spread(times['position'])})"],
-        ["replay and drop (Trainer without a position)", f"{rep:.2f} ({C.spread(times['replay'])})"],
-    ])
+    table = C.markdown_table(
+        ["resume by", "time to the first batch after the checkpoint, s, median (min-max)"],
+        [
+            ["saved stream position (ResumableImageStream)", f"{pos:.2f} ({C.spread(times['position'])})"],
+            ["replay and drop (Trainer without a position)", f"{rep:.2f} ({C.spread(times['replay'])})"],
+        ],
+    )
     lines = [
         f"### Resuming a stream {args.position} images in",
         "",
         *C.machine_lines(device, args.threads),
         f"- Command: `{C.command_line()}`",
-        f"- Data: `{os.path.normpath(args.data)}` split {args.split}, streaming, shuffle buffer {args.shuffle_buffer}, "
+        f"- Data: `{os.path.normpath(args.data)}` split {args.split}, streaming, shuffle buffer "
+        f"{args.shuffle_buffer}, "
         f"{args.workers} workers, loader batch {args.loader_batch_size}; resumed after batch {index} "
         "(both ways yield the same next batch: checked)",
         "",
         table,
         "",
-        f"- The saved position is **{rep / pos:.1f}x** faster to resume from; replay grows with the position, the saved "
+        f"- The saved position is **{rep / pos:.1f}x** faster to resume from; replay grows with the position, the "
+        "saved "
         "position with the shuffle buffer only.",
-        f"- Records re-read (not decoded) to refill the shuffle buffer: {re_read} (at most 4 x the buffer per reader); "
+        f"- Records re-read (not decoded) to refill the shuffle buffer: {re_read} (at most 4 x the buffer per "
+        "reader); "
         f"replay reads and decodes all {args.position}+.",
         f"- Benchmark wall time: {time.perf_counter() - started:.0f} s",
     ]

@@ -35,94 +35,76 @@ an analytic matmul count written below. Peak memory is measured in a fresh subpr
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
 import time
-from collections.abc import Callable
 
 import torch
-from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
+from _step_decoder_check import decoder_check  # noqa: E402
+from _step_flops import analytic_flops, flop_prefixes  # noqa: E402
+from _step_models import CIM_VARIANTS, SIZES, build_model, build_models, cim_variants, make_steps, search_views  # noqa: E402
+from _step_report import check_line, ratio_lines, size_line  # noqa: E402
 
-from transformers_cim import CIMConfig, CIMForPreTraining  # noqa: E402
-from transformers_cim.modeling_cim import CIMCorrelationDecoder, CIMDecoderLayer  # noqa: E402
-from transformers_cim.pretext import sample_config_boxes, sample_pretext  # noqa: E402
+from transformers_cim.pretext import sample_pretext  # noqa: E402
 
 MODELS = ("vit-tiny-patch16", "vit-small-patch16", "vit-base-patch16")
-CIM_VARIANTS = ("cim-shared", "cim-repeated")
 LABELS = {
     "cim-shared": "CIM, shared queries (`CIMForPreTraining` as it is)",
     "cim-repeated": "CIM, repeated queries (the decoder before sharing, emulated)",
     "mae": "MAE (`ViTMAEForPreTraining`)",
 }
-CHECK_TOLERANCE = 1e-5
-
-
-@dataclasses.dataclass(frozen=True)
-class SizeSpec:
-    """The input and decoder sizes of one `--size`; `None` keeps the `--model` preset's value."""
-
-    default_model: str
-    default_batch_size: int
-    image_size: int
-    context_size: int
-    exemplar_size: int
-    num_exemplars: int
-    decoder_hidden_size: int
-    decoder_num_attention_heads: int
-    mae_decoder_hidden_size: int
-    mae_decoder_layers: int
-    mae_decoder_heads: int
-    mae_decoder_mlp: int
-    mae_norm_pix_loss: bool
-    patch_size: int | None = None
-    num_layers: int | None = None
-
-
-SIZES: dict[str, SizeSpec] = {
-    # the package defaults (the authors' recipe) and the stock MAE decoder: today's behaviour of this script
-    "recipe": SizeSpec(
-        default_model="vit-small-patch16", default_batch_size=8, image_size=224, context_size=160,
-        exemplar_size=64, num_exemplars=6, decoder_hidden_size=512, decoder_num_attention_heads=16,
-        mae_decoder_hidden_size=512, mae_decoder_layers=8, mae_decoder_heads=16, mae_decoder_mlp=2048,
-        mae_norm_pix_loss=False,
-    ),
-    # benchmarks/quality/run_quality.py CPU_PRESET (its MAE: normalised-pixel loss, decoder MLP 4 x width)
-    "small": SizeSpec(
-        default_model="vit-tiny-patch16", default_batch_size=16, image_size=96, context_size=64,
-        exemplar_size=32, num_exemplars=6, decoder_hidden_size=256, decoder_num_attention_heads=8,
-        mae_decoder_hidden_size=128, mae_decoder_layers=2, mae_decoder_heads=4, mae_decoder_mlp=512,
-        mae_norm_pix_loss=True, patch_size=8, num_layers=6,
-    ),
-}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=tuple(SIZES), default="recipe",
-                   help="input / decoder sizes: the authors' recipe, or the quality benchmark's CPU preset "
-                        "(default: %(default)s)")
-    p.add_argument("--model", choices=MODELS, default=None,
-                   help="encoder of all models (default: vit-small-patch16 for recipe, vit-tiny-patch16 for small; "
-                        "small keeps the width and heads and uses 6 layers of patch 8)")
-    p.add_argument("--batch_size", type=int, default=None,
-                   help="images per step, all models (default: 8 for recipe, 16 for small)")
-    p.add_argument("--decoder_queries", choices=("shared", "repeated", "both"), default="both",
-                   help="CIM decoder(s) to time: the package's (shared first-layer queries), the emulated one from "
-                        "before the sharing (queries repeated K times), or both (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=1,
-                   help="untimed steps per model before timing (the first one is the FLOP-counted step)")
+    p.add_argument(
+        "--size",
+        choices=tuple(SIZES),
+        default="recipe",
+        help="input / decoder sizes: the authors' recipe, or the quality benchmark's CPU preset "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--model",
+        choices=MODELS,
+        default=None,
+        help="encoder of all models (default: vit-small-patch16 for recipe, vit-tiny-patch16 for small; "
+        "small keeps the width and heads and uses 6 layers of patch 8)",
+    )
+    p.add_argument(
+        "--batch_size",
+        type=int,
+        default=None,
+        help="images per step, all models (default: 8 for recipe, 16 for small)",
+    )
+    p.add_argument(
+        "--decoder_queries",
+        choices=("shared", "repeated", "both"),
+        default="both",
+        help="CIM decoder(s) to time: the package's (shared first-layer queries), the emulated one from "
+        "before the sharing (queries repeated K times), or both (default: %(default)s)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="untimed steps per model before timing (the first one is the FLOP-counted step)",
+    )
     p.add_argument("--rounds", type=int, default=5, help="timed rounds; each round times one step of each candidate")
     p.add_argument("--compile", action="store_true", help="torch.compile all models (compile time is excluded)")
     p.add_argument("--no_ema", action="store_true", help="leave the EMA target update out of the CIM step")
-    p.add_argument("--memory_steps", type=int, default=2,
-                   help="steps run in a fresh subprocess per model to measure peak memory (0: skip). CUDA: "
-                        "torch.cuda.max_memory_allocated. CPU: the rise of the process's peak RSS (ru_maxrss) over "
-                        "its RSS after imports and input creation, i.e. weights + AdamW state + grads + activations")
+    p.add_argument(
+        "--memory_steps",
+        type=int,
+        default=2,
+        help="steps run in a fresh subprocess per model to measure peak memory (0: skip). CUDA: "
+        "torch.cuda.max_memory_allocated. CPU: the rise of the process's peak RSS (ru_maxrss) over "
+        "its RSS after imports and input creation, i.e. weights + AdamW state + grads + activations",
+    )
     p.add_argument("--memory_probe", choices=(*CIM_VARIANTS, "mae"), default=None, help=argparse.SUPPRESS)
     C.add_common_args(p)
     args = p.parse_args(argv)
@@ -130,243 +112,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.model = args.model or spec.default_model
     args.batch_size = args.batch_size or spec.default_batch_size
     return args
-
-
-def cim_variants(args: argparse.Namespace) -> tuple[str, ...]:
-    """The CIM candidates `--decoder_queries` asks for."""
-    return CIM_VARIANTS if args.decoder_queries == "both" else (f"cim-{args.decoder_queries}",)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Configs, models and steps
-# ------------------------------------------------------------------------------------------------------------
-
-
-def cim_config(model: str, size: str) -> CIMConfig:
-    """The package's default CIM config for encoder preset `model`, with the sizes of `size`."""
-    spec = SIZES[size]
-    config = CIMConfig.from_preset(
-        model, image_size=spec.image_size, context_size=spec.context_size, exemplar_size=spec.exemplar_size,
-        num_exemplars=spec.num_exemplars, decoder_hidden_size=spec.decoder_hidden_size,
-        decoder_num_attention_heads=spec.decoder_num_attention_heads)
-    if spec.patch_size is None and spec.num_layers is None:
-        return config
-    if spec.patch_size is not None:
-        config.encoder_config.patch_size = spec.patch_size
-    if spec.num_layers is not None:
-        config.encoder_config.num_hidden_layers = spec.num_layers
-    return CIMConfig.from_dict(config.to_dict())  # re-validated with the new encoder sizes
-
-
-def mae_config(cim: CIMConfig, size: str) -> ViTMAEConfig:
-    """`ViTMAEConfig` with the CIM config's encoder (width, depth, heads, MLP, patch, view size) and the MAE
-    decoder of `size`."""
-    spec, enc = SIZES[size], cim.encoder_config
-    return ViTMAEConfig(
-        hidden_size=enc.hidden_size, num_hidden_layers=enc.num_hidden_layers,
-        num_attention_heads=enc.num_attention_heads, intermediate_size=enc.intermediate_size,
-        image_size=cim.image_size, patch_size=enc.patch_size, qkv_bias=True, layer_norm_eps=1e-6, mask_ratio=0.75,
-        norm_pix_loss=spec.mae_norm_pix_loss, decoder_hidden_size=spec.mae_decoder_hidden_size,
-        decoder_num_hidden_layers=spec.mae_decoder_layers, decoder_num_attention_heads=spec.mae_decoder_heads,
-        decoder_intermediate_size=spec.mae_decoder_mlp,
-    )
-
-
-def repeat_queries_per_exemplar(layer: CIMDecoderLayer) -> None:
-    """Makes `layer` take per-image queries as the decoder before the query sharing did: the queries are first
-    repeated once per exemplar (image-major, like the exemplars), then the layer runs with `num_exemplars=1`, so
-    its query LayerNorm and q projection run on all B*K copies."""
-    shared_forward = layer.forward
-
-    def forward(queries: torch.Tensor, exemplar: torch.Tensor, num_exemplars: int = 1) -> torch.Tensor:
-        if num_exemplars > 1:
-            queries = queries.repeat_interleave(num_exemplars, dim=0)
-        return shared_forward(queries, exemplar, 1)
-
-    layer.forward = forward
-
-
-def emulate_repeated_queries(decoder: CIMCorrelationDecoder) -> None:
-    """The decoder before its first layer shared the query-side work across the K exemplars: every layer gets
-    (B*K, Lc, D) queries and runs per exemplar. Only the first layer is ever called with num_exemplars > 1;
-    wrapping every layer keeps that true whatever the layer count."""
-    for layer in decoder.layers:
-        repeat_queries_per_exemplar(layer)
-
-
-def build_model(name: str, args: argparse.Namespace) -> torch.nn.Module:
-    """A fresh model of candidate `name` ("cim-shared", "cim-repeated" or "mae")."""
-    config = cim_config(args.model, args.size)
-    if name == "mae":
-        return ViTMAEForPreTraining(mae_config(config, args.size))
-    model = CIMForPreTraining(config)
-    if name == "cim-repeated":
-        emulate_repeated_queries(model.decoder)
-    return model
-
-
-def build_models(args: argparse.Namespace, device: torch.device) -> dict[str, torch.nn.Module]:
-    """The timed models, in training mode on `device`; the CIM variants share their initial weights."""
-    models = {name: build_model(name, args).to(device).train() for name in (*cim_variants(args), "mae")}
-    if "cim-shared" in models and "cim-repeated" in models:
-        models["cim-repeated"].load_state_dict(models["cim-shared"].state_dict())
-    return models
-
-
-def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
-
-
-def make_step(model, runner, optimizer, pixel_values, device, dtype: str, ema: bool) -> Callable[[], torch.Tensor]:
-    """A closure running one full training step of `runner` (the model, or its compiled wrapper)."""
-    def step():
-        with C.autocast(device, dtype):
-            loss = runner(pixel_values).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema:
-            model.momentum_update(0.99)
-        return loss
-    return step
-
-
-def make_steps(name: str, model: torch.nn.Module, args: argparse.Namespace, device: torch.device,
-               pixel_values: torch.Tensor) -> tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor]]:
-    """(timed step, eager step for the FLOP count) of one candidate, sharing one optimizer."""
-    runner = torch.compile(model) if args.compile else model
-    optimizer = make_optimizer(model)
-    ema = name.startswith("cim") and not args.no_ema
-    return (make_step(model, runner, optimizer, pixel_values, device, args.dtype, ema),
-            make_step(model, model, optimizer, pixel_values, device, args.dtype, ema))
-
-
-def search_views(args: argparse.Namespace, device: torch.device, generator: torch.Generator | None = None):
-    """The synthetic N(0, 1) batch of search views every candidate trains on."""
-    size = SIZES[args.size].image_size
-    return torch.randn(args.batch_size, 3, size, size, generator=generator).to(device)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# The emulated "before" decoder gives the same logits and loss as the package's
-# ------------------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def check_repeated_matches_shared(shared: CIMForPreTraining, repeated: CIMForPreTraining,
-                                  pixel_values: torch.Tensor, seed: int) -> dict[str, float]:
-    """Runs both models (same weights, fp32, training mode) on the same views with the same fixed exemplar
-    boxes and the same seeded augmentation draws; returns the largest |difference| of the logits and of the
-    loss. BatchNorm-free models: the forward changes no state."""
-    boxes = sample_config_boxes(shared.config, pixel_values.shape[0], shared.config.num_exemplars,
-                                generator=torch.Generator().manual_seed(seed), device=pixel_values.device)
-    outputs = []
-    for model in (shared, repeated):
-        generator = torch.Generator(device=pixel_values.device).manual_seed(seed)
-        outputs.append(model(pixel_values, exemplar_boxes=boxes, generator=generator))
-    a, b = outputs
-    return {"logits": (a.logits - b.logits).abs().max().item(), "loss": (a.loss - b.loss).abs().item()}
-
-
-
-def decoder_check(models: dict[str, torch.nn.Module], args: argparse.Namespace, device: torch.device,
-                  pixel_values: torch.Tensor) -> dict[str, float] | None:
-    """The check of the emulated decoder, on the timed model(s) before their first step (a shared-query copy
-    with the same weights stands in when only `repeated` is timed). None when `repeated` is not timed."""
-    if "cim-repeated" not in models:
-        return None
-    repeated = models["cim-repeated"]
-    shared = models.get("cim-shared")
-    if shared is None:
-        shared = build_model("cim-shared", args).to(device).train()
-        shared.load_state_dict(repeated.state_dict())
-    diff = check_repeated_matches_shared(shared, repeated, pixel_values, args.seed)
-    if max(diff.values()) > CHECK_TOLERANCE:
-        raise SystemExit(f"the emulated repeated-query decoder does not reproduce the package's: {diff} "
-                         f"(tolerance {CHECK_TOLERANCE:g})")
-    return diff
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Analytic matmul FLOPs (forward + backward, per image): a cross-check of FlopCounterMode
-# ------------------------------------------------------------------------------------------------------------
-
-
-def vit_layers_fwd(tokens: int, hidden: int, mlp: int, layers: int) -> int:
-    """QKV + output projections, MLP, and the two attention matmuls, forward, one sequence."""
-    per_layer = 2 * tokens * (4 * hidden * hidden + 2 * hidden * mlp) + 4 * tokens * tokens * hidden
-    return layers * per_layer
-
-
-def patch_embed_fwd(patches: int, hidden: int, patch: int) -> int:
-    """The patch projection (a patch x patch stride-patch convolution over 3 channels), forward."""
-    return 2 * patches * 3 * patch * patch * hidden
-
-
-def cim_decoder_fwd(config: CIMConfig, shared_queries: bool) -> int:
-    """Forward matmul FLOPs of the correlation decoder per image. With `shared_queries` the first layer's q
-    projection runs once per image, otherwise once per exemplar (every other layer runs per exemplar)."""
-    d, e, k = config.encoder_hidden_size, config.decoder_hidden_size, config.num_exemplars
-    pc, pe = (config.context_size // config.encoder_stride) ** 2, (config.exemplar_size // config.encoder_stride) ** 2
-    lc, le = pc + 1, pe + 1
-    hidden = int(e * config.decoder_mlp_ratio)
-    per_exemplar_layer = (2 * lc * e * e  # o projection (q: below)
-                          + 2 * le * e * e * 2  # k and v projections
-                          + 4 * lc * le * e  # attention
-                          + 2 * lc * e * hidden * 2)  # MLP
-    q_projections = sum(1 if shared_queries and index == 0 else k for index in range(config.decoder_num_layers))
-    layers = k * per_exemplar_layer * config.decoder_num_layers + q_projections * 2 * lc * e * e
-    input_proj = 2 * lc * d * e + k * 2 * le * d * e
-    predictor = k * 2 * pc * e  # 1x1 conv
-    return input_proj + layers + predictor
-
-
-def analytic_flops_cim(config: CIMConfig, shared_queries: bool = True) -> dict[str, int]:
-    enc = config.encoder_config
-    d, mlp, depth, patch = enc.hidden_size, enc.intermediate_size, enc.num_hidden_layers, config.encoder_stride
-    k, e = config.num_exemplars, config.decoder_hidden_size
-    pc, pe = (config.context_size // patch) ** 2, (config.exemplar_size // patch) ** 2
-    lc, le = pc + 1, pe + 1
-    target = patch_embed_fwd(pc, d, patch) + vit_layers_fwd(lc, d, mlp, depth)  # forward only (no grad)
-    # online: patch projection frozen on pixels -> forward only; the layers train -> forward + 2x backward
-    online = k * (patch_embed_fwd(pe, d, patch) + 3 * vit_layers_fwd(le, d, mlp, depth))
-    # backward is 2x forward, except the context side of input_proj (its input, the target tokens, needs no grad)
-    decoder = 3 * cim_decoder_fwd(config, shared_queries) - 2 * lc * d * e
-    return {"online encoder": online, "target encoder": target, "decoder": decoder,
-            "total": online + target + decoder}
-
-
-def analytic_flops_mae(config: ViTMAEConfig) -> dict[str, int]:
-    d, mlp, depth = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    patches = (config.image_size // config.patch_size) ** 2
-    visible = int(round(patches * (1 - config.mask_ratio))) + 1
-    e, dmlp, ddepth = config.decoder_hidden_size, config.decoder_intermediate_size, config.decoder_num_hidden_layers
-    # patch projection: forward + weight grad (its input, the pixels, needs none)
-    encoder = 2 * patch_embed_fwd(patches, d, config.patch_size) + 3 * vit_layers_fwd(visible, d, mlp, depth)
-    decoder_fwd = (2 * visible * d * e + vit_layers_fwd(patches + 1, e, dmlp, ddepth)
-                   + 2 * (patches + 1) * e * config.patch_size ** 2 * 3)
-    decoder = 3 * decoder_fwd
-    return {"online encoder": encoder, "target encoder": 0, "decoder": decoder, "total": encoder + decoder}
-
-
-def analytic_flops(name: str, model: torch.nn.Module) -> dict[str, int]:
-    if name == "mae":
-        return analytic_flops_mae(model.config)
-    return analytic_flops_cim(model.config, shared_queries=name == "cim-shared")
-
-
-def flop_prefixes(name: str) -> dict[str, str]:
-    """FlopCounterMode module paths of each component of candidate `name`."""
-    if name == "mae":
-        return {"online encoder": "ViTMAEForPreTraining.vit", "decoder": "ViTMAEForPreTraining.decoder"}
-    return {"online encoder": "CIMForPreTraining.vit", "target encoder": "CIMForPreTraining.target_encoder",
-            "decoder": "CIMForPreTraining.decoder"}
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Memory probe (runs in a fresh process)
-# ------------------------------------------------------------------------------------------------------------
 
 
 def memory_probe(args) -> None:
@@ -380,82 +125,42 @@ def memory_probe(args) -> None:
     for _ in range(args.memory_steps):
         step()
     C.synchronize(device)
-    out = {"peak_rss_bytes": C.peak_rss_bytes(), "baseline_rss_bytes": baseline,
-           "cpu_peak_delta_bytes": C.peak_rss_bytes() - baseline}
+    out = {
+        "peak_rss_bytes": C.peak_rss_bytes(),
+        "baseline_rss_bytes": baseline,
+        "cpu_peak_delta_bytes": C.peak_rss_bytes() - baseline,
+    }
     if device.type == "cuda":
         out["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(device)
     print(json.dumps(out))
 
 
 def memory_argv(args, name: str) -> list[str]:
-    argv = ["--memory_probe", name, "--size", args.size, "--model", args.model, "--batch_size", str(args.batch_size),
-            "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads), "--seed", str(args.seed),
-            "--memory_steps", str(args.memory_steps)]
+    argv = [
+        "--memory_probe",
+        name,
+        "--size",
+        args.size,
+        "--model",
+        args.model,
+        "--batch_size",
+        str(args.batch_size),
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--threads",
+        str(args.threads),
+        "--seed",
+        str(args.seed),
+        "--memory_steps",
+        str(args.memory_steps),
+    ]
     if args.compile:
         argv.append("--compile")
     if args.no_ema:
         argv.append("--no_ema")
     return argv
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Report
-# ------------------------------------------------------------------------------------------------------------
-
-
-def size_line(cim: CIMConfig, mae: ViTMAEConfig, size: str, model: str) -> str:
-    """One line naming the encoder and the CIM and MAE input / decoder sizes."""
-    enc, patch = cim.encoder_config, cim.encoder_stride
-    return (f"- Size `{size}`: encoder {model} width ({enc.hidden_size}, {enc.num_attention_heads} heads, MLP "
-            f"{enc.intermediate_size}), {enc.num_hidden_layers} layers, patch {patch}. CIM: {cim.image_size} px views "
-            f"-> {cim.context_size} px context ({cim.context_size // patch}^2 tokens) + {cim.num_exemplars} x "
-            f"{cim.exemplar_size} px exemplars ({cim.exemplar_size // patch}^2 tokens), decoder "
-            f"{cim.decoder_num_layers} x {cim.decoder_hidden_size} wide, {cim.decoder_num_attention_heads} heads. "
-            f"MAE: {mae.image_size} px, mask {mae.mask_ratio:g}, decoder {mae.decoder_num_hidden_layers} x "
-            f"{mae.decoder_hidden_size} wide, {mae.decoder_num_attention_heads} heads, MLP "
-            f"{mae.decoder_intermediate_size}{', normalised-pixel loss' if mae.norm_pix_loss else ''}")
-
-
-def paired_ratios(times: dict[str, list[float]], faster: str, slower: str) -> list[float]:
-    """Per-round images/s ratios `faster` / `slower` (= step time of `slower` / of `faster` in the same round): the
-    two ran back to back, so load that drifts between rounds cancels out of each ratio."""
-    return [t_slower / t_faster for t_faster, t_slower in zip(times[faster], times[slower])]
-
-
-def ratio_text(times: dict[str, list[float]], a: str, b: str) -> str:
-    """images/s ratio a / b: of the median step times, then the median (min-max) of the per-round ratios."""
-    per_round = paired_ratios(times, a, b)
-    return (f"**{C.median(times[b]) / C.median(times[a]):.3f}x** (per-round ratios: median "
-            f"{C.median(per_round):.3f}x, {C.spread(per_round)})")
-
-
-def ratio_lines(times: dict[str, list[float]], flops: dict[str, dict[str, int]]) -> list[str]:
-    """images/s ratios CIM / MAE per decoder variant (before / after the query sharing), and shared / repeated."""
-    lines = []
-    for name, when in (("cim-repeated", "before (repeated queries)"), ("cim-shared", "after (shared queries)")):
-        if name in times:
-            lines.append(f"- images/s CIM / MAE, {when}: {ratio_text(times, name, 'mae')}; FLOP ratio CIM / MAE: "
-                         f"{flops[name]['total'] / flops['mae']['total']:.2f}x (equal FLOP efficiency would give "
-                         f"{flops['mae']['total'] / flops[name]['total']:.2f}x)")
-    if "cim-shared" in times and "cim-repeated" in times:
-        shared, repeated = flops["cim-shared"], flops["cim-repeated"]
-        lines.append(f"- images/s CIM shared / CIM repeated: {ratio_text(times, 'cim-shared', 'cim-repeated')}; "
-                     f"FLOP ratio shared / repeated: per image {shared['total'] / repeated['total']:.3f}x, "
-                     f"decoder {shared['decoder'] / repeated['decoder']:.3f}x")
-    return lines
-
-
-def check_line(diff: dict[str, float] | None) -> list[str]:
-    if diff is None:
-        return []
-    return [f"- Emulated repeated-query decoder vs the package's, same weights, fixed exemplar boxes, same "
-            f"augmentation seed, fp32 (before any step): max |logits difference| {diff['logits']:.1e}, |loss "
-            f"difference| {diff['loss']:.1e} (tolerance {CHECK_TOLERANCE:g}): same outputs"]
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Main
-# ------------------------------------------------------------------------------------------------------------
 
 
 def main(argv=None) -> None:
@@ -465,9 +170,11 @@ def main(argv=None) -> None:
         return
     started = time.perf_counter()
     device = C.setup(args)
-    print(f"bench_step: size {args.size}, {args.model}, batch {args.batch_size}, {args.dtype}, {args.device}, "
-          f"{args.threads} threads{', torch.compile' if args.compile else ''}, decoder queries "
-          f"{args.decoder_queries}")
+    print(
+        f"bench_step: size {args.size}, {args.model}, batch {args.batch_size}, {args.dtype}, {args.device}, "
+        f"{args.threads} threads{', torch.compile' if args.compile else ''}, decoder queries "
+        f"{args.decoder_queries}"
+    )
     names = (*cim_variants(args), "mae")
 
     memory = {}
@@ -478,7 +185,7 @@ def main(argv=None) -> None:
 
     pixel_values = search_views(args, device, torch.Generator(device="cpu").manual_seed(args.seed))
     models = build_models(args, device)
-    diff = decoder_check(models, args, device, pixel_values)
+    diff = decoder_check(models, device, pixel_values, args.seed, lambda: build_model("cim-shared", args))
     if diff is not None:
         print(f"decoder check: max |logits diff| {diff['logits']:.1e}, |loss diff| {diff['loss']:.1e}")
     steps = {name: make_steps(name, models[name], args, device, pixel_values) for name in names}
@@ -526,20 +233,33 @@ def main(argv=None) -> None:
     rows = []
     for name in names:
         per_image = flops[name]["total"] / bs
-        rows.append([LABELS[name], f"{med[name]:.3f} ({C.spread(times[name])})", f"{bs / med[name]:.2f}",
-                     f"{per_image / 1e9:.3f}", f"{flops[name]['total'] / med[name] / 1e12:.3f}", mem(name)])
-    mem_label = ("peak CUDA memory allocated" if args.device == "cuda"
-                 else "peak RSS rise (weights+optimizer+grads+activations)")
+        rows.append(
+            [
+                LABELS[name],
+                f"{med[name]:.3f} ({C.spread(times[name])})",
+                f"{bs / med[name]:.2f}",
+                f"{per_image / 1e9:.3f}",
+                f"{flops[name]['total'] / med[name] / 1e12:.3f}",
+                mem(name),
+            ]
+        )
+    mem_label = (
+        "peak CUDA memory allocated"
+        if args.device == "cuda"
+        else "peak RSS rise (weights+optimizer+grads+activations)"
+    )
     table = C.markdown_table(
-        ["model", "step s, median (min-max)", "images/s", "GFLOP/image (fwd+bwd)", "achieved TFLOP/s", mem_label],
-        rows)
+        ["model", "step s, median (min-max)", "images/s", "GFLOP/image (fwd+bwd)", "achieved TFLOP/s", mem_label], rows
+    )
 
     flop_rows = []
     for part in ("online encoder", "target encoder", "decoder", "total"):
-        flop_rows.append([part] + [f"{flops[n].get(part, 0) / bs / 1e9:.3f} / {analytic[n][part] / 1e9:.3f}"
-                                   for n in names])
-    flop_table = C.markdown_table(["per image, GFLOP: measured / analytic", *(LABELS[n].split(" (")[0] for n in names)],
-                                  flop_rows)
+        flop_rows.append(
+            [part] + [f"{flops[n].get(part, 0) / bs / 1e9:.3f} / {analytic[n][part] / 1e9:.3f}" for n in names]
+        )
+    flop_table = C.markdown_table(
+        ["per image, GFLOP: measured / analytic", *(LABELS[n].split(" (")[0] for n in names)], flop_rows
+    )
 
     cim_name = names[0]
     share = med["pretext"] / med[cim_name]
@@ -568,13 +288,19 @@ def main(argv=None) -> None:
         flop_table,
     ]
     if args.device == "cpu" and memory:
-        lines += ["", "- CPU memory: each model runs alone in a fresh subprocess for "
-                      f"{args.memory_steps} steps; the figure is peak RSS (getrusage ru_maxrss) minus the RSS after "
-                      "imports and input creation. Absolute peak RSS: " + ", ".join(
-                          f"{n} {C.fmt_bytes(memory[n]['peak_rss_bytes'])}" for n in memory)]
+        lines += [
+            "",
+            "- CPU memory: each model runs alone in a fresh subprocess for "
+            f"{args.memory_steps} steps; the figure is peak RSS (getrusage ru_maxrss) minus the RSS after "
+            "imports and input creation. Absolute peak RSS: "
+            + ", ".join(f"{n} {C.fmt_bytes(memory[n]['peak_rss_bytes'])}" for n in memory),
+        ]
     elif memory:
-        lines += ["", f"- CUDA memory: torch.cuda.max_memory_allocated over {args.memory_steps} steps of each model "
-                      "alone in a fresh subprocess (weights, AdamW state, gradients, activations)"]
+        lines += [
+            "",
+            f"- CUDA memory: torch.cuda.max_memory_allocated over {args.memory_steps} steps of each model "
+            "alone in a fresh subprocess (weights, AdamW state, gradients, activations)",
+        ]
     lines.append(f"- Benchmark wall time: {time.perf_counter() - started:.0f} s")
     C.emit("\n".join(lines), args.output)
 

@@ -31,18 +31,22 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from transformers_cim import CIMConfig, CIMForPreTraining  # noqa: E402
-from transformers_cim.pretext_metrics import correlation_iou, correlation_prior, prior_metrics  # noqa: E402
 from transformers_cim.pretext import augmentation_ramp  # noqa: E402
-from transformers_cim.trainer import cosine_momentum  # noqa: E402
+from transformers_cim.pretext_metrics import correlation_iou, correlation_prior, prior_metrics  # noqa: E402
+from transformers_cim.training.trainer import cosine_momentum  # noqa: E402
 
 BUDGET_PROBE_STEPS = 20  # with `minutes=`, steps timed before the run's horizon is fixed
 IMAGENETTE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "imagenette-160")
 
 # the quick start's sizes: ViT-Tiny width, 6 layers, patch 8, 128 / 96 / 32 px, decoder 256 x 8 heads
 BASE = {
-    "image_size": 128, "context_size": 96, "exemplar_size": 32,
-    "decoder_hidden_size": 256, "decoder_num_attention_heads": 8,
-    "encoder.num_hidden_layers": 6, "encoder.patch_size": 8,
+    "image_size": 128,
+    "context_size": 96,
+    "exemplar_size": 32,
+    "decoder_hidden_size": 256,
+    "decoder_num_attention_heads": 8,
+    "encoder.num_hidden_layers": 6,
+    "encoder.patch_size": 8,
 }
 BUNDLES = {
     "default": {},
@@ -99,7 +103,7 @@ def load_images(source: str, count: int, size: int, split: str = "train") -> tor
 
     images = []
     if source == "skimage":
-        from transformers_cim.data import default_image_dataset  # the quick start's photos
+        from transformers_cim.training.data import default_image_dataset  # the quick start's photos
 
         pil_images = list(default_image_dataset()["image"])
     else:
@@ -122,8 +126,14 @@ def load_images(source: str, count: int, size: int, split: str = "train") -> tor
     return torch.stack(images).permute(0, 3, 1, 2).contiguous()
 
 
-def views(images: torch.Tensor, indices: torch.Tensor, size: int, generator: torch.Generator,
-          mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+def views(
+    images: torch.Tensor,
+    indices: torch.Tensor,
+    size: int,
+    generator: torch.Generator,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+) -> torch.Tensor:
     """Random size x size crops with random flips, normalised."""
     side = images.shape[-1]
     out = []
@@ -131,7 +141,7 @@ def views(images: torch.Tensor, indices: torch.Tensor, size: int, generator: tor
     flips = torch.rand(len(indices), generator=generator) < 0.5
     for i, index in enumerate(indices.tolist()):
         y, x = offsets[i].tolist()
-        crop = images[index, :, y:y + size, x:x + size]
+        crop = images[index, :, y : y + size, x : x + size]
         out.append(crop.flip(-1) if flips[i] else crop)
     batch = torch.stack(out).float() / 255
     return (batch - mean) / std
@@ -150,8 +160,9 @@ def run(spec: str, images: torch.Tensor, held_out: torch.Tensor, args) -> dict:
     decays = lambda n, p: p.ndim >= 2 and "cls_token" not in n and "prior_bias" not in n  # noqa: E731
     decay = [p for n, p in model.named_parameters() if p.requires_grad and decays(n, p)]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and not decays(n, p)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=lr, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95)
+    )
     minutes = float(train.get("minutes", 0.0))
     if minutes:  # a first horizon for the probe steps; replaced once their speed is measured
         steps = 10 * BUDGET_PROBE_STEPS
@@ -186,8 +197,16 @@ def run(spec: str, images: torch.Tensor, held_out: torch.Tensor, args) -> dict:
     model.augmentation_strength.fill_(1.0)
     train_seconds = time.time() - start
     result = evaluate(model, config, held_out, args.seed)
-    result.update(run=name, steps=steps, batch=batch, lr=lr, warmup=warmup, clip=clip,
-                  train_loss_last50=sum(losses[-50:]) / min(50, len(losses)), seconds=round(train_seconds, 1))
+    result.update(
+        run=name,
+        steps=steps,
+        batch=batch,
+        lr=lr,
+        warmup=warmup,
+        clip=clip,
+        train_loss_last50=sum(losses[-50:]) / min(50, len(losses)),
+        seconds=round(train_seconds, 1),
+    )
     return result
 
 
@@ -235,9 +254,15 @@ def evaluate(model: CIMForPreTraining, config: CIMConfig, held_out: torch.Tensor
     centred = probs - probs.mean(dim=1, keepdim=True)
     truth = labels - labels.mean(dim=1, keepdim=True)
     follow_within = (centred * truth).sum() / (centred.norm() * truth.norm()).clamp(min=1e-8)
-    return {"follow_within_image": round(float(follow_within), 3),"loss": round(loss, 4), "prior_loss": round(prior_loss, 4), "loss_ratio": round(loss / prior_loss, 3),
-            "iou": round(sum(ious) / len(pixels), 4), "prior_iou": round(prior_iou, 4),
-            "follow": round(float(follow), 3)}
+    return {
+        "follow_within_image": round(float(follow_within), 3),
+        "loss": round(loss, 4),
+        "prior_loss": round(prior_loss, 4),
+        "loss_ratio": round(loss / prior_loss, 3),
+        "iou": round(sum(ious) / len(pixels), 4),
+        "prior_iou": round(prior_iou, 4),
+        "follow": round(float(follow), 3),
+    }
 
 
 def score_checkpoints(args) -> None:
@@ -245,8 +270,9 @@ def score_checkpoints(args) -> None:
     for path in args.score:
         model = CIMForPreTraining.from_pretrained(path)
         size = model.config.image_size
-        held_out = load_images(args.data, args.num_held_out, size,
-                               split="train" if args.data == "skimage" else "validation")
+        held_out = load_images(
+            args.data, args.num_held_out, size, split="train" if args.data == "skimage" else "validation"
+        )
         result = evaluate(model, model.config, held_out, args.seed)
         print(path, json.dumps(result), flush=True)
 
@@ -266,8 +292,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--out", default=None, help="Append each result as a JSON line to this file.")
-    parser.add_argument("--score", nargs="+", default=None, metavar="CHECKPOINT",
-                        help="Instead of training, score saved CIMForPreTraining checkpoints on the held-out views.")
+    parser.add_argument(
+        "--score",
+        nargs="+",
+        default=None,
+        metavar="CHECKPOINT",
+        help="Instead of training, score saved CIMForPreTraining checkpoints on the held-out views.",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -280,11 +311,17 @@ def main() -> None:
         held_out = images
     else:
         held_out = load_images(args.data, args.num_held_out, size, split="validation")
-    print(f"{'run':48s} {'steps':>5s} {'loss':>7s} {'prior':>7s} {'ratio':>6s} {'IoU':>6s} {'prior':>6s} {'follow':>6s} {'s':>6s}")
+    print(
+        f"{'run':48s} {'steps':>5s} {'loss':>7s} {'prior':>7s} {'ratio':>6s} {'IoU':>6s} {'prior':>6s} "
+        f"{'follow':>6s} {'s':>6s}"
+    )
     for spec in args.runs:
         r = run(spec, images, held_out, args)
-        print(f"{r['run']:48s} {r['steps']:5d} {r['loss']:7.3f} {r['prior_loss']:7.3f} {r['loss_ratio']:6.3f} "
-              f"{r['iou']:6.3f} {r['prior_iou']:6.3f} {r['follow']:6.3f} {r['seconds']:6.0f}", flush=True)
+        print(
+            f"{r['run']:48s} {r['steps']:5d} {r['loss']:7.3f} {r['prior_loss']:7.3f} {r['loss_ratio']:6.3f} "
+            f"{r['iou']:6.3f} {r['prior_iou']:6.3f} {r['follow']:6.3f} {r['seconds']:6.0f}",
+            flush=True,
+        )
         if args.out:
             with open(args.out, "a") as f:
                 f.write(json.dumps(r) + "\n")

@@ -15,8 +15,14 @@ def make_tiny_vit_config(**overrides) -> CIMConfig:
     """ViT-T/16 narrowed to 2 layers; 64 px views, 48 px context (3x3 patches), 3 exemplars of 16 px."""
     encoder = preset_encoder_config("vit-tiny-patch16")
     encoder.num_hidden_layers = 2
-    kwargs = dict(image_size=64, context_size=48, exemplar_size=16, num_exemplars=3, decoder_hidden_size=64,
-                  decoder_num_attention_heads=4)
+    kwargs = dict(
+        image_size=64,
+        context_size=48,
+        exemplar_size=16,
+        num_exemplars=3,
+        decoder_hidden_size=64,
+        decoder_num_attention_heads=4,
+    )
     kwargs.update(overrides)
     return CIMConfig(encoder_config=encoder, **kwargs)
 
@@ -24,8 +30,14 @@ def make_tiny_vit_config(**overrides) -> CIMConfig:
 def make_tiny_resnet_config(**overrides) -> CIMConfig:
     """A 4-stage basic-block ResNet with tiny widths; 64 px views and context (2x2 tokens), 2 exemplars of 32 px."""
     encoder = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16, 32], depths=[1, 1, 1, 1], layer_type="basic")
-    kwargs = dict(image_size=64, context_size=64, exemplar_size=32, num_exemplars=2, decoder_hidden_size=32,
-                  decoder_num_attention_heads=4)
+    kwargs = dict(
+        image_size=64,
+        context_size=64,
+        exemplar_size=32,
+        num_exemplars=2,
+        decoder_hidden_size=32,
+        decoder_num_attention_heads=4,
+    )
     kwargs.update(overrides)
     return CIMConfig(encoder_config=encoder, **kwargs)
 

@@ -22,7 +22,7 @@ AUTHORS_CODE = os.environ.get("CIM_AUTHORS_CODE")
 pytestmark = pytest.mark.skipif(
     not AUTHORS_CODE or not os.path.isfile(os.path.join(AUTHORS_CODE, "models", "cim.py")),
     reason="CIM_AUTHORS_CODE does not point to a checkout of weivision/Correlational-Image-Modeling (set it to run "
-           "the comparison with the authors' code)",
+    "the comparison with the authors' code)",
 )
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
@@ -32,9 +32,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 def authors_module():
     pytest.importorskip("timm", reason="the authors' code imports timm")
     pytest.importorskip("torchvision", reason="the authors' code imports torchvision")
-    import _authors
+    import _authors_compare
 
-    return _authors
+    return _authors_compare
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +43,11 @@ def authors(authors_module):
 
 
 def failing(authors_module, differences) -> list[str]:
-    return [f"{d.quantity}: {d.max_abs:.3e} at {d.where!r}" for d in differences
-            if authors_module.gated(d) and not d.max_abs <= authors_module.TOLERANCE]
+    return [
+        f"{d.quantity}: {d.max_abs:.3e} at {d.where!r}"
+        for d in differences
+        if authors_module.gated(d) and not d.max_abs <= authors_module.TOLERANCE
+    ]
 
 
 def test_loss_maps_gradients_and_one_step_equal_the_authors(authors_module, authors, tmp_path):
@@ -69,8 +72,9 @@ def test_two_logit_predictor_moves_twice_as_far_under_adam(authors_module, autho
 def test_a_perturbed_weight_is_detected(authors_module, authors, tmp_path, weight):
     """The comparison can fail: 1e-3 added to one element of one converted weight of ours shows in the maps and
     the gradients, not only in the weights compared after the step."""
-    differences = authors_module.compare_on_fixed_inputs(authors, authors_module.Sizes(), str(tmp_path),
-                                                         perturb=weight)
+    differences = authors_module.compare_on_fixed_inputs(
+        authors, authors_module.Sizes(), str(tmp_path), perturb=weight
+    )
     failed = failing(authors_module, differences)
     assert any(row.startswith("probabilities") for row in failed), failed
     assert any(row.startswith("gradients (every") for row in failed), failed

@@ -47,8 +47,10 @@ def test_package_registers_the_auto_classes(tiny_vit_config, search_views, tmp_p
     encoder = AutoModel.from_pretrained(tmp_path)
     assert type(encoder) is CIMModel
     x = search_views()
-    assert torch.equal(pretraining(x, generator=torch.Generator().manual_seed(0)).logits,
-                       model(x, generator=torch.Generator().manual_seed(0)).logits)
+    assert torch.equal(
+        pretraining(x, generator=torch.Generator().manual_seed(0)).logits,
+        model(x, generator=torch.Generator().manual_seed(0)).logits,
+    )
     assert torch.equal(encoder(x).last_hidden_state, model.vit(x).last_hidden_state)
     # auto_map for every class is written so that a Hub copy loads with trust_remote_code
     assert set(config.auto_map) == {"AutoConfig", "AutoModel", "AutoModelForPreTraining"}
@@ -96,9 +98,19 @@ def test_trust_remote_code_loads_without_the_package(tiny_vit_config, search_vie
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="1")
     env.pop("PYTHONPATH", None)
     result = subprocess.run(
-        [sys.executable, "-I", str(tmp_path / "child.py"), str(checkpoint), str(tmp_path / "inputs.pt"),
-         str(tmp_path / "outputs.pt")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-I",
+            str(tmp_path / "child.py"),
+            str(checkpoint),
+            str(tmp_path / "inputs.pt"),
+            str(tmp_path / "outputs.pt"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     got = torch.load(tmp_path / "outputs.pt")
@@ -120,7 +132,12 @@ def test_vit_for_image_classification_loads_the_online_encoder(tiny_vit_config, 
     for key in online:  # the online encoder, not the (different) target
         assert torch.equal(online[key], loaded[key]), key
     target = model.target_encoder.state_dict()
-    for key in ("layers.1.attention.q_proj.weight", "layers.0.mlp.fc1.bias", "layernorm.weight", "embeddings.cls_token"):
+    for key in (
+        "layers.1.attention.q_proj.weight",
+        "layers.0.mlp.fc1.bias",
+        "layernorm.weight",
+        "embeddings.cls_token",
+    ):
         assert not torch.equal(loaded[key], target[key]), key  # so the test can tell online from target
     assert classifier.config.image_size == 64 and classifier.config.hidden_size == 192
     x = search_views()

@@ -15,8 +15,9 @@ from transformers_cim import CIMForPreTraining
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 
 
-def assert_compiled_step_matches_eager(model: CIMForPreTraining, x: torch.Tensor, boxes: torch.Tensor,
-                                      x_again: torch.Tensor, grad_atol: float = 1e-5) -> None:
+def assert_compiled_step_matches_eager(
+    model: CIMForPreTraining, x: torch.Tensor, boxes: torch.Tensor, x_again: torch.Tensor, grad_atol: float = 1e-5
+) -> None:
     """One full-graph compiled step (any graph break is an error) gives the eager loss and gradients, and a second
     call with the same shapes and other values does not recompile."""
 
@@ -62,8 +63,9 @@ def test_resnet_step_compiles_without_graph_breaks_and_matches_eager(tiny_resnet
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     boxes = torch.tensor([[[0.5, 0.5, 0.4, 0.3, 0.2], [0.3, 0.6, 0.3, 0.5, -0.4]]] * 2)
-    assert_compiled_step_matches_eager(model, search_views(batch=2), boxes, search_views(batch=2, seed=1),
-                                       grad_atol=1e-4)
+    assert_compiled_step_matches_eager(
+        model, search_views(batch=2), boxes, search_views(batch=2, seed=1), grad_atol=1e-4
+    )
 
 
 def test_trainer_torch_compile_matches_the_eager_run(tmp_path, tiny_vit_config, search_views, monkeypatch):
@@ -72,8 +74,8 @@ def test_trainer_torch_compile_matches_the_eager_run(tmp_path, tiny_vit_config, 
     same exemplars, so their losses agree step by step."""
     from transformers import TrainingArguments
 
-    from transformers_cim.data import SkippingCollator
-    from transformers_cim.trainer import CIMTrainer
+    from transformers_cim.training.data import SkippingCollator
+    from transformers_cim.training.trainer import CIMTrainer
 
     monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     rows = [{"pixel_values": v, "cim_valid": True} for v in search_views(batch=8, seed=3)]
@@ -82,10 +84,21 @@ def test_trainer_torch_compile_matches_the_eager_run(tmp_path, tiny_vit_config, 
         torch._dynamo.reset()
         torch.manual_seed(0)
         model = CIMForPreTraining(tiny_vit_config())
-        args = TrainingArguments(output_dir=out, use_cpu=True, report_to="none", save_strategy="no", max_steps=3,
-                                 per_device_train_batch_size=4, learning_rate=1e-3, logging_steps=1, seed=0,
-                                 disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False,
-                                 torch_compile=compile_)
+        args = TrainingArguments(
+            output_dir=out,
+            use_cpu=True,
+            report_to="none",
+            save_strategy="no",
+            max_steps=3,
+            per_device_train_batch_size=4,
+            learning_rate=1e-3,
+            logging_steps=1,
+            seed=0,
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            remove_unused_columns=False,
+            torch_compile=compile_,
+        )
         trainer = CIMTrainer(model=model, args=args, train_dataset=rows, data_collator=SkippingCollator())
         trainer.train()
         return [e["loss"] for e in trainer.state.log_history if "loss" in e]

@@ -11,7 +11,6 @@ from transformers import ResNetConfig, ViTConfig
 
 from transformers_cim import PRESET_NAMES, CIMConfig, CIMForPreTraining, preset_encoder_config
 
-
 RECIPE = {
     "image_size": 224,
     "context_size": 160,
@@ -51,7 +50,12 @@ def _check_recipe(config: CIMConfig) -> None:
     # ViT-B/16 encoder, as the released checkpoint; LayerNorm eps 1e-6 as the authors' (MAE) ViT
     enc = config.encoder_config
     assert isinstance(enc, ViTConfig)
-    assert (enc.hidden_size, enc.num_hidden_layers, enc.num_attention_heads, enc.intermediate_size) == (768, 12, 12, 3072)
+    assert (enc.hidden_size, enc.num_hidden_layers, enc.num_attention_heads, enc.intermediate_size) == (
+        768,
+        12,
+        12,
+        3072,
+    )
     assert enc.patch_size == 16 and enc.image_size == 224 and enc.qkv_bias
     assert enc.layer_norm_eps == pytest.approx(1e-6)
     assert config.context_grid_size == 10  # 160 / 16
@@ -107,9 +111,17 @@ def test_unknown_preset_raises():
         preset_encoder_config("resnet-18")
 
 
-NON_DEFAULT = dict(loss_type="focal", exemplar_scale=[0.1, 0.9], exemplar_aspect_ratio=[0.5, 2.0],
-                   exemplar_max_rotation=10, contrastive_loss_weight=0.5, target_encoder_mode="shared",
-                   momentum_start=0.996, exemplar_augmentation=False, decoder_num_layers=2)
+NON_DEFAULT = dict(
+    loss_type="focal",
+    exemplar_scale=[0.1, 0.9],
+    exemplar_aspect_ratio=[0.5, 2.0],
+    exemplar_max_rotation=10,
+    contrastive_loss_weight=0.5,
+    target_encoder_mode="shared",
+    momentum_start=0.996,
+    exemplar_augmentation=False,
+    decoder_num_layers=2,
+)
 
 
 @pytest.mark.parametrize("family", ["vit", "resnet"])
@@ -199,9 +211,18 @@ def test_encoder_sub_config_loads_from_cim_checkpoint(tmp_path, tiny_vit_config,
 
 def test_derived_properties(tiny_vit_config, tiny_resnet_config):
     vit, resnet = tiny_vit_config(), tiny_resnet_config()
-    assert (vit.encoder_type, vit.encoder_hidden_size, vit.encoder_stride, vit.context_grid_size) == ("vit", 192, 16, 3)
+    assert (vit.encoder_type, vit.encoder_hidden_size, vit.encoder_stride, vit.context_grid_size) == (
+        "vit",
+        192,
+        16,
+        3,
+    )
     assert (resnet.encoder_type, resnet.encoder_hidden_size, resnet.encoder_stride, resnet.context_grid_size) == (
-        "resnet", 32, 32, 2)
+        "resnet",
+        32,
+        32,
+        2,
+    )
     assert math.isclose(vit.exemplar_aspect_ratio[0] * vit.exemplar_aspect_ratio[1], 1.0)
 
 

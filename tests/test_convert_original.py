@@ -35,8 +35,9 @@ TINY = ["--num_heads", str(HEADS), "--decoder_num_heads", str(DEC_HEADS)]
 def authors_sincos(dim: int, grid: int) -> torch.Tensor:
     """Their get_2d_sincos_pos_embed with a zero CLS row: [sin, cos](column) then [sin, cos](row)."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
-    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
-                                indexing="ij")
+    rows, cols = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij"
+    )
     col, row = cols.reshape(-1, 1) * omega, rows.reshape(-1, 1) * omega
     table = torch.cat([col.sin(), col.cos(), row.sin(), row.cos()], dim=1)
     return torch.cat([torch.zeros(1, dim, dtype=torch.float64), table]).float().unsqueeze(0)
@@ -55,16 +56,22 @@ def linear_params(prefix: str, fan_in: int, fan_out: int) -> dict[str, torch.Ten
 
 
 def timm_block_params(prefix: str) -> dict[str, torch.Tensor]:
-    return {**norm_params(f"{prefix}norm1", WIDTH), **linear_params(f"{prefix}attn.qkv", WIDTH, 3 * WIDTH),
-            **linear_params(f"{prefix}attn.proj", WIDTH, WIDTH), **norm_params(f"{prefix}norm2", WIDTH),
-            **linear_params(f"{prefix}mlp.fc1", WIDTH, 4 * WIDTH),
-            **linear_params(f"{prefix}mlp.fc2", 4 * WIDTH, WIDTH)}
+    return {
+        **norm_params(f"{prefix}norm1", WIDTH),
+        **linear_params(f"{prefix}attn.qkv", WIDTH, 3 * WIDTH),
+        **linear_params(f"{prefix}attn.proj", WIDTH, WIDTH),
+        **norm_params(f"{prefix}norm2", WIDTH),
+        **linear_params(f"{prefix}mlp.fc1", WIDTH, 4 * WIDTH),
+        **linear_params(f"{prefix}mlp.fc2", 4 * WIDTH, WIDTH),
+    }
 
 
 def vit_params(suffix: str = "") -> dict[str, torch.Tensor]:
     """``patch_embed{suffix}.proj``, ``blocks{suffix}.N``; the CLS token and positions are added by the callers."""
-    params = {f"patch_embed{suffix}.proj.weight": rand(WIDTH, 3, PATCH, PATCH, scale=0.1),
-              f"patch_embed{suffix}.proj.bias": rand(WIDTH)}
+    params = {
+        f"patch_embed{suffix}.proj.weight": rand(WIDTH, 3, PATCH, PATCH, scale=0.1),
+        f"patch_embed{suffix}.proj.bias": rand(WIDTH),
+    }
     for index in range(DEPTH):
         params |= timm_block_params(f"blocks{suffix}.{index}.")
     return params
@@ -92,15 +99,22 @@ def pretraining_state_dict(image: int = IMAGE, context: int = IMAGE) -> dict[str
     block = "decoder_corr_block.block."
     sd |= linear_params("decoder_embed", WIDTH, DEC_WIDTH)
     sd["decoder_pos_embed"] = authors_sincos(DEC_WIDTH, context // PATCH)
-    sd |= {**norm_params(f"{block}norm1", DEC_WIDTH), **linear_params(f"{block}attn.q", DEC_WIDTH, DEC_WIDTH),
-           **linear_params(f"{block}attn.kv", DEC_WIDTH, 2 * DEC_WIDTH),
-           **linear_params(f"{block}attn.proj", DEC_WIDTH, DEC_WIDTH), **norm_params(f"{block}norm2", DEC_WIDTH),
-           **linear_params(f"{block}mlp.fc1", DEC_WIDTH, 4 * DEC_WIDTH),
-           **linear_params(f"{block}mlp.fc2", 4 * DEC_WIDTH, DEC_WIDTH)}
+    sd |= {
+        **norm_params(f"{block}norm1", DEC_WIDTH),
+        **linear_params(f"{block}attn.q", DEC_WIDTH, DEC_WIDTH),
+        **linear_params(f"{block}attn.kv", DEC_WIDTH, 2 * DEC_WIDTH),
+        **linear_params(f"{block}attn.proj", DEC_WIDTH, DEC_WIDTH),
+        **norm_params(f"{block}norm2", DEC_WIDTH),
+        **linear_params(f"{block}mlp.fc1", DEC_WIDTH, 4 * DEC_WIDTH),
+        **linear_params(f"{block}mlp.fc2", 4 * DEC_WIDTH, DEC_WIDTH),
+    }
     sd |= norm_params("decoder_norm", DEC_WIDTH)
     sd |= {"decoder_pred_mask.0.weight": rand(2, DEC_WIDTH, 1, 1, scale=0.5), "decoder_pred_mask.0.bias": rand(2)}
-    heads = {"decoder_g_embed": authors_mlp(3, WIDTH, 24, 8), "decoder_g_embed_c": authors_mlp(3, WIDTH, 24, 8),
-             "decoder_predictor": authors_mlp(2, 8, 24, 8)}
+    heads = {
+        "decoder_g_embed": authors_mlp(3, WIDTH, 24, 8),
+        "decoder_g_embed_c": authors_mlp(3, WIDTH, 24, 8),
+        "decoder_predictor": authors_mlp(2, 8, 24, 8),
+    }
     for name, head in heads.items():
         sd |= {f"{name}.{key}": value for key, value in head.state_dict().items()}
     return sd
@@ -173,8 +187,9 @@ def authors_encoder(pixels: torch.Tensor, p: dict, suffix: str, authors_interpol
     return layer_norm(x, p, f"norm{suffix}")
 
 
-def authors_correlation_logits(context: torch.Tensor, exemplars: torch.Tensor, p: dict,
-                               authors_interpolation: bool = True) -> torch.Tensor:
+def authors_correlation_logits(
+    context: torch.Tensor, exemplars: torch.Tensor, p: dict, authors_interpolation: bool = True
+) -> torch.Tensor:
     """Their forward_encoder + forward_mask_decoder: (B, K, 2, m, m) logits for context (B, 3, m, m) and
     exemplars (B, K, 3, n, n), one exemplar at a time as their code loops."""
     block = "decoder_corr_block.block."
@@ -244,12 +259,22 @@ def test_smaller_inputs_match_the_authors_with_their_position_interpolation(tmp_
     authors' form (``scale_factor=(g + 0.1) / N``, `position_interpolation="authors"`, the default) and so
     reproduces their logits; the stock ViT form (``size=``) is the switch's other value."""
     sd = pretraining_state_dict(image=48, context=IMAGE)
-    args = argparse.Namespace(model="cim_vit_base_patch16", template_size=16, template_num=2, sigma_cont=0.0,
-                              sigma_corr=1.0, template_min_scale=0.05, template_max_scale=0.48, context_size=IMAGE,
-                              template_min_ratio=0.5, template_max_ratio=4.0)
+    args = argparse.Namespace(
+        model="cim_vit_base_patch16",
+        template_size=16,
+        template_num=2,
+        sigma_cont=0.0,
+        sigma_corr=1.0,
+        template_min_scale=0.05,
+        template_max_scale=0.48,
+        context_size=IMAGE,
+        template_min_ratio=0.5,
+        template_max_ratio=4.0,
+    )
     torch.save({"model": sd, "args": args}, tmp_path / "cim.pth")  # args: an argparse.Namespace, as their scripts do
-    convert_checkpoint(tmp_path / "cim.pth", tmp_path / "out",
-                       ConversionOptions(num_heads=HEADS, decoder_num_heads=DEC_HEADS))
+    convert_checkpoint(
+        tmp_path / "cim.pth", tmp_path / "out", ConversionOptions(num_heads=HEADS, decoder_num_heads=DEC_HEADS)
+    )
     model = CIMForPreTraining.from_pretrained(tmp_path / "out").eval()
     assert (model.config.exemplar_size, model.config.num_exemplars) == (16, 2)
     assert model.config.exemplar_scale == [0.05, 0.48]
@@ -264,31 +289,40 @@ def test_smaller_inputs_match_the_authors_with_their_position_interpolation(tmp_
     stock = CIMForPreTraining.from_pretrained(tmp_path / "out", position_interpolation="transformers").eval()
     stock_logits = our_logits(stock, context, exemplars)
     same_interpolation = authors_correlation_logits(context, exemplars, sd, authors_interpolation=False)
-    torch.testing.assert_close(stock_logits, same_interpolation[:, :, 1] - same_interpolation[:, :, 0], atol=1e-5,
-                               rtol=0)
+    torch.testing.assert_close(
+        stock_logits, same_interpolation[:, :, 1] - same_interpolation[:, :, 0], atol=1e-5, rtol=0
+    )
     assert (stock_logits - ours).abs().max() > 1e-4  # the switch matters at these sizes
 
 
 def test_contrastive_heads_are_kept_when_the_config_uses_them(tmp_path):
     sd = pretraining_state_dict()
     torch.save({"model": sd}, tmp_path / "cim.pth")
-    summary = convert_checkpoint(tmp_path / "cim.pth", tmp_path / "out", ConversionOptions(
-        num_heads=HEADS, decoder_num_heads=DEC_HEADS, contrastive_loss_weight=1.0))
+    summary = convert_checkpoint(
+        tmp_path / "cim.pth",
+        tmp_path / "out",
+        ConversionOptions(num_heads=HEADS, decoder_num_heads=DEC_HEADS, contrastive_loss_weight=1.0),
+    )
     assert summary.dropped_keys == []
     model = CIMForPreTraining.from_pretrained(tmp_path / "out")
     assert (model.config.projector_hidden_size, model.config.projector_output_size) == (24, 8)
     ours = model.state_dict()
-    for theirs, prefix in (("decoder_g_embed.", "projector.net."), ("decoder_g_embed_c.", "target_projector.net."),
-                           ("decoder_predictor.", "predictor.net.")):
+    for theirs, prefix in (
+        ("decoder_g_embed.", "projector.net."),
+        ("decoder_g_embed_c.", "target_projector.net."),
+        ("decoder_predictor.", "predictor.net."),
+    ):
         for key in (k for k in sd if k.startswith(theirs)):
-            assert torch.equal(ours[prefix + key[len(theirs):]], sd[key]), key
+            assert torch.equal(ours[prefix + key[len(theirs) :]], sd[key]), key
 
 
 @pytest.mark.parametrize("global_pool", [True, False], ids=["global-pool-beit", "cls-token-vit"])
 def test_finetuned_classifier_reproduces_the_authors_logits_and_loads_in_a_pipeline(tmp_path, global_pool):
     sd = classifier_state_dict(global_pool)
-    torch.save({"model": sd, "args": argparse.Namespace(model="vit_base_patch16", global_pool=global_pool)},
-               tmp_path / "ft.pth")
+    torch.save(
+        {"model": sd, "args": argparse.Namespace(model="vit_base_patch16", global_pool=global_pool)},
+        tmp_path / "ft.pth",
+    )
     assert main([str(tmp_path / "ft.pth"), str(tmp_path / "out"), "--num_heads", str(HEADS)]) == 0
     model = AutoModelForImageClassification.from_pretrained(tmp_path / "out").eval()
     assert model.config.model_type == ("beit" if global_pool else "vit")
@@ -348,15 +382,18 @@ def write_broken_checkpoint(case: str, tmp_path) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("case, message", [
-    ("not a dict", "holds a Tensor, not a dict"),
-    ("neither format", "not a checkpoint of the authors' CIM code"),
-    ("missing key", "no 'norm_c.weight'"),
-    ("unknown width", "pass --num_heads"),
-    ("arbitrary object", "weights_only=True"),
-    ("not a checkpoint", "cannot be read as a PyTorch checkpoint"),
-    ("transformers directory", "already a transformers checkpoint"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("not a dict", "holds a Tensor, not a dict"),
+        ("neither format", "not a checkpoint of the authors' CIM code"),
+        ("missing key", "no 'norm_c.weight'"),
+        ("unknown width", "pass --num_heads"),
+        ("arbitrary object", "weights_only=True"),
+        ("not a checkpoint", "cannot be read as a PyTorch checkpoint"),
+        ("transformers directory", "already a transformers checkpoint"),
+    ],
+)
 def test_wrong_inputs_fail_clearly_and_write_nothing(tmp_path, capsys, case, message):
     source = write_broken_checkpoint(case, tmp_path)
     extra = ["--decoder_num_heads", str(DEC_HEADS)] if case == "unknown width" else TINY

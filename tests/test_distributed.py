@@ -16,22 +16,25 @@ import pytest
 from PIL import Image
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_OVERRIDES = ("image_size=32,context_size=24,exemplar_size=8,num_exemplars=2,decoder_hidden_size=32,"
-                  "decoder_num_attention_heads=2,encoder.num_hidden_layers=1,encoder.hidden_size=32,"
-                  "encoder.intermediate_size=64,encoder.num_attention_heads=2,encoder.patch_size=8")
+TINY_OVERRIDES = (
+    "image_size=32,context_size=24,exemplar_size=8,num_exemplars=2,decoder_hidden_size=32,"
+    "decoder_num_attention_heads=2,encoder.num_hidden_layers=1,encoder.hidden_size=32,"
+    "encoder.intermediate_size=64,encoder.num_attention_heads=2,encoder.patch_size=8"
+)
 STEPS, BATCH, WORLD = 4, 4, 2
 
 # Imports run_pretraining, records per rank (1) which records its stream read (hashes of the encoded bytes, taken
-# where the stream decodes them), (2) a checksum of each batch it trained on, (3) after every optimizer step *and* the EMA
+# where the stream decodes them), (2) a checksum of each batch it trained on, (3) after every optimizer step *and* the
+# EMA
 # update, exact hashes of the online encoder, target encoder and decoder weights; writes rank<N>.json.
-DRIVER = textwrap.dedent('''
+DRIVER = textwrap.dedent("""
     import hashlib, json, os, sys
     sys.path.insert(0, {repo!r})
     import torch
     torch.set_num_threads(1)
     import run_pretraining
     from transformers import TrainerCallback
-    from transformers_cim import streaming
+    from transformers_cim.training import streaming
 
     record_dir = os.environ["CIM_TEST_RECORD_DIR"]
     rank = int(os.environ["RANK"])
@@ -77,7 +80,7 @@ DRIVER = textwrap.dedent('''
             return super().compute_loss(model, inputs, *args, **kwargs)
     run_pretraining.CIMTrainer = Trainer
     run_pretraining.main(sys.argv[1:])
-''')
+""")
 
 
 def texture(index: int, rng: np.random.Generator) -> Image.Image:
@@ -122,16 +125,58 @@ def launch_two_processes(tmp_path, shards: list[str], *extra: str, env_extra: di
     driver.write_text(DRIVER.format(repo=REPO_ROOT))
     records = tmp_path / "records"
     records.mkdir(exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", CIM_TEST_RECORD_DIR=str(records),
-               HF_DATASETS_CACHE=str(tmp_path / "hf-cache"), TOKENIZERS_PARALLELISM="false")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_addr",
-               "127.0.0.1", "--master_port", str(free_port()), str(driver),
-               "--train_files", *shards, "--streaming", "--shuffle_buffer_size", "16",
-               "--output_dir", str(tmp_path / "out"), "--config_name", "vit-tiny-patch16",
-               "--config_overrides", TINY_OVERRIDES, "--max_steps", str(STEPS), "--per_device_train_batch_size",
-               str(BATCH), "--learning_rate", "1e-3", "--report_to", "none", "--dataloader_num_workers", "0",
-               "--disable_tqdm", "true", "--save_strategy", "no", "--logging_steps", "1", "--ddp_backend", "gloo",
-               "--use_cpu", "true", *extra]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        CUDA_VISIBLE_DEVICES="",
+        CIM_TEST_RECORD_DIR=str(records),
+        HF_DATASETS_CACHE=str(tmp_path / "hf-cache"),
+        TOKENIZERS_PARALLELISM="false",
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(WORLD),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(driver),
+        "--train_files",
+        *shards,
+        "--streaming",
+        "--shuffle_buffer_size",
+        "16",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--config_name",
+        "vit-tiny-patch16",
+        "--config_overrides",
+        TINY_OVERRIDES,
+        "--max_steps",
+        str(STEPS),
+        "--per_device_train_batch_size",
+        str(BATCH),
+        "--learning_rate",
+        "1e-3",
+        "--report_to",
+        "none",
+        "--dataloader_num_workers",
+        "0",
+        "--disable_tqdm",
+        "true",
+        "--save_strategy",
+        "no",
+        "--logging_steps",
+        "1",
+        "--ddp_backend",
+        "gloo",
+        "--use_cpu",
+        "true",
+        *extra,
+    ]
     env.update(env_extra or {})
     return subprocess.run(command, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
 
@@ -172,8 +217,9 @@ def test_two_ranks_with_a_shard_each_stay_in_sync_and_read_disjoint_shards(tmp_p
 
 def test_a_non_finite_loss_on_one_rank_stops_every_rank_and_keeps_the_last_checkpoint(tmp_path):
     shards = write_shards(tmp_path, num_shards=4, rows_per_shard=8)
-    proc = launch_two_processes(tmp_path, shards, "--save_strategy", "steps", "--save_steps", "1",
-                                env_extra={"CIM_TEST_NAN_AT": "1:2"})  # rank 1's loss is NaN in step 3
+    proc = launch_two_processes(
+        tmp_path, shards, "--save_strategy", "steps", "--save_steps", "1", env_extra={"CIM_TEST_NAN_AT": "1:2"}
+    )  # rank 1's loss is NaN in step 3
     assert proc.returncode != 0
     # both ranks stop with the error (rank 0 is told by the check, not left waiting in the gradient all-reduce)
     assert "The loss became nan at step 2" in proc.stderr
@@ -212,13 +258,48 @@ def run_one_process(tmp_path, shards: list[str], batch_size: int) -> list[float]
     records = tmp_path / "records-single"
     records.mkdir()
     out = tmp_path / "out-single"
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", CIM_TEST_RECORD_DIR=str(records), RANK="0",
-               HF_DATASETS_CACHE=str(tmp_path / "hf-cache"), TOKENIZERS_PARALLELISM="false")
-    command = [sys.executable, str(driver), "--train_files", *shards, "--streaming", "--shuffle_buffer_size", "16",
-               "--output_dir", str(out), "--config_name", "vit-tiny-patch16", "--config_overrides", TINY_OVERRIDES,
-               "--max_steps", str(STEPS), "--per_device_train_batch_size", str(batch_size), "--learning_rate", "1e-3",
-               "--report_to", "none", "--dataloader_num_workers", "0", "--disable_tqdm", "true", "--save_strategy",
-               "no", "--logging_steps", "1", "--use_cpu", "true"]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        CUDA_VISIBLE_DEVICES="",
+        CIM_TEST_RECORD_DIR=str(records),
+        RANK="0",
+        HF_DATASETS_CACHE=str(tmp_path / "hf-cache"),
+        TOKENIZERS_PARALLELISM="false",
+    )
+    command = [
+        sys.executable,
+        str(driver),
+        "--train_files",
+        *shards,
+        "--streaming",
+        "--shuffle_buffer_size",
+        "16",
+        "--output_dir",
+        str(out),
+        "--config_name",
+        "vit-tiny-patch16",
+        "--config_overrides",
+        TINY_OVERRIDES,
+        "--max_steps",
+        str(STEPS),
+        "--per_device_train_batch_size",
+        str(batch_size),
+        "--learning_rate",
+        "1e-3",
+        "--report_to",
+        "none",
+        "--dataloader_num_workers",
+        "0",
+        "--disable_tqdm",
+        "true",
+        "--save_strategy",
+        "no",
+        "--logging_steps",
+        "1",
+        "--use_cpu",
+        "true",
+    ]
     proc = subprocess.run(command, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return logged_losses(out)

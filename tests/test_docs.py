@@ -10,14 +10,18 @@ import re
 import shlex
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "README.md",
-        ROOT / "benchmarks" / "quality" / "README.md"]
+DOCS = [
+    ROOT / "README.md",
+    *sorted((ROOT / "docs").glob("*.md")),
+    ROOT / "benchmarks" / "README.md",
+    ROOT / "benchmarks" / "quality" / "README.md",
+]
 GENERATED = ("outputs",)  # folders the documented commands write (the quick start's figure is linked there)
 
 ENTRY_POINTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]  # name -> "module:function"
@@ -69,7 +73,7 @@ def invocation(tokens):
     if tokens[:2] == ["accelerate", "launch"]:
         for i, token in enumerate(tokens[2:], start=2):
             if token.endswith(".py"):
-                return token, flags_of(tokens[i + 1:])
+                return token, flags_of(tokens[i + 1 :])
     return None
 
 
@@ -152,8 +156,14 @@ def load_help(scripts, tmp_dir):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     src = str(ROOT / "src")
     env["PYTHONPATH"] = src + os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else src
-    result = subprocess.run([sys.executable, "-c", HELP_RUNNER, json.dumps(ENTRY_POINTS), str(tmp_dir), *todo],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", HELP_RUNNER, json.dumps(ENTRY_POINTS), str(tmp_dir), *todo],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     for i, (script, code) in enumerate(zip(todo, json.loads(result.stdout.splitlines()[-1]))):
         text = (Path(tmp_dir) / str(i)).read_text()
@@ -210,14 +220,19 @@ And inline: `python run_image_classification.py --do_eval --linear_probe`, but n
 def test_every_documented_command_is_runnable(help_dir):
     invocations = all_invocations()
     assert len(invocations) > 20  # the extractor finds the docs' commands at all
-    load_help([script for _, script, _ in invocations if script in ENTRY_POINTS or (ROOT / script).is_file()], help_dir)
-    found = [f"{doc.relative_to(ROOT)}: {p}" for doc, script, flags in invocations
-             for p in problems(script, flags, help_dir)]
+    load_help(
+        [script for _, script, _ in invocations if script in ENTRY_POINTS or (ROOT / script).is_file()], help_dir
+    )
+    found = [
+        f"{doc.relative_to(ROOT)}: {p}"
+        for doc, script, flags in invocations
+        for p in problems(script, flags, help_dir)
+    ]
     assert not found, "\n".join(found)
 
 
 def test_checker_rejects_a_made_up_flag_and_a_missing_script(help_dir):
-    (script, flags), = commands_in("```bash\npython run_pretraining.py --output_dir o --made_up_flag 1\n```\n")
+    ((script, flags),) = commands_in("```bash\npython run_pretraining.py --output_dir o --made_up_flag 1\n```\n")
     assert problems(script, flags, help_dir) == ["run_pretraining.py: --made_up_flag is not accepted"]
     assert problems("benchmarks/no_such_bench.py", [], help_dir) == ["benchmarks/no_such_bench.py: no such script"]
 
@@ -253,9 +268,14 @@ def test_link_checker_on_planted_links(tmp_path):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "a.md").write_text("# A page\n\n## CamVid, CIM vs random init (a `real`, small run)\n")
     doc = tmp_path / "README.md"
-    doc.write_text("[ok](docs/a.md), [ok](docs/a.md#camvid-cim-vs-random-init-a-real-small-run), [web](https://x.org/y),\n"
-                   "[figure](outputs/run/maps.png), [gone](docs/b.md), [bad](docs/a.md#camvid), `[code](docs/c.md)`\n")
-    assert broken_links(doc, root=tmp_path.resolve()) == ["docs/b.md (no such file)", "docs/a.md#camvid (no such heading)"]
+    doc.write_text(
+        "[ok](docs/a.md), [ok](docs/a.md#camvid-cim-vs-random-init-a-real-small-run), [web](https://x.org/y),\n"
+        "[figure](outputs/run/maps.png), [gone](docs/b.md), [bad](docs/a.md#camvid), `[code](docs/c.md)`\n"
+    )
+    assert broken_links(doc, root=tmp_path.resolve()) == [
+        "docs/b.md (no such file)",
+        "docs/a.md#camvid (no such heading)",
+    ]
 
 
 def test_relative_links_point_to_existing_files():

@@ -28,17 +28,33 @@ from transformers_cim.export import export_encoder, main
 
 
 def tiny_vit_cim_config() -> CIMConfig:
-    encoder = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                        patch_size=8, image_size=32)
-    return CIMConfig(encoder_config=encoder, image_size=32, context_size=32, exemplar_size=16, num_exemplars=2,
-                     decoder_hidden_size=32, decoder_num_attention_heads=2, image_mean=[0.5, 0.4, 0.3],
-                     image_std=[0.2, 0.25, 0.3])
+    encoder = ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=8, image_size=32
+    )
+    return CIMConfig(
+        encoder_config=encoder,
+        image_size=32,
+        context_size=32,
+        exemplar_size=16,
+        num_exemplars=2,
+        decoder_hidden_size=32,
+        decoder_num_attention_heads=2,
+        image_mean=[0.5, 0.4, 0.3],
+        image_std=[0.2, 0.25, 0.3],
+    )
 
 
 def tiny_resnet_cim_config() -> CIMConfig:
     encoder = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")
-    return CIMConfig(encoder_config=encoder, image_size=64, context_size=64, exemplar_size=32, num_exemplars=2,
-                     decoder_hidden_size=32, decoder_num_attention_heads=2)
+    return CIMConfig(
+        encoder_config=encoder,
+        image_size=64,
+        context_size=64,
+        exemplar_size=32,
+        num_exemplars=2,
+        decoder_hidden_size=32,
+        decoder_num_attention_heads=2,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +107,9 @@ def test_exported_features_identical_to_cim_online_encoder(vit_export):
         x64 = torch.randn(1, 3, 64, 64)
         stock = CIMForPreTraining.from_pretrained(root / "cim", position_interpolation="transformers").eval()
         exported_64 = exported(x64, interpolate_pos_encoding=True).last_hidden_state
-        torch.testing.assert_close(exported_64, stock.vit(x64, interpolate_pos_encoding=True).last_hidden_state,
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(
+            exported_64, stock.vit(x64, interpolate_pos_encoding=True).last_hidden_state, rtol=0, atol=0
+        )
         assert not torch.allclose(exported_64, cim.vit(x64, interpolate_pos_encoding=True).last_hidden_state)
 
 
@@ -187,8 +204,13 @@ def test_console_script_is_registered():
 @pytest.mark.slow
 def test_cli_entry_point_runs_as_module(vit_export, tmp_path):
     root, _ = vit_export
-    result = subprocess.run([sys.executable, "-m", "transformers_cim.export", str(root / "cim"), str(tmp_path / "e")],
-                            capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run(
+        [sys.executable, "-m", "transformers_cim.export", str(root / "cim"), str(tmp_path / "e")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith(str(tmp_path / "e"))
     assert os.path.isfile(tmp_path / "e" / "model.safetensors")

@@ -20,9 +20,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_OVERRIDES = ("image_size=32,context_size=24,exemplar_size=8,num_exemplars=2,decoder_hidden_size=32,"
-                  "decoder_num_attention_heads=2,encoder.num_hidden_layers=1,encoder.hidden_size=32,"
-                  "encoder.intermediate_size=64,encoder.num_attention_heads=2,encoder.patch_size=8")
+TINY_OVERRIDES = (
+    "image_size=32,context_size=24,exemplar_size=8,num_exemplars=2,decoder_hidden_size=32,"
+    "decoder_num_attention_heads=2,encoder.num_hidden_layers=1,encoder.hidden_size=32,"
+    "encoder.intermediate_size=64,encoder.num_attention_heads=2,encoder.patch_size=8"
+)
 # 2 shards x 12 records (1 undecodable each), 2 workers, batch 4: a pass is 6 batches, so 10 steps cross into the
 # second pass; checkpoints at steps 4 and 8
 MAX_STEPS, SAVE_STEPS = 10, 4
@@ -31,7 +33,7 @@ MAX_STEPS, SAVE_STEPS = 10, 4
 # and a hash of its pixels) to $CIM_TEST_RECORDS. $CIM_TEST_INTERRUPT is "<signal>:<step>" (the signal is sent to
 # this process while step <step> is being trained) or "save:<step>" (SIGKILL once checkpoint-<step> has its weights
 # and optimizer on disk but not yet its trainer_state.json).
-DRIVER = textwrap.dedent('''
+DRIVER = textwrap.dedent("""
     import hashlib, json, os, signal, sys
     sys.path.insert(0, {repo!r})
     import torch
@@ -66,7 +68,7 @@ DRIVER = textwrap.dedent('''
                 os.kill(os.getpid(), signal.SIGKILL)
     run_pretraining.CIMTrainer = Trainer
     run_pretraining.main(sys.argv[1:])
-''')
+""")
 
 
 def write_shards(root) -> list[str]:
@@ -76,7 +78,9 @@ def write_shards(root) -> list[str]:
         images = [Image.fromarray(rng.integers(0, 256, (40, 48, 3)).astype(np.uint8)) for _ in range(12)]
         images[5] = {"bytes": f"corrupt {k}".encode(), "path": None}
         path = str(root / f"train-{k:05d}-of-00002.parquet")
-        datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()})).to_parquet(path)
+        datasets.Dataset.from_dict(
+            {"image": images}, features=datasets.Features({"image": datasets.Image()})
+        ).to_parquet(path)
         paths.append(path)
     return paths
 
@@ -87,15 +91,52 @@ def run(tmp_path, shards: list[str], name: str, interrupt: str = "none:0", resum
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER.format(repo=REPO_ROOT))
     records = tmp_path / (f"{name}-resumed.jsonl" if resume else f"{name}.jsonl")
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false",
-               HF_DATASETS_CACHE=str(tmp_path / "hf-cache"), CIM_TEST_RECORDS=str(records),
-               CIM_TEST_INTERRUPT=interrupt)
-    command = [sys.executable, str(driver), "--train_files", *shards, "--streaming", "--shuffle_buffer_size", "6",
-               "--output_dir", str(tmp_path / name), "--config_name", "vit-tiny-patch16", "--config_overrides",
-               TINY_OVERRIDES, "--max_steps", str(MAX_STEPS), "--per_device_train_batch_size", "4",
-               "--learning_rate", "1e-3", "--report_to", "none", "--dataloader_num_workers", "2",
-               "--disable_tqdm", "true", "--save_strategy", "steps", "--save_steps", str(SAVE_STEPS),
-               "--logging_steps", "1", "--seed", "11", "--use_cpu", "true"]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        CUDA_VISIBLE_DEVICES="",
+        TOKENIZERS_PARALLELISM="false",
+        HF_DATASETS_CACHE=str(tmp_path / "hf-cache"),
+        CIM_TEST_RECORDS=str(records),
+        CIM_TEST_INTERRUPT=interrupt,
+    )
+    command = [
+        sys.executable,
+        str(driver),
+        "--train_files",
+        *shards,
+        "--streaming",
+        "--shuffle_buffer_size",
+        "6",
+        "--output_dir",
+        str(tmp_path / name),
+        "--config_name",
+        "vit-tiny-patch16",
+        "--config_overrides",
+        TINY_OVERRIDES,
+        "--max_steps",
+        str(MAX_STEPS),
+        "--per_device_train_batch_size",
+        "4",
+        "--learning_rate",
+        "1e-3",
+        "--report_to",
+        "none",
+        "--dataloader_num_workers",
+        "2",
+        "--disable_tqdm",
+        "true",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        str(SAVE_STEPS),
+        "--logging_steps",
+        "1",
+        "--seed",
+        "11",
+        "--use_cpu",
+        "true",
+    ]
     if resume:
         command += ["--resume_from_checkpoint", "last"]
     return subprocess.run(command, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)

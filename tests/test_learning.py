@@ -24,11 +24,27 @@ def colour_fields(count: int, seed: int, size: int = 64) -> torch.Tensor:
 
 def learnable_config() -> CIMConfig:
     encoder = preset_encoder_config("vit-tiny-patch16")
-    encoder.update({"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_hidden_layers": 2,
-                    "patch_size": 8})
-    return CIMConfig(encoder_config=encoder, image_size=64, context_size=64, exemplar_size=32, num_exemplars=4,
-                     exemplar_max_rotation=0.0, exemplar_augmentation=False, exemplar_scale=(0.1, 0.3),
-                     decoder_hidden_size=64, decoder_num_attention_heads=4)
+    encoder.update(
+        {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_attention_heads": 4,
+            "num_hidden_layers": 2,
+            "patch_size": 8,
+        }
+    )
+    return CIMConfig(
+        encoder_config=encoder,
+        image_size=64,
+        context_size=64,
+        exemplar_size=32,
+        num_exemplars=4,
+        exemplar_max_rotation=0.0,
+        exemplar_augmentation=False,
+        exemplar_scale=(0.1, 0.3),
+        decoder_hidden_size=64,
+        decoder_num_attention_heads=4,
+    )
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,13 @@ backends, gradient checkpointing, precomputed inputs, contrastive option and sha
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-
 from transformers import ViTModel
 
 from transformers_cim import CIMForPreTraining, CIMModel
@@ -199,8 +199,10 @@ def test_momentum_update_is_exact(momentum, tiny_vit_config):
     assert_same_tensors(frozen, dict(model.target_encoder.named_parameters()))
     # 0.0 copies the online encoder
     model.momentum_update(0.0)
-    assert_same_tensors({k: v.detach() for k, v in model.encoder.named_parameters()},
-                        {k: v.detach() for k, v in model.target_encoder.named_parameters()})
+    assert_same_tensors(
+        {k: v.detach() for k, v in model.encoder.named_parameters()},
+        {k: v.detach() for k, v in model.target_encoder.named_parameters()},
+    )
 
 
 def test_momentum_update_copies_resnet_buffers(tiny_resnet_config, search_views):
@@ -226,8 +228,11 @@ def test_target_gets_no_gradients_and_stays_in_eval(tiny_vit_config, search_view
     out.loss.backward()
     assert all(p.grad is None for p in model.target_encoder.parameters())
     # online encoder (except the frozen patch projection and positions) and decoder learn
-    frozen = {"embeddings.patch_embeddings.projection.weight", "embeddings.patch_embeddings.projection.bias",
-              "embeddings.position_embeddings"}
+    frozen = {
+        "embeddings.patch_embeddings.projection.weight",
+        "embeddings.patch_embeddings.projection.bias",
+        "embeddings.position_embeddings",
+    }
     for name, p in model.vit.named_parameters():
         if name in frozen:
             assert not p.requires_grad and p.grad is None, name
@@ -239,7 +244,9 @@ def test_target_gets_no_gradients_and_stays_in_eval(tiny_vit_config, search_view
     # an optimizer step changes the online encoder only; the target moves only with momentum_update
     torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
     assert_same_tensors(before, model.target_encoder.state_dict())
-    assert not torch.equal(model.vit.layers[0].attention.q_proj.weight, model.target_encoder.layers[0].attention.q_proj.weight)
+    assert not torch.equal(
+        model.vit.layers[0].attention.q_proj.weight, model.target_encoder.layers[0].attention.q_proj.weight
+    )
     model.eval()
     model.train()
     assert not model.target_encoder.training
@@ -337,8 +344,9 @@ def test_missing_target_projector_keeps_the_saved_target_encoder(tiny_vit_config
     perturb_online(model)
     model.momentum_update(0.5)
     model.save_pretrained(tmp_path)
-    loaded = CIMForPreTraining.from_pretrained(tmp_path, contrastive_loss_weight=0.5, projector_hidden_size=32,
-                                               projector_output_size=16)
+    loaded = CIMForPreTraining.from_pretrained(
+        tmp_path, contrastive_loss_weight=0.5, projector_hidden_size=32, projector_output_size=16
+    )
     assert_same_tensors(model.target_encoder.state_dict(), loaded.target_encoder.state_dict())
     assert_same_tensors(model.vit.state_dict(), loaded.vit.state_dict())
     assert_same_tensors(loaded.projector.state_dict(), loaded.target_projector.state_dict())
@@ -387,8 +395,9 @@ def test_sdpa_and_eager_attention_agree(tiny_vit_config, search_views, tmp_path)
     config._attn_implementation = "eager"
     model = build(config)
     assert model.vit.config._attn_implementation == "eager"
-    torch.testing.assert_close(model(x, generator=gen(2)).logits, build(tiny_vit_config())(x, generator=gen(2)).logits,
-                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        model(x, generator=gen(2)).logits, build(tiny_vit_config())(x, generator=gen(2)).logits, rtol=0, atol=1e-5
+    )
 
 
 def _gradients(model, x):
@@ -427,14 +436,18 @@ def test_precomputed_exemplars_and_labels(tiny_vit_config, search_views):
     model = build(tiny_vit_config())
     x = search_views()
     sampled = model(x, generator=gen(4))
-    given = model(x, exemplar_pixel_values=sampled.exemplar_pixel_values,
-                  correlation_labels=sampled.correlation_labels)
+    given = model(
+        x, exemplar_pixel_values=sampled.exemplar_pixel_values, correlation_labels=sampled.correlation_labels
+    )
     assert torch.equal(given.logits, sampled.logits) and torch.equal(given.loss, sampled.loss)
     assert given.exemplar_boxes is None
     # explicit context too
-    with_context = model(x, exemplar_pixel_values=sampled.exemplar_pixel_values,
-                         correlation_labels=sampled.correlation_labels,
-                         context_pixel_values=sampled.context_pixel_values)
+    with_context = model(
+        x,
+        exemplar_pixel_values=sampled.exemplar_pixel_values,
+        correlation_labels=sampled.correlation_labels,
+        context_pixel_values=sampled.context_pixel_values,
+    )
     assert torch.equal(with_context.logits, sampled.logits)
     # fixed boxes (augmentation off) reproduce the sampled geometry
     plain = build(tiny_vit_config(exemplar_augmentation=False))
@@ -445,8 +458,9 @@ def test_precomputed_exemplars_and_labels(tiny_vit_config, search_views):
 
 
 @pytest.mark.parametrize("family", ["vit", "resnet"])
-def test_each_map_depends_only_on_its_own_image_and_exemplar(family, tiny_vit_config, tiny_resnet_config,
-                                                              search_views):
+def test_each_map_depends_only_on_its_own_image_and_exemplar(
+    family, tiny_vit_config, tiny_resnet_config, search_views
+):
     """Batching B images x K exemplars must pair context b with exemplar (b, k) only."""
     model = build(tiny_vit_config() if family == "vit" else tiny_resnet_config())
     model.eval()
@@ -455,8 +469,11 @@ def test_each_map_depends_only_on_its_own_image_and_exemplar(family, tiny_vit_co
     k = full.exemplar_pixel_values.shape[1]
     for b in range(3):
         for j in range(k):
-            one = model(x[b : b + 1], exemplar_pixel_values=full.exemplar_pixel_values[b : b + 1, j : j + 1],
-                        correlation_labels=full.correlation_labels[b : b + 1, j : j + 1])
+            one = model(
+                x[b : b + 1],
+                exemplar_pixel_values=full.exemplar_pixel_values[b : b + 1, j : j + 1],
+                correlation_labels=full.correlation_labels[b : b + 1, j : j + 1],
+            )
             torch.testing.assert_close(one.logits[0, 0], full.logits[b, j], rtol=0, atol=1e-5)
 
 
@@ -540,6 +557,7 @@ def test_shared_target_encoder_mode(tiny_vit_config, search_views, tmp_path):
 
 # ------------------------------------------------------------------------ the authors' model, as switches
 
+
 def _uniform_bound_check(weight: torch.Tensor, bound: float) -> None:
     """Samples of U(-bound, bound): never beyond the bound, filling it, with the uniform's std bound / sqrt(3)."""
     assert weight.abs().max() <= bound + 1e-7
@@ -560,10 +578,14 @@ def test_authors_init_reaches_the_nested_vit_encoders(tiny_vit_config):
         layer = encoder.layers[0]
         # q, k, v: the authors' fused (3D x D) matrix; the rest: plain xavier
         _uniform_bound_check(layer.attention.q_proj.weight, math.sqrt(6.0 / (4 * width)))
-        _uniform_bound_check(layer.mlp.fc1.weight if hasattr(layer, "mlp") else layer.intermediate.dense.weight,
-                             math.sqrt(6.0 / (width + config.encoder_config.intermediate_size)))
+        _uniform_bound_check(
+            layer.mlp.fc1.weight if hasattr(layer, "mlp") else layer.intermediate.dense.weight,
+            math.sqrt(6.0 / (width + config.encoder_config.intermediate_size)),
+        )
         assert abs(encoder.embeddings.cls_token.std().item() - 0.02) < 0.01
-    assert torch.equal(model.vit.layers[0].attention.q_proj.weight, model.target_encoder.layers[0].attention.q_proj.weight)
+    assert torch.equal(
+        model.vit.layers[0].attention.q_proj.weight, model.target_encoder.layers[0].attention.q_proj.weight
+    )
 
 
 def test_stock_init_is_a_switch(tiny_vit_config):
@@ -624,6 +646,44 @@ def test_encoder_width_the_heads_do_not_divide_is_refused():
         CIMConfig(encoder_config=encoder)
 
 
+@pytest.mark.parametrize("implementation", ["eager", "sdpa", "flex_attention"])
+def test_resnet_models_take_every_attention_implementation_the_class_claims(
+    implementation, tiny_resnet_config, search_views, tmp_path
+):
+    """`_supports_sdpa` / `_supports_flex_attn` hold for a ResNet encoder too: the implementation asked for is the
+    decoder's (the ResNet has no attention and stays as it is), through `from_pretrained` and
+    `set_attn_implementation`, and the logits do not change."""
+    assert CIMForPreTraining._supports_sdpa and CIMForPreTraining._supports_flex_attn
+    build(tiny_resnet_config()).save_pretrained(tmp_path)
+    reference = CIMForPreTraining.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    loaded = CIMForPreTraining.from_pretrained(tmp_path, attn_implementation=implementation).eval()
+    switched = CIMForPreTraining.from_pretrained(tmp_path).eval()
+    switched.set_attn_implementation(implementation)
+    x = search_views()
+    with torch.no_grad():  # flex attention has no CPU backward
+        expected = reference(x, generator=gen(2)).logits
+        for model in (loaded, switched):
+            assert model.config._attn_implementation == implementation
+            torch.testing.assert_close(model(x, generator=gen(2)).logits, expected, rtol=0, atol=1e-5)
+
+
+def test_a_resnet_model_dispatches_its_decoder_to_the_chosen_backend(tiny_resnet_config, search_views):
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    calls = []
+
+    def counting_attention(module, query, key, value, attention_mask, **kwargs):
+        calls.append(type(module).__name__)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("cim_test_counting_resnet", counting_attention)
+    model = build(tiny_resnet_config())
+    model.set_attn_implementation("cim_test_counting_resnet")
+    model(search_views(), generator=gen(3))
+    assert "CIMCrossAttention" in calls
+
+
 def test_decoder_attention_goes_through_the_configured_backend(tiny_vit_config, search_views):
     """The decoder's cross-attention is dispatched through transformers' attention interface, so the backend
     the config names (sdpa, flash, flex, or a registered one) is the one that runs."""
@@ -646,10 +706,39 @@ def test_decoder_attention_goes_through_the_configured_backend(tiny_vit_config, 
     torch.testing.assert_close(counted, reference, rtol=0, atol=1e-5)
 
 
-def test_gradient_checkpointing_is_refused_for_resnet_with_the_reason(tiny_resnet_config):
-    model = CIMForPreTraining(tiny_resnet_config())
-    with pytest.raises(ValueError, match="not available for ResNet encoders"):
-        model.gradient_checkpointing_enable()
+def test_gradient_checkpointing_works_for_resnet_encoders(tiny_resnet_config, search_views):
+    """supports_gradient_checkpointing holds for ResNet too: each stage is recomputed in backward, with the same
+    loss, gradients and BatchNorm running statistics as without checkpointing."""
+    torch.manual_seed(0)
+    plain = CIMForPreTraining(tiny_resnet_config()).train()
+    ckpt = copy.deepcopy(plain)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # renamed activation_checkpointing_* in 5.x
+        ckpt.gradient_checkpointing_enable()
+    assert ckpt.is_gradient_checkpointing and not plain.is_gradient_checkpointing
+    assert ckpt.state_dict().keys() == plain.state_dict().keys()  # checkpoints load and save unchanged
+    calls = {"plain": 0, "ckpt": 0}
+    for name, model in (("plain", plain), ("ckpt", ckpt)):
+        # the first block of a stage runs again when backward recomputes the stage (the recomputation stops once
+        # the last tensor backward needs is rebuilt, so a hook on the whole stage would not see it end)
+        model.resnet.encoder.stages[0].layers[0].layer[0].register_forward_hook(
+            lambda *args, name=name: calls.__setitem__(name, calls[name] + 1)
+        )
+    x = search_views()
+    loss, grads = _gradients(plain, x)
+    loss_ckpt, grads_ckpt = _gradients(ckpt, x)
+    assert calls["plain"] >= 1 and calls["ckpt"] == 2 * calls["plain"]  # every stage pass recomputed once
+    torch.testing.assert_close(loss_ckpt, loss, rtol=0, atol=1e-6)
+    assert grads.keys() == grads_ckpt.keys() and len(grads) > 20
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=0, atol=1e-5, msg=name)
+    buffers = dict(plain.named_buffers())
+    for name, buffer in ckpt.named_buffers():  # running statistics updated once per forward, as without
+        torch.testing.assert_close(buffer, buffers[name], rtol=0, atol=1e-6, msg=name)
+    with torch.no_grad():  # no backward to replay: no checkpointing, no recomputation
+        calls["ckpt"] = 0
+        ckpt(x, generator=gen(5))
+    assert calls["ckpt"] == calls["plain"]
 
 
 @pytest.mark.parametrize("shared_norm", [True, False])
@@ -711,8 +800,11 @@ def test_position_interpolation_switch(tiny_vit_config, mode):
         torch.testing.assert_close(encoder.embeddings.interpolate_pos_encoding(tokens, 48, 48), want)
         assert torch.equal(encoder.embeddings.interpolate_pos_encoding(torch.zeros(1, 17, 1), 64, 64), table)
     assert type(model.vit) is ViTModel  # still the stock class: exports and pipelines see a plain ViT
-    other = F.interpolate(patch_grid, size=(3, 3), mode="bicubic", align_corners=False) if mode == "authors" else \
-        F.interpolate(patch_grid, scale_factor=(3.1 / 4, 3.1 / 4), mode="bicubic", align_corners=False)
+    other = (
+        F.interpolate(patch_grid, size=(3, 3), mode="bicubic", align_corners=False)
+        if mode == "authors"
+        else F.interpolate(patch_grid, scale_factor=(3.1 / 4, 3.1 / 4), mode="bicubic", align_corners=False)
+    )
     assert not torch.allclose(other, resized)  # the two modes really differ at this size
 
 
@@ -723,7 +815,7 @@ def test_prior_bias_starts_the_decoder_at_the_constant_prior(tiny_vit_config, se
     """With `decoder_prior_bias` the logits are the prior's plus the decoder's output: with the predictor zeroed the
     model predicts the prior exactly, scoring the prior's loss; the bias is saved, reloaded, and not weight-decayed."""
     from transformers_cim.pretext_metrics import correlation_prior, prior_logits, prior_metrics
-    from transformers_cim.trainer import CIMTrainer
+    from transformers_cim.training.trainer import CIMTrainer
 
     config = tiny_vit_config(decoder_prior_bias=True)
     model = build(config)

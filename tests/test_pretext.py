@@ -32,7 +32,6 @@ from transformers_cim.pretext import (
     warp_exemplars,
 )
 
-
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
@@ -114,8 +113,12 @@ def test_rotation_by_90_degrees_gives_the_rotated_crop():
     torch.testing.assert_close(whole, torch.rot90(image[0], 1, dims=(-2, -1)), rtol=0, atol=1e-5)
     # a square box of pixels rows 8..15, columns 4..11
     square = box(8 / 32, 12 / 32, 8 / 32, 8 / 32, math.pi / 2)
-    torch.testing.assert_close(warp_exemplars(image, square, 8)[0, 0],
-                               torch.rot90(image[0, :, 8:16, 4:12], 1, dims=(-2, -1)), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        warp_exemplars(image, square, 8)[0, 0],
+        torch.rot90(image[0, :, 8:16, 4:12], 1, dims=(-2, -1)),
+        rtol=0,
+        atol=1e-5,
+    )
     expected = torch.zeros(32, 32)
     expected[8:16, 4:12] = 1
     assert torch.equal(correlation_maps(square, 32)[0, 0], expected)
@@ -183,7 +186,9 @@ def test_one_grid_samples_all_exemplars_of_each_image():
     boxes = sample_exemplar_boxes(3, 4, (0.1, 0.5), (0.5, 2.0), 30.0, generator=gen(7))
     together = warp_exemplars(image, boxes, 8)
     for k in range(4):  # one box at a time gives the same pixels
-        torch.testing.assert_close(together[:, k], warp_exemplars(image, boxes[:, k : k + 1], 8)[:, 0], rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            together[:, k], warp_exemplars(image, boxes[:, k : k + 1], 8)[:, 0], rtol=0, atol=1e-6
+        )
     # image b's exemplars come from image b only
     swapped = warp_exemplars(image.flip(0), boxes.flip(0), 8)
     torch.testing.assert_close(swapped, together.flip(0), rtol=0, atol=1e-6)
@@ -260,6 +265,7 @@ def test_map_mean_is_the_box_area():
 
 # ------------------------------------------------------------------------------------------ antialiasing
 
+
 def test_supersampled_exemplar_still_reads_only_pixels_the_map_marks():
     boxes = torch.tensor([[[0.5, 0.5, 0.5, 0.4, 0.3]], [[0.4, 0.6, 0.3, 0.5, -0.6]]])
     maps = correlation_maps(boxes, 128)
@@ -270,7 +276,9 @@ def test_supersampled_exemplar_still_reads_only_pixels_the_map_marks():
         outside = warp_exemplars(1 - maps, boxes, 8, supersample)
         # (only the outermost sub-samples of a border pixel can reach outside, and only partly)
         assert inside.min() > 0.9 and outside.max() < 0.1 and inside.mean() > 0.99  # measured: 0.959, 0.997
-        torch.testing.assert_close(inside[..., 1:-1, 1:-1], torch.ones_like(inside[..., 1:-1, 1:-1]), rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            inside[..., 1:-1, 1:-1], torch.ones_like(inside[..., 1:-1, 1:-1]), rtol=0, atol=1e-5
+        )
 
 
 def test_supersampling_removes_aliasing_of_fine_texture():
@@ -292,6 +300,7 @@ def test_supersampling_follows_the_config(tiny_vit_config):
 
 
 # ------------------------------------------------------------------------------------------ enclosing mode
+
 
 def enclosing_boxes(batch: int, k: int, seed: int) -> torch.Tensor:
     return sample_enclosing_boxes(batch, k, generator=gen(seed), **RECIPE)
@@ -409,13 +418,19 @@ def test_augmentation_changes_exemplars_within_the_valid_range(tiny_vit_config):
     assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
     # augmentation on but every probability 0: only de-normalise, clamp, re-normalise -> the plain warp
     idle = _only(tiny_vit_config())
-    torch.testing.assert_close(sample_pretext(x, idle, generator=gen(15)).exemplar_pixel_values,
-                               p.exemplar_pixel_values, rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        sample_pretext(x, idle, generator=gen(15)).exemplar_pixel_values, p.exemplar_pixel_values, rtol=0, atol=1e-5
+    )
 
 
 def _only(config, **probabilities):
-    names = ("exemplar_color_jitter_prob", "exemplar_grayscale_prob", "exemplar_blur_prob",
-             "exemplar_solarize_prob", "exemplar_hflip_prob")
+    names = (
+        "exemplar_color_jitter_prob",
+        "exemplar_grayscale_prob",
+        "exemplar_blur_prob",
+        "exemplar_solarize_prob",
+        "exemplar_hflip_prob",
+    )
     for name in names:
         setattr(config, name, probabilities.get(name, 0.0))
     return config
@@ -442,15 +457,28 @@ def test_each_photometric_transform(tiny_vit_config):
     # everything on at once, extreme strengths: still a valid image
     config.exemplar_color_jitter = [0.9, 0.9, 0.9, 0.5]
     config.exemplar_blur_sigma = [0.1, 5.0]
-    allon = _only(config, **{n: 1.0 for n in ("exemplar_color_jitter_prob", "exemplar_grayscale_prob",
-                                              "exemplar_blur_prob", "exemplar_solarize_prob", "exemplar_hflip_prob")})
+    allon = _only(
+        config,
+        **{
+            n: 1.0
+            for n in (
+                "exemplar_color_jitter_prob",
+                "exemplar_grayscale_prob",
+                "exemplar_blur_prob",
+                "exemplar_solarize_prob",
+                "exemplar_hflip_prob",
+            )
+        },
+    )
     out = augment_exemplars(images, allon, gen(1))
     assert out.shape == images.shape and out.min() >= 0 and out.max() <= 1
 
 
 def test_augmentation_ramp_schedule():
     assert [augmentation_ramp(s, 100, (0.0, 0.5)) for s in (0, 25, 50, 75, 100)] == [0.0, 0.5, 1.0, 1.0, 1.0]
-    assert [augmentation_ramp(s, 100, (0.2, 0.6)) for s in (0, 20, 30, 40, 60, 90)] == pytest.approx([0, 0, 0.25, 0.5, 1, 1])
+    assert [augmentation_ramp(s, 100, (0.2, 0.6)) for s in (0, 20, 30, 40, 60, 90)] == pytest.approx(
+        [0, 0, 0.25, 0.5, 1, 1]
+    )
     assert augmentation_ramp(30, 100, (0.3, 0.3)) == 1.0  # a step from off to the recipe at 30 %
     assert augmentation_ramp(29, 100, (0.3, 0.3)) == 0.0
     assert augmentation_ramp(0, 100, (0.0, 0.0)) == 1.0  # no ramp: the recipe from the first step
@@ -465,8 +493,10 @@ def test_augmentation_strength_scales_the_transforms(tiny_vit_config):
     std = torch.tensor(on.image_std).view(1, 3, 1, 1)
     x = (torch.rand(64, 3, 64, 64, generator=gen(21)) - mean) / std
     full = sample_pretext(x, on, generator=gen(22))
-    assert torch.equal(sample_pretext(x, on, generator=gen(22), augmentation_strength=1.0).exemplar_pixel_values,
-                       full.exemplar_pixel_values)
+    assert torch.equal(
+        sample_pretext(x, on, generator=gen(22), augmentation_strength=1.0).exemplar_pixel_values,
+        full.exemplar_pixel_values,
+    )
     plain = sample_pretext(x, off, generator=gen(22)).exemplar_pixel_values
     zero = sample_pretext(x, on, generator=gen(22), augmentation_strength=torch.tensor(0.0))
     torch.testing.assert_close(zero.exemplar_pixel_values, plain, rtol=0, atol=1e-5)
@@ -513,6 +543,7 @@ def test_augmentation_is_reproducible_per_sample(tiny_vit_config):
 
 
 # ------------------------------------------------------------------------------------------- low precision
+
 
 @pytest.mark.parametrize("mode", ["bf16 inputs", "bf16 autocast"])
 def test_pretext_geometry_stays_exact_in_low_precision(mode, tiny_vit_config, search_views):
@@ -599,20 +630,35 @@ def test_correlation_maps_equal_the_per_pixel_test_on_edge_cases():
     cy = (torch.randint(-4, size + 4, (n,), generator=g) + 0.5) / size
     w = torch.randint(0, size + 2, (n,), generator=g) * 2.0 / size
     h = torch.randint(0, size + 2, (n,), generator=g) * 2.0 / size
-    angles = torch.tensor([0.0, math.pi / 2, -math.pi / 2, math.pi, -math.pi, math.pi / 4, -math.pi / 4,
-                           3 * math.pi / 2, 1e-7, -1e-30, math.atan2(1, 2)])
+    angles = torch.tensor(
+        [
+            0.0,
+            math.pi / 2,
+            -math.pi / 2,
+            math.pi,
+            -math.pi,
+            math.pi / 4,
+            -math.pi / 4,
+            3 * math.pi / 2,
+            1e-7,
+            -1e-30,
+            math.atan2(1, 2),
+        ]
+    )
     theta = angles[torch.randint(0, len(angles), (n,), generator=g)]
     grid_boxes = torch.stack([cx, cy, w, h, theta], -1)
-    special = torch.tensor([
-        [0.25, 0.5, 0.5, 1.0, 0.0],  # touching the left, top and bottom borders
-        [0.5, 0.5, 1.0, 1.0, 0.0],  # the whole view
-        [0.5, 0.5, 1.0, 1.0, math.pi / 2],
-        [0.5, 0.5, 1e-6, 0.8, 0.3],  # thin: no centre inside
-        [12.5 / 32, 0.5, 0.0, 0.5, 0.0],  # zero width through a column of centres
-        [12.5 / 32, 12.5 / 32, 0.0, 0.0, 0.0],  # a point on a pixel centre
-        [0.5, 0.5, 0.0, 0.0, math.pi / 2],  # an empty box
-        [0.5, 0.5, 2.0, 0.1, 0.0],  # wider than the view
-    ])
+    special = torch.tensor(
+        [
+            [0.25, 0.5, 0.5, 1.0, 0.0],  # touching the left, top and bottom borders
+            [0.5, 0.5, 1.0, 1.0, 0.0],  # the whole view
+            [0.5, 0.5, 1.0, 1.0, math.pi / 2],
+            [0.5, 0.5, 1e-6, 0.8, 0.3],  # thin: no centre inside
+            [12.5 / 32, 0.5, 0.0, 0.5, 0.0],  # zero width through a column of centres
+            [12.5 / 32, 12.5 / 32, 0.0, 0.0, 0.0],  # a point on a pixel centre
+            [0.5, 0.5, 0.0, 0.0, math.pi / 2],  # an empty box
+            [0.5, 0.5, 2.0, 0.1, 0.0],  # wider than the view
+        ]
+    )
     special = torch.cat([special, special * torch.tensor([1.0, 1.0, 1.0, 1.0, -1.0])])
     # non-finite parameters: NaN anywhere (or theta = inf) marks no pixel, an infinite side a whole band
     undefined = torch.tensor([0.5, 0.45, 0.3, 0.4, 0.2]).repeat(15, 1)
@@ -647,8 +693,13 @@ def test_augmentation_equals_the_masked_reference_bit_for_bit(probabilities, tin
     reference's exemplars for the same seed and consume the same random stream."""
     config = tiny_vit_config()
     if probabilities != "configured":
-        names = ("exemplar_color_jitter_prob", "exemplar_grayscale_prob", "exemplar_blur_prob",
-                 "exemplar_solarize_prob", "exemplar_hflip_prob")
+        names = (
+            "exemplar_color_jitter_prob",
+            "exemplar_grayscale_prob",
+            "exemplar_blur_prob",
+            "exemplar_solarize_prob",
+            "exemplar_hflip_prob",
+        )
         config = _only(config, **{name: 1.0 if probabilities == "all" else 0.0 for name in names})
     images = torch.rand(48, 3, 16, 16, generator=gen(45))
     before = images.clone()
@@ -678,5 +729,7 @@ def test_sample_pretext_equals_the_reference_bit_for_bit(mode, precision):
     for field in ("context_pixel_values", "exemplar_pixel_values", "correlation_labels", "exemplar_boxes"):
         assert_bitwise_equal(getattr(got, field), getattr(want, field))
     config.exemplar_augmentation = False
-    assert_bitwise_equal(sample_pretext(views, config, generator=gen(48)).exemplar_pixel_values,
-                         _sample_pretext_reference(views, config, generator=gen(48)).exemplar_pixel_values)
+    assert_bitwise_equal(
+        sample_pretext(views, config, generator=gen(48)).exemplar_pixel_values,
+        _sample_pretext_reference(views, config, generator=gen(48)).exemplar_pixel_values,
+    )

@@ -37,7 +37,7 @@ def test_prior_beats_other_constant_maps(tiny_vit_config):
     labels = labels_from(config, 1024, seed=3)
     best, _ = prior_metrics(prior, labels, config)
     flat = torch.full_like(prior, float(prior.mean()))
-    for other in (flat, prior.sqrt(), prior ** 2):
+    for other in (flat, prior.sqrt(), prior**2):
         assert prior_metrics(other, labels, config)[0] > best + 1e-3
 
 

@@ -12,14 +12,19 @@ UNSAFE_CALLS = {("torch", "load"), ("pickle", "load"), ("pickle", "loads"), ("di
 
 def _weights_only(call: ast.Call) -> bool:
     """A `torch.load(..., weights_only=True)` call: torch's restricted unpickler (tensors and plain containers)."""
-    return any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
-               for k in call.keywords)
+    return any(
+        k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True for k in call.keywords
+    )
 
 
 def _unsafe_calls(path: Path) -> list[str]:
     found = []
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Name):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and isinstance(node.func.value, ast.Name)
+        ):
             if (node.func.value.id, node.func.attr) in UNSAFE_CALLS and not _weights_only(node):
                 found.append(f"{path.name}:{node.lineno} {node.func.value.id}.{node.func.attr}")
     return found
@@ -27,8 +32,10 @@ def _unsafe_calls(path: Path) -> list[str]:
 
 def test_scanner_detects_unsafe_call(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("import torch\nstate = torch.load('x.bin')\nother = torch.load('y.pth', weights_only=False)\n"
-                   "safe = torch.load('z.pth', map_location='cpu', weights_only=True)\n")
+    bad.write_text(
+        "import torch\nstate = torch.load('x.bin')\nother = torch.load('y.pth', weights_only=False)\n"
+        "safe = torch.load('z.pth', map_location='cpu', weights_only=True)\n"
+    )
     assert _unsafe_calls(bad) == ["bad.py:2 torch.load", "bad.py:3 torch.load"]
 
 
@@ -42,8 +49,15 @@ def test_cim_from_pretrained_refuses_pickle_weights(tmp_path):
 
     from transformers_cim import CIMConfig, CIMForPreTraining
 
-    config = CIMConfig.from_preset("vit-tiny-patch16", image_size=32, context_size=32, exemplar_size=16,
-                                   num_exemplars=1, decoder_hidden_size=32, decoder_num_attention_heads=2)
+    config = CIMConfig.from_preset(
+        "vit-tiny-patch16",
+        image_size=32,
+        context_size=32,
+        exemplar_size=16,
+        num_exemplars=1,
+        decoder_hidden_size=32,
+        decoder_num_attention_heads=2,
+    )
     config.encoder_config.num_hidden_layers = 1
     model = CIMForPreTraining(CIMConfig.from_dict(config.to_dict()))
     model.config.save_pretrained(tmp_path)

@@ -10,13 +10,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .exemplar_augmentation import _grayscale, _rotate_hue, _uniform, gaussian_blur
 from .pretext import (
     PretextBatch,
-    _grayscale,
-    _rotate_hue,
-    _uniform,
     exemplar_supersampling,
-    gaussian_blur,
     resize_context,
     sample_config_boxes,
 )
@@ -36,8 +33,9 @@ def _exemplar_sampling_grid_reference(boxes: torch.Tensor, size: int) -> torch.T
     return grid.reshape(batch_size, num_exemplars * size, size, 2)
 
 
-def _warp_exemplars_reference(images: torch.Tensor, boxes: torch.Tensor, size: int,
-                              supersample: int = 1) -> torch.Tensor:
+def _warp_exemplars_reference(
+    images: torch.Tensor, boxes: torch.Tensor, size: int, supersample: int = 1
+) -> torch.Tensor:
     """All B*K exemplars in one `grid_sample` call, as a permuted view (B, K, C, n, n)."""
     batch_size, num_exemplars = boxes.shape[:2]
     fine = size * supersample
@@ -74,8 +72,9 @@ def _color_jitter_reference(images: torch.Tensor, factors: torch.Tensor) -> torc
     return _rotate_hue(out, factors[:, 3]).clamp(0, 1)
 
 
-def _augment_exemplars_reference(images: torch.Tensor, config,
-                                 generator: torch.Generator | None = None) -> torch.Tensor:
+def _augment_exemplars_reference(
+    images: torch.Tensor, config, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Every transform computed for every sample and blended in by mask."""
     n, device = images.shape[0], images.device
     draw = lambda *shape: _uniform(shape, 0.0, 1.0, generator, device)  # noqa: E731
@@ -94,16 +93,20 @@ def _augment_exemplars_reference(images: torch.Tensor, config,
     return images
 
 
-def _sample_pretext_reference(pixel_values: torch.Tensor, config, generator: torch.Generator | None = None,
-                              boxes: torch.Tensor | None = None) -> PretextBatch:
+def _sample_pretext_reference(
+    pixel_values: torch.Tensor, config, generator: torch.Generator | None = None, boxes: torch.Tensor | None = None
+) -> PretextBatch:
     """The whole sampler built from the reference pieces above."""
     batch_size = pixel_values.shape[0]
     if boxes is None:
-        boxes = sample_config_boxes(config, batch_size, config.num_exemplars, generator=generator,
-                                    device=pixel_values.device)
+        boxes = sample_config_boxes(
+            config, batch_size, config.num_exemplars, generator=generator, device=pixel_values.device
+        )
     boxes = boxes.to(device=pixel_values.device, dtype=torch.float32)
     with torch.autocast(pixel_values.device.type, enabled=False):
-        exemplars = _warp_exemplars_reference(pixel_values, boxes, config.exemplar_size, exemplar_supersampling(config))
+        exemplars = _warp_exemplars_reference(
+            pixel_values, boxes, config.exemplar_size, exemplar_supersampling(config)
+        )
         labels = _correlation_maps_reference(boxes, config.context_size)
     if config.exemplar_augmentation:
         mean = pixel_values.new_tensor(config.image_mean).view(1, 3, 1, 1)

@@ -112,8 +112,9 @@ class CIMConfig(PreTrainedConfig):
     model_type = "cim"
     sub_configs_defaults: ClassVar[dict[str, SubConfigSpec]] = {
         # default encoder: the ViT-B/16 preset (LayerNorm eps 1e-6 like the authors' ViT, not ViTConfig's 1e-12)
-        "encoder_config": SubConfigSpec(config_class=AutoConfig, model_type="vit",
-                                        init_kwargs={"layer_norm_eps": 1e-6, "qkv_bias": True}),
+        "encoder_config": SubConfigSpec(
+            config_class=AutoConfig, model_type="vit", init_kwargs={"layer_norm_eps": 1e-6, "qkv_bias": True}
+        ),
     }
 
     encoder_config: dict | PreTrainedConfig | None = None
@@ -164,8 +165,15 @@ class CIMConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        for name in ("exemplar_scale", "exemplar_aspect_ratio", "exemplar_color_jitter", "exemplar_blur_sigma",
-                     "exemplar_augmentation_ramp", "image_mean", "image_std"):
+        for name in (
+            "exemplar_scale",
+            "exemplar_aspect_ratio",
+            "exemplar_color_jitter",
+            "exemplar_blur_sigma",
+            "exemplar_augmentation_ramp",
+            "image_mean",
+            "image_std",
+        ):
             setattr(self, name, [float(v) for v in getattr(self, name)])
         if getattr(self.encoder_config, "model_type", None) == "vit":
             self.encoder_config.image_size = self.image_size
@@ -173,7 +181,7 @@ class CIMConfig(PreTrainedConfig):
 
     @property
     def encoder_type(self) -> str:
-        """"vit" or "resnet"."""
+        """ "vit" or "resnet"."""
         return self.encoder_config.model_type
 
     @property
@@ -221,8 +229,13 @@ def preset_encoder_config(name: str) -> PreTrainedConfig:
         raise ValueError(f"Unknown CIM preset {name!r}. Choose one of: {', '.join(PRESET_NAMES)}.")
     hidden, layers, heads, mlp = VIT_PRESETS[name]
     return ViTConfig(
-        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=mlp,
-        patch_size=vit_preset_patch_size(name), layer_norm_eps=1e-6, qkv_bias=True,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=mlp,
+        patch_size=vit_preset_patch_size(name),
+        layer_norm_eps=1e-6,
+        qkv_bias=True,
     )
 
 
@@ -238,8 +251,10 @@ def _check_range(name: str, pair: list[float], low: float, high: float, low_open
     below = lo <= low if low_open else lo < low
     if below or hi > high or lo > hi:
         bracket = "(" if low_open else "["
-        raise ValueError(f"`{name}`={pair} must satisfy {low} {'<' if low_open else '<='} min <= max <= {high} "
-                         f"(a range inside {bracket}{low}, {high}]).")
+        raise ValueError(
+            f"`{name}`={pair} must satisfy {low} {'<' if low_open else '<='} min <= max <= {high} "
+            f"(a range inside {bracket}{low}, {high}])."
+        )
 
 
 def _check_probability(name: str, value: float) -> None:
@@ -251,67 +266,98 @@ def check_cim_config(config: CIMConfig) -> None:
     """Raises a `ValueError` naming the first invalid setting and why it is invalid."""
     if config.encoder_type not in ENCODER_TYPES:
         raise ValueError(f"`encoder_config` has model_type {config.encoder_type!r}; CIM supports {ENCODER_TYPES}.")
-    for name in ("image_size", "context_size", "exemplar_size", "num_exemplars", "decoder_hidden_size",
-                 "decoder_num_attention_heads", "decoder_num_layers"):
+    for name in (
+        "image_size",
+        "context_size",
+        "exemplar_size",
+        "num_exemplars",
+        "decoder_hidden_size",
+        "decoder_num_attention_heads",
+        "decoder_num_layers",
+    ):
         if getattr(config, name) < 1:
             raise ValueError(f"`{name}` must be a positive integer, got {getattr(config, name)}.")
     if config.exemplar_size > config.context_size:
-        raise ValueError(f"`exemplar_size`={config.exemplar_size} is larger than `context_size`="
-                         f"{config.context_size}: exemplars are parts of the context, so use exemplar_size <= context_size.")
+        raise ValueError(
+            f"`exemplar_size`={config.exemplar_size} is larger than `context_size`="
+            f"{config.context_size}: exemplars are parts of the context, so use exemplar_size <= context_size."
+        )
     if config.context_size > config.image_size:
-        raise ValueError(f"`context_size`={config.context_size} is larger than `image_size`={config.image_size}: "
-                         "the context is the search view resized down.")
+        raise ValueError(
+            f"`context_size`={config.context_size} is larger than `image_size`={config.image_size}: "
+            "the context is the search view resized down."
+        )
     stride = config.encoder_stride
     for name in ("context_size", "exemplar_size"):
         if getattr(config, name) % stride:
             what = "patch_size" if config.encoder_type == "vit" else "the ResNet output stride"
-            raise ValueError(f"`{name}`={getattr(config, name)} is not divisible by {what} ({stride}); "
-                             f"pick a multiple of {stride}.")
+            raise ValueError(
+                f"`{name}`={getattr(config, name)} is not divisible by {what} ({stride}); pick a multiple of {stride}."
+            )
     if config.encoder_type == "vit" and config.image_size % stride:
         raise ValueError(f"`image_size`={config.image_size} is not divisible by patch_size ({stride}).")
     _check_range("exemplar_scale", config.exemplar_scale, 0.0, 1.0)
     _check_range("exemplar_aspect_ratio", config.exemplar_aspect_ratio, 0.0, math.inf)
     if not 0.0 <= config.exemplar_max_rotation <= 90.0:
         raise ValueError(f"`exemplar_max_rotation`={config.exemplar_max_rotation} must be in [0, 90] degrees.")
-    for name in ("exemplar_color_jitter_prob", "exemplar_grayscale_prob", "exemplar_blur_prob",
-                 "exemplar_solarize_prob", "exemplar_hflip_prob"):
+    for name in (
+        "exemplar_color_jitter_prob",
+        "exemplar_grayscale_prob",
+        "exemplar_blur_prob",
+        "exemplar_solarize_prob",
+        "exemplar_hflip_prob",
+    ):
         _check_probability(name, getattr(config, name))
     if len(config.exemplar_color_jitter) != 4 or min(config.exemplar_color_jitter) < 0:
-        raise ValueError("`exemplar_color_jitter` must be 4 non-negative strengths (brightness, contrast, "
-                         f"saturation, hue), got {config.exemplar_color_jitter}.")
+        raise ValueError(
+            "`exemplar_color_jitter` must be 4 non-negative strengths (brightness, contrast, "
+            f"saturation, hue), got {config.exemplar_color_jitter}."
+        )
     if config.exemplar_color_jitter[3] > 0.5:
         raise ValueError(f"`exemplar_color_jitter` hue strength {config.exemplar_color_jitter[3]} must be <= 0.5.")
     _check_range("exemplar_blur_sigma", config.exemplar_blur_sigma, 0.0, 10.0)
     ramp = config.exemplar_augmentation_ramp
     if len(ramp) != 2 or not 0.0 <= ramp[0] <= ramp[1] <= 1.0:
-        raise ValueError(f"`exemplar_augmentation_ramp`={ramp} must be fractions of training (start, end) with "
-                         "0 <= start <= end <= 1 ([0, 0]: the full augmentation from the first step).")
+        raise ValueError(
+            f"`exemplar_augmentation_ramp`={ramp} must be fractions of training (start, end) with "
+            "0 <= start <= end <= 1 ([0, 0]: the full augmentation from the first step)."
+        )
     if config.decoder_hidden_size % config.decoder_num_attention_heads:
-        raise ValueError(f"`decoder_hidden_size`={config.decoder_hidden_size} is not divisible by "
-                         f"`decoder_num_attention_heads`={config.decoder_num_attention_heads}.")
+        raise ValueError(
+            f"`decoder_hidden_size`={config.decoder_hidden_size} is not divisible by "
+            f"`decoder_num_attention_heads`={config.decoder_num_attention_heads}."
+        )
     if config.loss_type not in LOSS_TYPES:
         raise ValueError(f"Unknown `loss_type`={config.loss_type!r}; choose one of {LOSS_TYPES}.")
     if config.exemplar_box_mode not in EXEMPLAR_BOX_MODES:
-        raise ValueError(f"Unknown `exemplar_box_mode`={config.exemplar_box_mode!r}; choose one of "
-                         f"{EXEMPLAR_BOX_MODES}.")
+        raise ValueError(
+            f"Unknown `exemplar_box_mode`={config.exemplar_box_mode!r}; choose one of {EXEMPLAR_BOX_MODES}."
+        )
     if config.encoder_init not in ENCODER_INITS:
         raise ValueError(f"Unknown `encoder_init`={config.encoder_init!r}; choose one of {ENCODER_INITS}.")
     if config.context_resample not in CONTEXT_RESAMPLES:
         raise ValueError(f"Unknown `context_resample`={config.context_resample!r}; choose one of {CONTEXT_RESAMPLES}.")
     if config.position_interpolation not in POSITION_INTERPOLATIONS:
-        raise ValueError(f"Unknown `position_interpolation`={config.position_interpolation!r}; choose one of "
-                         f"{POSITION_INTERPOLATIONS}.")
+        raise ValueError(
+            f"Unknown `position_interpolation`={config.position_interpolation!r}; choose one of "
+            f"{POSITION_INTERPOLATIONS}."
+        )
     if config.encoder_type == "vit":
         hidden, heads = config.encoder_config.hidden_size, config.encoder_config.num_attention_heads
         if hidden % heads:
-            raise ValueError(f"The encoder's `hidden_size`={hidden} is not divisible by its "
-                             f"`num_attention_heads`={heads}; pick a width that the heads divide.")
+            raise ValueError(
+                f"The encoder's `hidden_size`={hidden} is not divisible by its "
+                f"`num_attention_heads`={heads}; pick a width that the heads divide."
+            )
     if config.target_encoder_mode not in TARGET_ENCODER_MODES:
-        raise ValueError(f"Unknown `target_encoder_mode`={config.target_encoder_mode!r}; "
-                         f"choose one of {TARGET_ENCODER_MODES}.")
+        raise ValueError(
+            f"Unknown `target_encoder_mode`={config.target_encoder_mode!r}; choose one of {TARGET_ENCODER_MODES}."
+        )
     if not 0.0 <= config.momentum_start <= config.momentum_end <= 1.0:
-        raise ValueError(f"EMA momentum must satisfy 0 <= momentum_start ({config.momentum_start}) <= "
-                         f"momentum_end ({config.momentum_end}) <= 1.")
+        raise ValueError(
+            f"EMA momentum must satisfy 0 <= momentum_start ({config.momentum_start}) <= "
+            f"momentum_end ({config.momentum_end}) <= 1."
+        )
     if config.correlation_loss_weight < 0 or config.contrastive_loss_weight < 0:
         raise ValueError("Loss weights must be non-negative.")
     if config.correlation_loss_weight == 0 and config.contrastive_loss_weight == 0:

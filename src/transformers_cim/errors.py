@@ -1,4 +1,5 @@
-"""Errors in what the user asked for (a missing path, a bad flag value, an empty dataset, a checkpoint of the wrong kind),
+"""Errors in what the user asked for (a missing path, a bad flag value, an empty dataset, a checkpoint of the wrong
+kind),
 kept apart from internal errors.
 
 Both scripts run their `main` through `exit_on_user_error`: a `UserError` is printed as one line, ``<script>: error:

@@ -22,33 +22,40 @@ import torch
 from huggingface_hub import ModelCard, ModelCardData
 from transformers import ResNetModel, ViTModel
 
-from .checkpoints import (
+from .checkpoint_loading import (
     checkpoint_kind,
     encoder_config_from_checkpoint,
     image_stats_from_checkpoint,
     quiet_loading,
     resolve_checkpoint_path,
 )
-from .data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ResizeCenterCrop
+from .configuration_cim import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from .errors import UserValueError
 from .features import GLOBAL_FEATURE_DESCRIPTIONS
-from .modelcard import card_with_metadata, encoder_description, write_model_card
+from .hub_card import card_with_metadata, encoder_description, write_model_card
+from .image_processing import eval_image_processor
 
 
 def _model_card(source: str, config) -> ModelCard:
     """The exported encoder's card: what it is, where it came from (``base_model`` when that is a Hub id)."""
     local = os.path.isdir(source)
-    data = ModelCardData(library_name="transformers", pipeline_tag="image-feature-extraction",
-                         tags=["cim", "self-supervised", "image-feature-extraction"],
-                         base_model=None if local else source)
+    data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-feature-extraction",
+        tags=["cim", "self-supervised", "image-feature-extraction"],
+        base_model=None if local else source,
+    )
     name = os.path.basename(os.path.normpath(source)) if local else source
     arch = encoder_description(config) + (f" at {config.image_size} px" if config.model_type == "vit" else "")
-    return card_with_metadata(data, (
-        f"# CIM encoder\n\nThe online encoder of a CIM (Correlational Image Modeling) pre-training checkpoint "
-        f"(`{name}`), exported as a plain {arch}. No custom code is needed to load it; the usual image feature is "
-        f"{GLOBAL_FEATURE_DESCRIPTIONS[config.model_type]}.\n\n```python\nfrom transformers import pipeline\n"
-        "extractor = pipeline(\"image-feature-extraction\", model=\"PATH\")\n```\n"
-    ))
+    return card_with_metadata(
+        data,
+        (
+            f"# CIM encoder\n\nThe online encoder of a CIM (Correlational Image Modeling) pre-training checkpoint "
+            f"(`{name}`), exported as a plain {arch}. No custom code is needed to load it; the usual image feature is "
+            f"{GLOBAL_FEATURE_DESCRIPTIONS[config.model_type]}.\n\n```python\nfrom transformers import pipeline\n"
+            'extractor = pipeline("image-feature-extraction", model="PATH")\n```\n'
+        ),
+    )
 
 
 def export_encoder(cim_checkpoint_dir: str | os.PathLike, output_dir: str | os.PathLike) -> str:
@@ -59,7 +66,8 @@ def export_encoder(cim_checkpoint_dir: str | os.PathLike, output_dir: str | os.P
     saved as the identity on the final CLS token (``pooler.dense`` = identity matrix, zero bias, ``pooler_act``
     ``linear``), so ``pooler_output`` is exactly ``last_hidden_state[:, 0]``, the feature probes and k-NN read; a
     ResNet's pooler is its global average pooling. The image processor computes the
-    evaluation transform (`ResizeCenterCrop`, crop_pct 0.875) with the checkpoint's mean / std when it has one, else
+    evaluation transform (`eval_image_processor`, crop_pct 0.875) with the checkpoint's mean / std when it has one,
+    else
     ImageNet's. A stock ViT / ResNet checkpoint is accepted too (its encoder is re-saved).
     """
     source = resolve_checkpoint_path(cim_checkpoint_dir)
@@ -111,7 +119,7 @@ def export_encoder(cim_checkpoint_dir: str | os.PathLike, output_dir: str | os.P
         image_size = source_config.get("image_size", 224) if source_config.get("model_type") == "cim" else 224
     if isinstance(image_size, (list, tuple)):
         image_size = image_size[0]
-    ResizeCenterCrop(int(image_size), mean=mean, std=std).image_processor().save_pretrained(output_dir)
+    eval_image_processor(int(image_size), mean=mean, std=std).save_pretrained(output_dir)
     write_model_card(output_dir, _model_card(os.fspath(cim_checkpoint_dir), config))
     return output_dir
 
@@ -124,8 +132,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "(stock config, no custom code) with an image processor, loadable by AutoModel and pipeline()."
         ),
     )
-    parser.add_argument("cim_checkpoint", help="CIM pre-training checkpoint: a directory (config.json model_type 'cim') "
-                                               "or a Hub model id (downloaded, or from the Hub cache offline).")
+    parser.add_argument(
+        "cim_checkpoint",
+        help="CIM pre-training checkpoint: a directory (config.json model_type 'cim') "
+        "or a Hub model id (downloaded, or from the Hub cache offline).",
+    )
     parser.add_argument("output_dir", help="Directory to write the exported encoder to.")
     args = parser.parse_args(argv)
     try:

@@ -10,7 +10,7 @@ from torch import nn
 # How the feature is read from a model's output, for documentation (model cards).
 GLOBAL_FEATURE_DESCRIPTIONS = {
     "vit": "the CLS token of `last_hidden_state`, which is also `pooler_output` exactly (the exported pooler is the "
-           "identity on it)",
+    "identity on it)",
     "resnet": "`pooler_output` (global average pooling)",
 }
 

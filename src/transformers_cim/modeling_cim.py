@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel, ResNetModel, ViTModel
 from transformers import initialization as init
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -23,7 +24,9 @@ from transformers.models.vit.modeling_vit import eager_attention_forward
 from transformers.utils import ModelOutput
 
 from .configuration_cim import CIMConfig
-from .pretext import correlation_prior, prior_logits, resize_context, sample_pretext
+from .pretext import resize_context, sample_pretext
+from .prior import correlation_prior, prior_logits
+from .resnet_checkpointing import make_stages_checkpointable
 
 
 @dataclass
@@ -88,14 +91,17 @@ def sincos_position_embedding_2d(grid_size: int, dim: int, with_cls: bool = Fals
 def build_encoder(config: CIMConfig) -> nn.Module:
     """A stock transformers encoder from `config.encoder_config`."""
     if config.encoder_type == "resnet":
+        # a ResNet has no attention: an implementation asked of the CIM model is the decoder's alone
+        config.encoder_config._attn_implementation_internal = None
         return ResNetModel(config.encoder_config)
     encoder = ViTModel(config.encoder_config, add_pooling_layer=False)
     use_position_interpolation(encoder, config.position_interpolation)
     return encoder
 
 
-def interpolate_positions_like_authors(embeddings: nn.Module, tokens: torch.Tensor, height: int,
-                                      width: int) -> torch.Tensor:
+def interpolate_positions_like_authors(
+    embeddings: nn.Module, tokens: torch.Tensor, height: int, width: int
+) -> torch.Tensor:
     """The position table of a ``ViTEmbeddings`` for a ``height`` x ``width`` input, resized as the CIM authors'
     code (and DINO's) does: bicubic with ``scale_factor=(g + 0.1) / N`` for a g-patch side and an N x N table, where
     the stock ViT resizes to ``size=(g, g)``; the two sample the table at slightly different points."""
@@ -107,8 +113,9 @@ def interpolate_positions_like_authors(embeddings: nn.Module, tokens: torch.Tens
     dim = table.shape[-1]
     rows, cols = height // embeddings.patch_size, width // embeddings.patch_size
     grid = table[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, scale_factor=((rows + 0.1) / side, (cols + 0.1) / side), mode="bicubic",
-                         align_corners=False)
+    grid = F.interpolate(
+        grid, scale_factor=((rows + 0.1) / side, (cols + 0.1) / side), mode="bicubic", align_corners=False
+    )
     return torch.cat((table[:, :1], grid.permute(0, 2, 3, 1).reshape(1, rows * cols, dim)), dim=1)
 
 
@@ -191,7 +198,11 @@ class CIMCrossAttention(nn.Module):
 
     def forward(self, query_states: torch.Tensor, keys_values: torch.Tensor) -> torch.Tensor:
         """`query_states`: the queries already projected by `q_proj` (the decoder may share them across exemplars)."""
-        q, k, v = self._heads(query_states), self._heads(self.k_proj(keys_values)), self._heads(self.v_proj(keys_values))
+        q, k, v = (
+            self._heads(query_states),
+            self._heads(self.k_proj(keys_values)),
+            self._heads(self.v_proj(keys_values)),
+        )
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         out, _ = attention(self, q, k, v, None, scaling=self.scaling, dropout=0.0)  # (N, L, heads, head_dim)
         return self.o_proj(out.reshape(query_states.shape))
@@ -269,14 +280,15 @@ class CIMCorrelationDecoder(nn.Module):
         exemplar = self.input_proj(exemplar_tokens.flatten(0, 1))  # (B*K, Le, D)
         for index, layer in enumerate(self.layers):  # the first layer broadcasts the queries to (B*K, Lc, D)
             queries = layer(queries, exemplar, num_exemplars if index == 0 else 1)
-        queries = self.norm(queries)[:, int(self.has_cls):]
+        queries = self.norm(queries)[:, int(self.has_cls) :]
         # contiguous: on CPU the 1x1 conv of the channels-last view rounds differently depending on the weight's
         # memory alignment, so a reloaded (mmap'd) checkpoint would not reproduce the logits bit for bit
         feature_map = queries.transpose(1, 2).reshape(batch * num_exemplars, -1, grid, grid).contiguous()
         logits = self.predictor(feature_map)
         size = self.config.context_size
-        logits = F.interpolate(logits, size=(size, size), mode="bilinear",
-                               align_corners=self.config.decoder_align_corners)
+        logits = F.interpolate(
+            logits, size=(size, size), mode="bilinear", align_corners=self.config.decoder_align_corners
+        )
         logits = logits.view(batch, num_exemplars, size, size)
         if self.config.decoder_prior_bias:
             logits = logits + self.prior_bias.to(logits.dtype)
@@ -336,12 +348,16 @@ def _gather_across_processes(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-def contrastive_loss(online: torch.Tensor, target: torch.Tensor, temperature: float, num_exemplars: int) -> torch.Tensor:
+def contrastive_loss(
+    online: torch.Tensor, target: torch.Tensor, temperature: float, num_exemplars: int
+) -> torch.Tensor:
     """InfoNCE between each exemplar's predicted feature (B*K, d) and the targets of all contexts (B, d),
     the positive being its own image (scaled by 2T as MoCo v3)."""
     online = F.normalize(online.float(), dim=1)
     target = F.normalize(_gather_across_processes(target.float()), dim=1)
-    rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+    rank = (
+        torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+    )
     batch = online.shape[0] // num_exemplars
     labels = torch.arange(batch, device=online.device).repeat_interleave(num_exemplars) + rank * batch
     return F.cross_entropy(online @ target.t() / temperature, labels) * (2 * temperature)
@@ -374,13 +390,22 @@ class CIMPreTrainedModel(PreTrainedModel):
         """The online encoder (a stock `ViTModel` or `ResNetModel`)."""
         return getattr(self, encoder_attribute(self.config))
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
-        """Checkpoints the ViT encoders' layers; transformers' ResNet has no gradient checkpointing, so a ResNet
-        CIM model refuses with the reason instead of failing inside transformers."""
-        if self.config.encoder_type == "resnet":
-            raise ValueError("Gradient checkpointing is not available for ResNet encoders (transformers' ResNetModel "
-                             "does not support it); drop --gradient_checkpointing or use a ViT encoder.")
-        return super().gradient_checkpointing_enable(gradient_checkpointing_kwargs)
+    def _set_gradient_checkpointing(
+        self, enable: bool = True, gradient_checkpointing_func=checkpoint, every_n_layers: int = 1
+    ):
+        """As `PreTrainedModel`'s; a ResNet encoder (transformers' has no checkpointing) first gets checkpointable
+        stages (see `resnet_checkpointing`), so the class's `supports_gradient_checkpointing` holds for both
+        families."""
+        if isinstance(self.encoder, ResNetModel):
+            make_stages_checkpointable(self.encoder)
+        super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, every_n_layers)
+
+    def set_attn_implementation(self, attn_implementation: str | dict, *args, **kwargs):
+        """As `PreTrainedModel`'s; with a ResNet encoder (no attention) a single implementation is the decoder's,
+        so `_supports_sdpa` / `_supports_flex_attn` hold for both encoder families."""
+        if self.config.encoder_type == "resnet" and isinstance(attn_implementation, str):
+            attn_implementation = {"": attn_implementation}
+        return super().set_attn_implementation(attn_implementation, *args, **kwargs)
 
     def get_input_embeddings(self) -> nn.Module:
         if isinstance(self.encoder, ViTModel):
@@ -453,17 +478,28 @@ class CIMModel(CIMPreTrainedModel):
         setattr(self, encoder_attribute(config), build_encoder(config))
         self.post_init()
 
-    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool | None = True,
-                output_hidden_states: bool | None = None, return_dict: bool | None = None, **kwargs) -> CIMModelOutput:
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool | None = True,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CIMModelOutput:
         if isinstance(self.encoder, ResNetModel):
             out = self.encoder(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
             pooled = out.pooler_output.flatten(1)
         else:
-            out = self.encoder(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
-                               output_hidden_states=output_hidden_states, **kwargs)
+            out = self.encoder(
+                pixel_values,
+                interpolate_pos_encoding=interpolate_pos_encoding,
+                output_hidden_states=output_hidden_states,
+                **kwargs,
+            )
             pooled = out.last_hidden_state[:, 0]
-        output = CIMModelOutput(last_hidden_state=out.last_hidden_state, pooler_output=pooled,
-                                hidden_states=out.hidden_states)
+        output = CIMModelOutput(
+            last_hidden_state=out.last_hidden_state, pooler_output=pooled, hidden_states=out.hidden_states
+        )
         return output if return_dict is not False else output.to_tuple()
 
 
@@ -481,18 +517,27 @@ class CIMForPreTraining(CIMPreTrainedModel):
         if config.contrastive_loss_weight > 0:
             width = config.encoder_hidden_size
             self.projector = CIMProjectionHead(width, config.projector_hidden_size, config.projector_output_size, 3)
-            self.predictor = CIMProjectionHead(config.projector_output_size, config.projector_hidden_size,
-                                               config.projector_output_size, 2)
+            self.predictor = CIMProjectionHead(
+                config.projector_output_size, config.projector_hidden_size, config.projector_output_size, 2
+            )
             if self.uses_target_encoder:
-                self.target_projector = CIMProjectionHead(width, config.projector_hidden_size,
-                                                          config.projector_output_size, 3)
-        # the exemplar photometric augmentation's strength (0 to 1), set every step by the Trainer's ramp callback;
-        # a tensor so that a compiled forward reads a new value without recompiling
-        self.register_buffer("augmentation_strength", torch.ones(()), persistent=False)
+                self.target_projector = CIMProjectionHead(
+                    width, config.projector_hidden_size, config.projector_output_size, 3
+                )
+        self.reset_augmentation_strength()
         self.post_init()
         self._set_fixed_vit_embeddings(self.encoder)
         self._apply_freezing(self.encoder)
         self.reset_target()
+
+    def reset_augmentation_strength(self) -> None:
+        """(Re)creates the exemplar photometric augmentation's strength at 1 (the recipe's), beside the weights.
+
+        The Trainer's ramp callback sets it every step; a tensor buffer, so that a compiled forward reads a new value
+        without recompiling. It is not saved: a model that was built on the meta device gets it from here."""
+        params = list(self.parameters())
+        device = params[0].device if params and not params[0].is_meta else None
+        self.register_buffer("augmentation_strength", torch.ones((), device=device), persistent=False)
 
     def _target_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         pairs = []
@@ -542,8 +587,7 @@ class CIMForPreTraining(CIMPreTrainedModel):
         kwargs.setdefault("use_safetensors", True)  # never unpickle weights from an untrusted checkpoint
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         model._apply_freezing(model.encoder)
-        with torch.no_grad():  # not saved, and built on the meta device: uninitialised memory until set here
-            model.augmentation_strength.fill_(1.0)
+        model.reset_augmentation_strength()  # not saved, and built on the meta device: uninitialised until set here
         # reset only the targets the checkpoint lacks (e.g. a new target_projector), keep a saved EMA encoder
         missing = {key.split(".", 1)[0] for key in info.get("missing_keys", [])}
         if any(name.startswith("target_") for name in missing):
@@ -564,8 +608,9 @@ class CIMForPreTraining(CIMPreTrainedModel):
         with torch.no_grad():
             head = self.target_projector if self.uses_target_encoder else self.projector
             target = head(context_feature)
-        return contrastive_loss(online, target.detach(), self.config.contrastive_temperature,
-                                self.config.num_exemplars)
+        return contrastive_loss(
+            online, target.detach(), self.config.contrastive_temperature, self.config.num_exemplars
+        )
 
     def forward(
         self,
@@ -594,9 +639,18 @@ class CIMForPreTraining(CIMPreTrainedModel):
         return_loss (`bool`, defaults to `True`): compute the loss.
         """
         if exemplar_pixel_values is None:
-            pretext = sample_pretext(pixel_values, self.config, generator=generator, boxes=exemplar_boxes,
-                                     augmentation_strength=self.augmentation_strength)
-            exemplars, labels, context = pretext.exemplar_pixel_values, pretext.correlation_labels, pretext.context_pixel_values
+            pretext = sample_pretext(
+                pixel_values,
+                self.config,
+                generator=generator,
+                boxes=exemplar_boxes,
+                augmentation_strength=self.augmentation_strength,
+            )
+            exemplars, labels, context = (
+                pretext.exemplar_pixel_values,
+                pretext.correlation_labels,
+                pretext.context_pixel_values,
+            )
             boxes = pretext.exemplar_boxes
         else:
             exemplars, labels, boxes = exemplar_pixel_values, correlation_labels, exemplar_boxes
@@ -612,16 +666,24 @@ class CIMForPreTraining(CIMPreTrainedModel):
         loss = corr_loss = ctr_loss = None
         if return_loss:
             if labels is None:
-                raise ValueError("Exemplars were given without `correlation_labels`; pass the true maps or "
-                                 "call with return_loss=False.")
+                raise ValueError(
+                    "Exemplars were given without `correlation_labels`; pass the true maps or "
+                    "call with return_loss=False."
+                )
             corr_loss = correlation_loss(logits, labels, self.config)
             loss = self.config.correlation_loss_weight * corr_loss
             if self.config.contrastive_loss_weight > 0:
                 ctr_loss = self._contrastive(exemplar_feature, context_feature)
                 loss = loss + self.config.contrastive_loss_weight * ctr_loss
         output = CIMForPreTrainingOutput(
-            loss=loss, logits=logits, correlation_labels=labels, exemplar_pixel_values=exemplars,
-            context_pixel_values=context, exemplar_boxes=boxes, correlation_loss=corr_loss, contrastive_loss=ctr_loss,
+            loss=loss,
+            logits=logits,
+            correlation_labels=labels,
+            exemplar_pixel_values=exemplars,
+            context_pixel_values=context,
+            exemplar_boxes=boxes,
+            correlation_loss=corr_loss,
+            contrastive_loss=ctr_loss,
         )
         return output if return_dict is not False else output.to_tuple()
 

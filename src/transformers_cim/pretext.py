@@ -21,8 +21,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .exemplar_augmentation import (  # augment_exemplars & co. re-exported: the pretext task's API
+    _augment,
+    _uniform,
+    augment_exemplars,
+    augmentation_ramp,
+    color_jitter,
+    gaussian_blur,
+)
+
 NUM_SAMPLING_TRIES = 10
-LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 
 
 @dataclass
@@ -35,25 +43,20 @@ class PretextBatch:
     exemplar_boxes: torch.Tensor  # (B, K, 5): cx, cy, w, h, theta
 
 
-def _uniform(shape: tuple[int, ...], low: float, high: float, generator: torch.Generator | None,
-             device: torch.device) -> torch.Tensor:
-    """Uniform samples drawn on the generator's device (so a CPU generator works for any input device)."""
-    if generator is None:  # no generator argument at all: torch.compile rejects generator=None with dynamic shapes
-        u = torch.rand(shape, device=device, dtype=torch.float32)
-    else:
-        u = torch.rand(shape, generator=generator, device=generator.device, dtype=torch.float32)
-    return (low + (high - low) * u).to(device)
-
-
 def rotated_half_extents(w: torch.Tensor, h: torch.Tensor, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Half width and half height of the axis-aligned bounding box of a rotated w x h rectangle."""
     c, s = theta.cos().abs(), theta.sin().abs()
     return 0.5 * (w * c + h * s), 0.5 * (w * s + h * c)
 
 
-def _sides_and_angles(shape: tuple[int, ...], scale: tuple[float, float], aspect_ratio: tuple[float, float],
-                      max_rotation_degrees: float, generator: torch.Generator | None,
-                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _sides_and_angles(
+    shape: tuple[int, ...],
+    scale: tuple[float, float],
+    aspect_ratio: tuple[float, float],
+    max_rotation_degrees: float,
+    generator: torch.Generator | None,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Box sides and angles: area fraction ~ U(scale), h/w log-uniform in `aspect_ratio`, theta ~ U(+-max)."""
     area = _uniform(shape, scale[0], scale[1], generator, device)
     log_ratio = _uniform(shape, math.log(aspect_ratio[0]), math.log(aspect_ratio[1]), generator, device)
@@ -100,8 +103,10 @@ def _interval(low: torch.Tensor, high: torch.Tensor, slope: torch.Tensor) -> tup
     safe = torch.where(slope.abs() < 1e-6, torch.ones_like(slope), slope)
     a, b = low / safe, high / safe
     flat = slope.abs() < 1e-6
-    return (torch.where(flat, torch.full_like(a, -math.inf), torch.minimum(a, b)),
-            torch.where(flat, torch.full_like(a, math.inf), torch.maximum(a, b)))
+    return (
+        torch.where(flat, torch.full_like(a, -math.inf), torch.minimum(a, b)),
+        torch.where(flat, torch.full_like(a, math.inf), torch.maximum(a, b)),
+    )
 
 
 def _view_row_interval(row: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,7 +131,8 @@ def sample_enclosing_boxes(
     An axis-aligned w x h box (area ~ U(scale), h/w log-uniform) is placed uniformly inside the view; the
     view is turned by theta about its centre; the exemplar is the axis-aligned bounding box of the sampled box
     in the turned view, with the corners that fall outside the image pulled in to its edge along the rows or
-    along the columns, whichever keeps the larger exemplar (so the exemplar holds image pixels only). Seen from the unturned view, that is a rectangle rotated by
+    along the columns, whichever keeps the larger exemplar (so the exemplar holds image pixels only). Seen from the
+    unturned view, that is a rectangle rotated by
     theta that encloses most of the sampled box and is larger and squarer than it.
     """
     device = torch.device(device)
@@ -167,37 +173,24 @@ def _pull_along_rows(rx, ry, half_x, half_y, cos, sin):
 BOX_SAMPLERS = {"enclosing": sample_enclosing_boxes, "exact": sample_exemplar_boxes}
 
 
-def sample_config_boxes(config, batch_size: int, num_exemplars: int, generator: torch.Generator | None = None,
-                        device: torch.device | str = "cpu") -> torch.Tensor:
+def sample_config_boxes(
+    config,
+    batch_size: int,
+    num_exemplars: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
     """(B, K, 5) exemplar boxes drawn from `config`'s distribution (`exemplar_box_mode` picks the sampler)."""
     sampler = BOX_SAMPLERS[config.exemplar_box_mode]
-    return sampler(batch_size, num_exemplars, config.exemplar_scale, config.exemplar_aspect_ratio,
-                   config.exemplar_max_rotation, generator=generator, device=device)
-
-
-# The constant prior: the mean true map under a config's box distribution, the best map a model can predict
-# without looking at the exemplar (`pretext_metrics` scores it; `decoder_prior_bias` starts the decoder at it).
-PRIOR_SAMPLES = 8192
-PROBABILITY_FLOOR = 1e-4
-
-
-def correlation_prior(config, num_samples: int = PRIOR_SAMPLES, generator: torch.Generator | None = None,
-                      chunk: int = 1024) -> torch.Tensor:
-    """The mean true map (m, m) over `num_samples` boxes drawn from `config`'s exemplar distribution."""
-    total = torch.zeros(config.context_size, config.context_size, dtype=torch.float64)
-    drawn = 0
-    while drawn < num_samples:
-        count = min(chunk, num_samples - drawn)
-        boxes = sample_config_boxes(config, count, 1, generator=generator)
-        total += correlation_maps(boxes, config.context_size).sum(dim=(0, 1)).double()
-        drawn += count
-    return (total / num_samples).float()
-
-
-def prior_logits(prior: torch.Tensor) -> torch.Tensor:
-    """Logits of the constant prior map, clamped away from 0 and 1 so its loss stays finite."""
-    probability = prior.clamp(PROBABILITY_FLOOR, 1 - PROBABILITY_FLOOR)
-    return probability.log() - (-probability).log1p()
+    return sampler(
+        batch_size,
+        num_exemplars,
+        config.exemplar_scale,
+        config.exemplar_aspect_ratio,
+        config.exemplar_max_rotation,
+        generator=generator,
+        device=device,
+    )
 
 
 def exemplar_sampling_grid(boxes: torch.Tensor, size: int, supersample: int = 1) -> torch.Tensor:
@@ -242,8 +235,9 @@ def _images_per_warp_call(images: torch.Tensor, num_exemplars: int, fine: int) -
     return torch.get_num_threads() * max(1, CPU_WARP_CHUNK_BYTES // per_image)
 
 
-def _warp_call(images: torch.Tensor, boxes: torch.Tensor, size: int, supersample: int,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+def _warp_call(
+    images: torch.Tensor, boxes: torch.Tensor, size: int, supersample: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """One `grid_sample` call and its box filter: the exemplars (b, C, K, n, n) of b images, written into `out`
     when given."""
     batch_size, num_exemplars = boxes.shape[:2]
@@ -325,8 +319,9 @@ def correlation_maps(boxes: torch.Tensor, size: int) -> torch.Tensor:
     return _interval_rows(start, end, size, boxes.dtype)
 
 
-def _inside_columns(rows: torch.Tensor, columns: torch.Tensor,
-                    half: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _inside_columns(
+    rows: torch.Tensor, columns: torch.Tensor, half: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The columns [start, end) of each row i where |rows[i] + columns[j]| <= half (float sums), for `columns`
     monotone along the last axis. rows, columns (..., m), half (..., 1) -> start, end (..., m), int64."""
     size = columns.shape[-1]
@@ -336,8 +331,9 @@ def _inside_columns(rows: torch.Tensor, columns: torch.Tensor,
     # column terms ascend once reversed: one count of sums below -half from the left, one from the right
     values = torch.cat([ascending, -ascending.flip(-1)], dim=-2)
     padding = values.new_full((*values.shape[:-1], (1 << size.bit_length()) - size), math.inf)
-    counts = _count_below(torch.cat([rows, -rows], dim=-2), torch.cat([values, padding], dim=-1),
-                          torch.cat([-half, -half], dim=-2))
+    counts = _count_below(
+        torch.cat([rows, -rows], dim=-2), torch.cat([values, padding], dim=-1), torch.cat([-half, -half], dim=-2)
+    )
     from_left, from_right = counts.chunk(2, dim=-2)
     low, high = from_left, size - from_right  # the inside, in ascending order
     return torch.where(descending, size - high, low), torch.where(descending, size - low, high)
@@ -381,159 +377,13 @@ def resize_context(images: torch.Tensor, size: int, mode: str = "bicubic") -> to
     return resized.to(images.dtype)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Photometric transforms for the exemplars, on [0, 1] images of shape (N, 3, n, n), per-sample parameters.
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _grayscale(images: torch.Tensor) -> torch.Tensor:
-    weights = images.new_tensor(LUMA_WEIGHTS).view(1, 3, 1, 1)
-    return (images * weights).sum(1, keepdim=True)
-
-
-RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-                          dtype=torch.float64)
-YIQ_TO_RGB = torch.linalg.inv(RGB_TO_YIQ)  # exact inverse, so a zero hue shift leaves pixels unchanged
-
-
-def _rotate_hue(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Hue rotation by `shift` turns (fraction of the colour circle) in the YIQ chroma plane."""
-    angle = 2 * math.pi * shift.to(torch.float64)
-    cos, sin = angle.cos(), angle.sin()
-    rotation = torch.zeros(shift.shape[0], 3, 3, dtype=torch.float64, device=shift.device)
-    rotation[:, 0, 0] = 1.0
-    rotation[:, 1, 1], rotation[:, 1, 2], rotation[:, 2, 1], rotation[:, 2, 2] = cos, -sin, sin, cos
-    rgb_to_yiq, yiq_to_rgb = RGB_TO_YIQ.to(shift.device), YIQ_TO_RGB.to(shift.device)
-    transform = (yiq_to_rgb @ rotation @ rgb_to_yiq).to(images.dtype)  # (N, 3, 3): one matrix per image
-    return torch.einsum("nij,njhw->nihw", transform, images)
-
-
-def color_jitter(images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """Brightness, contrast, saturation (multiplicative factors) then hue shift; `factors` is (N, 4)."""
-    view = lambda t: t.view(-1, 1, 1, 1)  # noqa: E731
-    # in place after the first product (a fresh tensor): the same roundings as out-of-place, fewer allocations
-    out = (images * view(factors[:, 0])).clamp_(0, 1)
-    mean = _grayscale(out).mean(dim=(1, 2, 3), keepdim=True)
-    out = out.sub_(mean).mul_(view(factors[:, 1])).add_(mean).clamp_(0, 1)  # mean + (out - mean) * contrast
-    gray = _grayscale(out)
-    out = out.sub_(gray).mul_(view(factors[:, 2])).add_(gray).clamp_(0, 1)  # gray + (out - gray) * saturation
-    return _rotate_hue(out, factors[:, 3]).clamp_(0, 1)
-
-
-def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur with a per-sample sigma (N,), reflect padding, one grouped conv per axis."""
-    n, c, hgt, wid = images.shape
-    radius = max(1, min(int(math.ceil(3 * max_sigma)), (min(hgt, wid) - 1)))
-    offsets = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
-    kernel = torch.exp(-0.5 * (offsets.view(1, -1) / sigma.view(-1, 1)) ** 2)
-    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, dim=0)  # (N*C, 2r+1)
-    flat = images.reshape(1, n * c, hgt, wid)
-    flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="reflect"), kernel.view(n * c, 1, 1, -1), groups=n * c)
-    flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="reflect"), kernel.view(n * c, 1, -1, 1), groups=n * c)
-    return flat.view(n, c, hgt, wid)
-
-
-@dataclass
-class _AugmentationDraws:
-    """The per-sample random parameters of `augment_exemplars`: which transforms apply, and their strengths."""
-
-    factors: torch.Tensor  # (N, 4) colour-jitter factors
-    jitter: torch.Tensor  # (N,) bool, and likewise below
-    grayscale: torch.Tensor
-    sigma: torch.Tensor  # (N,) blur sigma
-    blur: torch.Tensor
-    solarize: torch.Tensor
-    flip: torch.Tensor
-
-
-def _draw_augmentation(images: torch.Tensor, config, generator: torch.Generator | None,
-                       strength: float | torch.Tensor = 1.0) -> _AugmentationDraws:
-    """Every random number of the augmentation, drawn whatever the probabilities and in a fixed order, so a
-    seeded generator gives the same stream (and the same exemplars) whichever way the transforms are applied.
-
-    `strength` in [0, 1] scales every probability and the four colour-jitter strengths (0: no transform, 1: the
-    config's); the draws themselves do not depend on it, so a ramped run consumes the stream a full one does."""
-    n, device = images.shape[0], images.device
-    draw = lambda *shape: _uniform(shape, 0.0, 1.0, generator, device)  # noqa: E731
-    # in float64 so that strength 1 gives the config's bounds and probabilities exactly as Python floats would
-    strength = torch.as_tensor(strength, dtype=torch.float64, device=device)
-    jitter_strengths = strength * torch.tensor(config.exemplar_color_jitter, dtype=torch.float64, device=device)
-    low = torch.cat([(1 - jitter_strengths[:3]).clamp(min=0.0), -jitter_strengths[3:]]).to(images.dtype)
-    high = torch.cat([1 + jitter_strengths[:3], jitter_strengths[3:]]).to(images.dtype)
-    chance = lambda p: (strength * p).to(torch.float32)  # noqa: E731
-    factors = low + (high - low) * draw(n, 4)
-    jitter = draw(n) < chance(config.exemplar_color_jitter_prob)
-    grayscale = draw(n) < chance(config.exemplar_grayscale_prob)
-    lo, hi = config.exemplar_blur_sigma
-    sigma = lo + (hi - lo) * draw(n)
-    blur = draw(n) < chance(config.exemplar_blur_prob)
-    solarize = draw(n) < chance(config.exemplar_solarize_prob)
-    flip = draw(n) < chance(config.exemplar_hflip_prob)
-    return _AugmentationDraws(factors, jitter, grayscale, sigma, blur, solarize, flip)
-
-
-def _apply_to_drawn(images: torch.Tensor, drawn: torch.Tensor, transform, subset: bool) -> torch.Tensor:
-    """`transform(samples, take)` applied to the samples where `drawn` (N,) is set; `take(t)` picks their rows of
-    a per-sample parameter t. `subset`: transform only those samples and copy them back in place (eager CPU);
-    else transform all and blend by mask (static shapes for torch.compile, no host sync on accelerators)."""
-    if not subset:
-        return torch.where(drawn.view(-1, 1, 1, 1), transform(images, lambda t: t), images)
-    index = drawn.nonzero().squeeze(1)
-    if index.numel() == 0:
-        return images
-    take = lambda t: t.index_select(0, index)  # noqa: E731
-    # (under bf16 autocast the hue matmul and the blur convolutions return bf16, which torch.where promotes)
-    return images.index_copy_(0, index, transform(take(images), take).to(images.dtype))
-
-
-def _solarize(images: torch.Tensor) -> torch.Tensor:
-    return torch.where(images >= 0.5, 1 - images, images)
-
-
-def augment_exemplars(images: torch.Tensor, config, generator: torch.Generator | None = None,
-                      strength: float | torch.Tensor = 1.0) -> torch.Tensor:
-    """Applies colour jitter, grayscale, blur, solarize and horizontal flip, each with its own probability and
-    per-sample parameters, to (N, 3, n, n) images in [0, 1]. Every random number is drawn (so a seeded
-    generator gives the same stream whatever the probabilities). In eager mode on a CPU each transform runs on
-    the samples drawn for it only; elsewhere on all samples, blended in by mask; the results are identical.
-    `strength` (0 to 1) scales the probabilities and the colour-jitter strengths (see `augmentation_ramp`)."""
-    return _augment(images, config, generator, in_place=False, strength=strength)
-
-
-def _augment(images: torch.Tensor, config, generator: torch.Generator | None, in_place: bool = False,
-             subset: bool | None = None, strength: float | torch.Tensor = 1.0) -> torch.Tensor:
-    """`augment_exemplars`; `in_place` lets it overwrite `images`; `subset` forces one way of applying the
-    transforms (default: on the drawn samples only in eager mode on a CPU, where it is the faster)."""
-    drawn = _draw_augmentation(images, config, generator, strength)
-    if subset is None:
-        subset = images.device.type == "cpu" and not torch.compiler.is_compiling()
-    if subset and not in_place:
-        images = images.clone()
-    max_sigma = config.exemplar_blur_sigma[1]
-    images = _apply_to_drawn(images, drawn.jitter, lambda x, take: color_jitter(x, take(drawn.factors)), subset)
-    images = _apply_to_drawn(images, drawn.grayscale, lambda x, take: _grayscale(x).expand_as(x), subset)
-    images = _apply_to_drawn(images, drawn.blur, lambda x, take: gaussian_blur(x, take(drawn.sigma), max_sigma), subset)
-    images = _apply_to_drawn(images, drawn.solarize, lambda x, take: _solarize(x), subset)
-    return _apply_to_drawn(images, drawn.flip, lambda x, take: x.flip(-1), subset)
-
-
-def augmentation_ramp(step: float, max_steps: float, ramp: tuple[float, float]) -> float:
-    """Strength of the exemplar photometric augmentation at optimizer step `step` of `max_steps`: 0 until the
-    fraction `ramp[0]` of training, rising linearly to 1 at `ramp[1]`, then 1 (`(0, 0)`: 1 from the first step)."""
-    start, end = ramp
-    if end <= 0 or max_steps <= 0:
-        return 1.0
-    progress = step / max_steps
-    if progress >= end:
-        return 1.0
-    if progress <= start:
-        return 0.0
-    return min((progress - start) / (end - start), 1.0)
-
-
-def sample_pretext(pixel_values: torch.Tensor, config, generator: torch.Generator | None = None,
-                   boxes: torch.Tensor | None = None,
-                   augmentation_strength: float | torch.Tensor = 1.0) -> PretextBatch:
+def sample_pretext(
+    pixel_values: torch.Tensor,
+    config,
+    generator: torch.Generator | None = None,
+    boxes: torch.Tensor | None = None,
+    augmentation_strength: float | torch.Tensor = 1.0,
+) -> PretextBatch:
     """Builds the context, K exemplars, their true maps and boxes for a batch of normalised search views.
 
     `boxes` (B, K, 5) may be given to fix the geometry; otherwise they are sampled from `config`.
@@ -541,8 +391,9 @@ def sample_pretext(pixel_values: torch.Tensor, config, generator: torch.Generato
     """
     batch_size = pixel_values.shape[0]
     if boxes is None:
-        boxes = sample_config_boxes(config, batch_size, config.num_exemplars, generator=generator,
-                                    device=pixel_values.device)
+        boxes = sample_config_boxes(
+            config, batch_size, config.num_exemplars, generator=generator, device=pixel_values.device
+        )
     boxes = boxes.to(device=pixel_values.device, dtype=torch.float32)
     with torch.autocast(pixel_values.device.type, enabled=False):  # exact geometry under autocast too
         exemplars = warp_exemplars(pixel_values, boxes, config.exemplar_size, exemplar_supersampling(config))
@@ -564,13 +415,13 @@ def sample_pretext(pixel_values: torch.Tensor, config, generator: torch.Generato
 
 __all__ = [
     "PretextBatch",
-    "correlation_prior",
-    "prior_logits",
     "augment_exemplars",
     "augmentation_ramp",
+    "color_jitter",
     "correlation_maps",
     "exemplar_sampling_grid",
     "exemplar_supersampling",
+    "gaussian_blur",
     "resize_context",
     "sample_config_boxes",
     "sample_enclosing_boxes",

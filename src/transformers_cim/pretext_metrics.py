@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .pretext import PRIOR_SAMPLES, PROBABILITY_FLOOR, correlation_prior, prior_logits  # noqa: F401 (re-exported)
+from .prior import PRIOR_SAMPLES, PROBABILITY_FLOOR, correlation_prior, prior_logits  # noqa: F401 (re-exported)
 
 
 def correlation_iou(logits: torch.Tensor, labels: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
