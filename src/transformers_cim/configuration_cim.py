@@ -97,6 +97,11 @@ class CIMConfig(PreTrainedConfig):
             logits, initialised to the logits of the constant prior (the mean true map under this config's box
             distribution), so that training starts at the best exemplar-blind prediction and spends its steps on where
             this exemplar differs from where exemplars usually are. `False` is the authors' decoder (one scalar bias).
+        decoder_predictor_lr_scale (`float`, defaults to 2.0): learning-rate multiplier (and 1 / it on the weight
+            decay) of the decoder's 1x1 predictor under `CIMTrainer`. The authors' predictor has two logits whose
+            difference is ours; under Adam each of the two moves by the learning rate, so their difference moves twice
+            as far per step as our single logit would: 2.0 reproduces their training step exactly, 1.0 is one learning
+            rate for every parameter.
         decoder_shared_norm (`bool`, defaults to `True`): one LayerNorm for the context queries and the exemplar
             tokens of a decoder layer (the authors' `norm1`); `False` gives each side its own.
         decoder_align_corners (`bool`, defaults to `True`): `align_corners` of the bilinear upsampling of the
@@ -158,6 +163,7 @@ class CIMConfig(PreTrainedConfig):
     initializer_range: float = 0.02
     encoder_init: str = "xavier"
     decoder_prior_bias: bool = False
+    decoder_predictor_lr_scale: float | int = 2.0
     decoder_shared_norm: bool = True
     decoder_align_corners: bool = True
     context_resample: str = "bicubic"
@@ -326,6 +332,10 @@ def check_cim_config(config: CIMConfig) -> None:
         raise ValueError(
             f"`decoder_hidden_size`={config.decoder_hidden_size} is not divisible by "
             f"`decoder_num_attention_heads`={config.decoder_num_attention_heads}."
+        )
+    if config.decoder_predictor_lr_scale <= 0:
+        raise ValueError(
+            f"`decoder_predictor_lr_scale`={config.decoder_predictor_lr_scale} must be positive (2.0: the authors' step)."
         )
     if config.loss_type not in LOSS_TYPES:
         raise ValueError(f"Unknown `loss_type`={config.loss_type!r}; choose one of {LOSS_TYPES}.")

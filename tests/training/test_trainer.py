@@ -537,3 +537,36 @@ def test_bf16_training_through_the_trainer_runs_under_autocast(tmp_path):
     assert math.isfinite(result.training_loss)
     assert dtypes and all(d == torch.bfloat16 for d in dtypes)  # the decoder ran in bf16
     assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
+
+
+def test_predictor_steps_at_the_scaled_learning_rate_like_the_authors_two_logits(tmp_path):
+    """With `decoder_predictor_lr_scale` 2 the predictor has its own groups at 2x lr and wd / 2: from the same start
+    and batch, its first AdamW step is twice the step at scale 1 (the decay, lr x wd, unchanged); nothing else moves
+    differently."""
+
+    def one_step(scale: float) -> tuple[CIMTrainer, dict[str, torch.Tensor]]:
+        model = tiny_model(decoder_predictor_lr_scale=scale)
+        trainer = make_trainer(
+            model, rows(4), tmp_path / str(scale), max_steps=1, lr_scheduler_type="constant", learning_rate=1e-3
+        )
+        trainer.train()
+        return trainer, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    start = {n: p.detach().clone() for n, p in tiny_model().named_parameters()}
+    trainer, scaled = one_step(2.0)
+    _, plain = one_step(1.0)
+    groups = [
+        g
+        for g in trainer.optimizer.param_groups
+        if any(p is trainer.model.decoder.predictor.weight for p in g["params"])
+    ]
+    assert len(groups) == 1 and groups[0]["lr"] == pytest.approx(2e-3) and groups[0]["weight_decay"] == 0.025
+    decay = 1e-3 * 0.05
+    for name in ("decoder.predictor.weight",):
+        step_scaled = scaled[name] - start[name] * (1 - decay)
+        step_plain = plain[name] - start[name] * (1 - decay)
+        torch.testing.assert_close(step_scaled, 2 * step_plain, rtol=1e-4, atol=1e-7)
+        assert step_plain.abs().max() > 1e-4
+    for name in ("decoder.predictor.bias",):  # no weight decay on biases
+        torch.testing.assert_close(scaled[name] - start[name], 2 * (plain[name] - start[name]), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(scaled["decoder.input_proj.weight"], plain["decoder.input_proj.weight"])

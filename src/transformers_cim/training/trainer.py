@@ -66,6 +66,23 @@ class _ResumedStreamEpoch(TrainerCallback):
         return control
 
 
+PREDICTOR_PARAMETERS = ("decoder.predictor.weight", "decoder.predictor.bias")
+
+
+def split_predictor_groups(optimizer: torch.optim.Optimizer, model: nn.Module, scale: float) -> None:
+    """Moves the decoder predictor's parameters out of each optimizer group into a copy of that group with `scale` x
+    its learning rate and its weight decay / `scale` (so the decay per step, lr x wd, is unchanged)."""
+    predictor = {id(p) for name, p in model.named_parameters() if name.endswith(PREDICTOR_PARAMETERS)}
+    for group in list(optimizer.param_groups):
+        moved = [p for p in group["params"] if id(p) in predictor]
+        if not moved:
+            continue
+        group["params"] = [p for p in group["params"] if id(p) not in predictor]
+        settings = {key: value for key, value in group.items() if key != "params"}
+        settings.update(lr=group["lr"] * scale, weight_decay=group["weight_decay"] / scale)
+        optimizer.add_param_group({**settings, "params": moved})
+
+
 def with_prior_gains(metrics: dict[str, float]) -> dict[str, float]:
     """Adds the gains over the constant prior: `pretext_iou_gain` (IoU minus the prior's IoU) and
     `loss_to_prior` (correlation loss / the prior's loss; under 1 means the model beats the prior)."""
@@ -154,6 +171,16 @@ class CIMTrainer(Trainer):
     @property
     def augmentation_callback(self) -> AugmentationRampCallback:
         return next(cb for cb in self.callback_handler.callbacks if isinstance(cb, AugmentationRampCallback))
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer, with the decoder's predictor in groups of its own at `decoder_predictor_lr_scale` x
+        the learning rate and 1 / that x the weight decay (the authors' two-logit step, see the config)."""
+        first = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        scale = unwrap_cim(self.model).config.decoder_predictor_lr_scale
+        if first and scale != 1.0:
+            split_predictor_groups(optimizer, model if model is not None else self.model, scale)
+        return optimizer
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         """Weight decay on matrices and conv kernels only: not on norms, biases (the decoder's per-pixel prior bias
