@@ -335,7 +335,8 @@ def check_cim_config(config: CIMConfig) -> None:
         )
     if config.decoder_predictor_lr_scale <= 0:
         raise ValueError(
-            f"`decoder_predictor_lr_scale`={config.decoder_predictor_lr_scale} must be positive (2.0: the authors' step)."
+            f"`decoder_predictor_lr_scale`={config.decoder_predictor_lr_scale} must be positive "
+            "(2.0: the authors' step)."
         )
     if config.loss_type not in LOSS_TYPES:
         raise ValueError(f"Unknown `loss_type`={config.loss_type!r}; choose one of {LOSS_TYPES}.")

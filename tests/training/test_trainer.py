@@ -203,7 +203,10 @@ def test_correlation_iou_threshold_and_misses():
 
 def test_decay_parameter_names_exclude_norms_biases_and_tokens(tmp_path):
     # trainable position embeddings so that their exclusion is a decision of the trainer, not of freezing
-    model = tiny_model(use_sincos_position_embeddings=False, freeze_patch_embedding=False)
+    # one learning rate for every parameter: the predictor's own groups are tested below
+    model = tiny_model(
+        use_sincos_position_embeddings=False, freeze_patch_embedding=False, decoder_predictor_lr_scale=1
+    )
     trainer = make_trainer(model, rows(4), tmp_path)
     decay = set(trainer.get_decay_parameter_names(model))
     names = dict(model.named_parameters())
