@@ -364,6 +364,20 @@ def test_model_card_states_the_exemplar_augmentation_and_its_ramp():
     assert "from off at 25% of training to the recipe's at 75%" in row(
         tiny_config(exemplar_augmentation_ramp=[0.25, 0.75])
     )
+    shared = build_model_card(
+        tiny_config(target_encoder_mode="shared"),
+        dataset_name="photos",
+        max_steps=1,
+        train_images=None,
+        final_metrics={},
+        figure=None,
+    )
+    assert "| target encoder | shared: the online encoder also encodes the context (no EMA target) |" in str(shared)
+    assert "| target encoder | ema, momentum 0.99 -> 1.0 (cosine) |" in str(
+        build_model_card(
+            tiny_config(), dataset_name="photos", max_steps=1, train_images=None, final_metrics={}, figure=None
+        )
+    )
 
 
 def test_create_model_card_keeps_the_cim_card(tmp_path):
@@ -573,3 +587,12 @@ def test_predictor_steps_at_the_scaled_learning_rate_like_the_authors_two_logits
     for name in ("decoder.predictor.bias",):  # no weight decay on biases
         torch.testing.assert_close(scaled[name] - start[name], 2 * (plain[name] - start[name]), rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(scaled["decoder.input_proj.weight"], plain["decoder.input_proj.weight"])
+
+
+def test_a_shared_encoder_logs_no_momentum(tmp_path):
+    """Without an EMA target there is no momentum to report (the callback's updates are no-ops)."""
+    trainer = make_trainer(tiny_model(target_encoder_mode="shared"), rows(8), tmp_path, max_steps=2, logging_steps=1)
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logged and not any("momentum" in entry for entry in logged)
+    assert all("augmentation_strength" in entry for entry in logged)

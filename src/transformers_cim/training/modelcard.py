@@ -18,6 +18,13 @@ def augmentation_description(config) -> str:
     return f"ramped from off at {start:.0%} of training to the recipe's at {end:.0%}"
 
 
+def target_encoder_description(config) -> str:
+    """The context's encoder: the EMA target with its momentum schedule, or the online encoder itself."""
+    if config.target_encoder_mode == "shared":
+        return "shared: the online encoder also encodes the context (no EMA target)"
+    return f"ema, momentum {config.momentum_start} -> {config.momentum_end} (cosine)"
+
+
 def _settings_table(config) -> str:
     rows = [
         ("encoder", encoder_description(config.encoder_config)),
@@ -44,10 +51,7 @@ def _settings_table(config) -> str:
             "loss",
             f"{config.loss_type} (x{config.correlation_loss_weight}), contrastive x{config.contrastive_loss_weight}",
         ),
-        (
-            "target encoder",
-            f"{config.target_encoder_mode}, momentum {config.momentum_start} -> {config.momentum_end} (cosine)",
-        ),
+        ("target encoder", target_encoder_description(config)),
     ]
     return "\n".join(["| setting | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
 

@@ -366,7 +366,7 @@ class CIMTrainer(Trainer):
         if "loss" in logs:  # every process logs the training loss at the same step: the reductions are collective
             logs.update(with_prior_gains({k: round(v, 4) for k, v in self._train_metric_means().items()}))
             self._train_metrics.reset()
-            if self.momentum_callback.last_momentum is not None:
+            if self.momentum_callback.last_momentum is not None and unwrap_cim(self.model).uses_target_encoder:
                 logs["momentum"] = round(self.momentum_callback.last_momentum, 6)
             ramp = self.augmentation_callback.last_strength
             if ramp is not None and unwrap_cim(self.model).config.exemplar_augmentation:
