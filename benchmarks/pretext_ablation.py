@@ -11,7 +11,6 @@ loss / prior_loss clearly under 1 means the model locates *this* exemplar, not w
     python benchmarks/pretext_ablation.py --data skimage --score outputs/cim-quickstart   # score saved checkpoints
 
 A run is `name[:key=value[:key=value...]]`; keys are `lr`, `warmup` (fraction), `batch`, `steps`, `clip`,
-`minutes` (a wall-clock budget: the steps are fixed after 20 timed ones, so that the schedules end with it),
 `set=<config field>=<value>` (repeatable, `encoder.<field>` for the encoder) and the named bundles in
 `BUNDLES`. Results are printed as a table and appended as JSON lines to `--out`.
 """
@@ -33,9 +32,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from transformers_cim import CIMConfig, CIMForPreTraining  # noqa: E402
 from transformers_cim.pretext import augmentation_ramp  # noqa: E402
 from transformers_cim.pretext_metrics import correlation_iou, correlation_prior, prior_metrics  # noqa: E402
+from transformers_cim.training.layer_decay import is_no_weight_decay  # noqa: E402
 from transformers_cim.training.trainer import cosine_momentum  # noqa: E402
 
-BUDGET_PROBE_STEPS = 20  # with `minutes=`, steps timed before the run's horizon is fixed
 IMAGENETTE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "imagenette-160")
 
 # the quick start's sizes: ViT-Tiny width, 6 layers, patch 8, 128 / 96 / 32 px, decoder 256 x 8 heads
@@ -157,15 +156,12 @@ def run(spec: str, images: torch.Tensor, held_out: torch.Tensor, args) -> dict:
     clip = float(train.get("clip", args.clip))
     torch.manual_seed(args.seed)
     model = CIMForPreTraining(config)
-    decays = lambda n, p: p.ndim >= 2 and "cls_token" not in n and "prior_bias" not in n  # noqa: E731
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and decays(n, p)]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and not decays(n, p)]
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if not is_no_weight_decay(n, p)]
+    no_decay = [p for n, p in trainable if is_no_weight_decay(n, p)]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95)
     )
-    minutes = float(train.get("minutes", 0.0))
-    if minutes:  # a first horizon for the probe steps; replaced once their speed is measured
-        steps = 10 * BUDGET_PROBE_STEPS
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, steps))
     mean = torch.tensor(config.image_mean).view(1, 3, 1, 1)
     std = torch.tensor(config.image_std).view(1, 3, 1, 1)
@@ -174,8 +170,7 @@ def run(spec: str, images: torch.Tensor, held_out: torch.Tensor, args) -> dict:
     start = time.time()
     losses = []
     model.train()
-    step = 0
-    while step < steps:
+    for step in range(steps):
         model.augmentation_strength.fill_(augmentation_ramp(step, steps, config.exemplar_augmentation_ramp))
         indices = torch.randint(0, len(images), (batch,), generator=data_gen)
         pixels = views(images, indices, config.image_size, data_gen, mean, std)
@@ -188,12 +183,8 @@ def run(spec: str, images: torch.Tensor, held_out: torch.Tensor, args) -> dict:
         scheduler.step()
         model.momentum_update(cosine_momentum(step + 1, steps, config.momentum_start, config.momentum_end))
         losses.append(out.loss.item())
-        step += 1
-        if minutes and step == BUDGET_PROBE_STEPS:  # a wall-clock budget: the horizon the measured speed affords
-            steps = max(step + 1, int(step * minutes * 60 / (time.time() - start)))
-            scheduler = rescheduled(optimizer, warmup, steps, step)
-        if args.verbose and step % 50 == 0:
-            print(f"  {name} step {step}: loss {sum(losses[-50:]) / 50:.3f}", flush=True)
+        if args.verbose and (step + 1) % 50 == 0:
+            print(f"  {name} step {step + 1}: loss {sum(losses[-50:]) / 50:.3f}", flush=True)
     model.augmentation_strength.fill_(1.0)
     train_seconds = time.time() - start
     result = evaluate(model, config, held_out, args.seed)
@@ -216,13 +207,6 @@ def lr_factor(step: int, warmup: float, steps: int) -> float:
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, steps - warmup_steps)))
-
-
-def rescheduled(optimizer: torch.optim.Optimizer, warmup: float, steps: int, done: int):
-    """The learning-rate schedule over a new horizon of `steps`, continuing after `done` steps."""
-    for group in optimizer.param_groups:
-        group.setdefault("initial_lr", group["lr"])
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, steps), last_epoch=done - 1)
 
 
 @torch.no_grad()

@@ -78,7 +78,7 @@ CPU_PRESET: dict[str, Any] = {
     "context_size": 64,
     "exemplar_size": 32,
     # the small-budget CIM recipe (docs/does-cim-learn.md): a 128-wide decoder (1.65x the steps per second of 256 at
-    # the same learning per step) and the exemplar photometric augmentation ramped in over the middle half
+    # about the same learning per step) and the exemplar photometric augmentation ramped in over the middle half
     "decoder_hidden_size": 128,
     "decoder_num_attention_heads": 4,
     "exemplar_augmentation_ramp": [0.25, 0.75],
