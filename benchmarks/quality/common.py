@@ -43,6 +43,8 @@ CIM_KEYS = PRETRAIN_KEYS + (
     "cim_crop_min",
     "cim_overrides",
     "exemplar_augmentation_ramp",
+    "cim_batch_size",
+    "cim_blr",
 )
 
 MAE_KEYS = PRETRAIN_KEYS + (

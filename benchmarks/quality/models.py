@@ -172,14 +172,14 @@ def make_loader(
     )
 
 
-def pretraining_loader(args: argparse.Namespace, crop_min: float) -> DataLoader:
+def pretraining_loader(args: argparse.Namespace, crop_min: float, batch_size: int) -> DataLoader:
     """Unlabelled random-resized-crop + flip views of the train split (the CIM search view / MAE input)."""
     raw = load_split(args, "train", args.max_pretrain_images)
     view = RandomResizedCropFlip(
         size=args.image_size, scale=(crop_min, 1.0), mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD
     )
     ds = prepare_dataset(raw, "image", build_pretraining_transform("image", view, MIN_IMAGE_SIDE))
-    return make_loader(args, ds, args.batch_size, shuffle=True, drop_last=True, seed_offset=1)
+    return make_loader(args, ds, batch_size, shuffle=True, drop_last=True, seed_offset=1)
 
 
 def eval_dataset(args: argparse.Namespace, split: str, limit: int | None) -> tuple[Any, int]:

@@ -70,6 +70,15 @@ def prior_cell(pre: dict) -> str:
     )
 
 
+def cim_batch_note(args: argparse.Namespace) -> str:
+    """ ", batch B, peak lr L" when CIM has a batch or base lr of its own, else ""."""
+    batch, blr = getattr(args, "cim_batch_size", None), getattr(args, "cim_blr", None)
+    if not batch and not blr:
+        return ""
+    batch, blr = batch or args.batch_size, blr or args.pretrain_blr
+    return f", its own batch {batch} and peak lr {blr * batch / 256:g} (blr {blr:g})"
+
+
 def settings_lines(args: argparse.Namespace, results: dict) -> list[str]:
     enc = encoder_vit_config(args)
     frozen = next((r["frozen"] for r in results.values() if r.get("frozen")), {})
@@ -90,7 +99,7 @@ def settings_lines(args: argparse.Namespace, results: dict) -> list[str]:
         f"^2 tokens), {args.num_exemplars} exemplars of {args.exemplar_size} px "
         f"({args.exemplar_size // args.patch_size}"
         f"^2 tokens), decoder {args.decoder_hidden_size} / {args.decoder_num_attention_heads} heads, view crop "
-        f"({args.cim_crop_min:g}, 1); {json.dumps(cim_cfg)}.",
+        f"({args.cim_crop_min:g}, 1){cim_batch_note(args)}; {json.dumps(cim_cfg)}.",
         f"- MAE: `transformers.ViTMAEForPreTraining`, mask {args.mask_ratio:g}, normalised-pixel loss, decoder "
         f"{args.mae_decoder_hidden_size} / {args.mae_decoder_layers} layers / {args.mae_decoder_heads} heads, view "
         "crop "

@@ -191,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
         help='CIMConfig fields, "key=value,key=value" (e.g. '
         '"exemplar_augmentation=false": the setting that learns at CPU budgets, see the README)',
     )
+    cim.add_argument("--cim_batch_size", type=int, default=None, help="CIM's own batch (default: --batch_size)")
+    cim.add_argument("--cim_blr", type=float, default=None, help="CIM's own base lr (default: --pretrain_blr)")
     mae = p.add_argument_group("MAE")
     mae.add_argument("--mask_ratio", type=float, default=0.75)
     mae.add_argument("--mae_decoder_hidden_size", type=int, default=None)

@@ -29,7 +29,7 @@ from transformers_cim.pretext import augmentation_ramp, correlation_maps, sample
 from transformers_cim.pretext_metrics import correlation_prior, prior_metrics
 from transformers_cim.training.layer_decay import is_no_weight_decay, param_groups_layer_decay
 from transformers_cim.training.mixup import mixup_cutmix, soft_target_cross_entropy
-from transformers_cim.training.trainer import cosine_momentum
+from transformers_cim.training.trainer import cosine_momentum, split_predictor_groups
 
 from .common import (
     CIM_KEYS,
@@ -62,13 +62,20 @@ from .report import pct
 
 
 def pretraining_optimizer(model: nn.Module, lr: float) -> torch.optim.AdamW:
-    """AdamW (0.9, 0.95), weight decay 0.05 except on norms, biases, CLS / mask tokens, position tables."""
+    """AdamW (0.9, 0.95), weight decay 0.05 except on norms, biases, CLS / mask tokens, position tables; for CIM the
+    decoder's predictor at `decoder_predictor_lr_scale` x the lr and wd / that scale, as `CIMTrainer` does."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (no_decay if is_no_weight_decay(name, param) else decay).append(param)
     groups = [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+    scale = float(getattr(getattr(model, "config", None), "decoder_predictor_lr_scale", 1.0))
+    if isinstance(model, CIMForPreTraining) and scale != 1.0:
+        split_predictor_groups(optimizer, model, scale)
+        for group in optimizer.param_groups[len(groups) :]:
+            group["lr_scale"] = scale  # `set_group_lrs` rescales every step from the schedule's lr
+    return optimizer
 
 
 def pretrain_for_budget(
@@ -77,18 +84,22 @@ def pretrain_for_budget(
     crop_min: float,
     loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor],
     after_step: Callable[[float], None] | None = None,
+    batch_size: int | None = None,
+    blr: float | None = None,
 ) -> dict:
     """Train until `--pretrain_minutes` of wall clock (data loading included) have passed.
 
     The lr multiplier and `after_step(progress)` see progress = elapsed / budget, so the warm-up + cosine schedule
     (and CIM's EMA momentum) complete whatever the speed. The device is synchronised every 10 steps (loss read).
+    `batch_size` / `blr` default to the shared `--batch_size` / `--pretrain_blr`.
     """
     device, budget = torch.device(args.device), 60.0 * args.pretrain_minutes
     model.to(device).train()
-    peak_lr = args.pretrain_blr * args.batch_size / 256
+    batch_size = batch_size or args.batch_size
+    peak_lr = (blr or args.pretrain_blr) * batch_size / 256
     optimizer = pretraining_optimizer(model, peak_lr)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    loader = pretraining_loader(args, crop_min)
+    loader = pretraining_loader(args, crop_min, batch_size)
     losses, steps, images, data_wait = [], 0, 0, 0.0
     start = time.perf_counter()
     batches = endless(loader)
@@ -124,6 +135,7 @@ def pretrain_for_budget(
         "wall_s": wall,
         "data_wait_s": data_wait,
         "images_per_s": images / wall,
+        "batch_size": batch_size,
         "peak_lr": peak_lr,
         "first_loss": losses[0][1] if losses else None,
         "final_loss": losses[-1][1] if losses else None,
@@ -190,7 +202,9 @@ def pretrain_stage(args: argparse.Namespace, method: str) -> dict:
 def pretrain_cim(args: argparse.Namespace) -> dict:
     model = new_cim_model(args)
     loss_fn, after_step = cim_step_functions(args, model)
-    record = pretrain_for_budget(args, model, args.cim_crop_min, loss_fn, after_step)
+    record = pretrain_for_budget(
+        args, model, args.cim_crop_min, loss_fn, after_step, batch_size=args.cim_batch_size, blr=args.cim_blr
+    )
     model.augmentation_strength.fill_(1.0)
     record.update(cim_prior_record(model.config, record["loss_curve"], args.seed))
     checkpoint = os.path.join(method_dir(args, "cim"), "pretrain")
@@ -210,6 +224,8 @@ def pretrain_cim(args: argparse.Namespace) -> dict:
             "exemplar_augmentation",
             "exemplar_augmentation_ramp",
             "decoder_shared_norm",
+            "decoder_prior_bias",
+            "decoder_predictor_lr_scale",
         )
     }
     return record
