@@ -56,8 +56,12 @@ def test_cim_batch_and_blr_default_to_the_shared_ones_and_only_key_cim():
     assert "cim_batch_size" in CIM_KEYS and "cim_blr" in CIM_KEYS
     assert "cim_batch_size" not in MAE_KEYS and "cim_blr" not in MAE_KEYS
     assert cim_batch_note(args) == ", its own batch 16 and peak lr 0.0005 (blr 0.008)"
-    shared = parse_args([])
-    assert shared.cim_batch_size is None and cim_batch_note(shared) == ""
+    cpu = parse_args([])
+    assert (cpu.batch_size, cpu.cim_batch_size, cpu.cim_blr) == (64, 16, 8e-3)
+    assert cpu.cim_overrides == "decoder_prior_bias=true,target_encoder_mode=shared"
+    assert parse_args(["--cim_overrides", ""]).cim_overrides == ""
+    shared = parse_args(["--gpu", "--smoke"])
+    assert shared.cim_batch_size is None and shared.cim_overrides == "" and cim_batch_note(shared) == ""
     assert cim_batch_note(argparse.Namespace(cim_batch_size=None, cim_blr=2e-3, batch_size=64, pretrain_blr=1e-3)) == (
         ", its own batch 64 and peak lr 0.0005 (blr 0.002)"
     )
