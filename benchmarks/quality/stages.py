@@ -70,11 +70,8 @@ def pretraining_optimizer(model: nn.Module, lr: float) -> torch.optim.AdamW:
             (no_decay if is_no_weight_decay(name, param) else decay).append(param)
     groups = [{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
-    scale = float(getattr(getattr(model, "config", None), "decoder_predictor_lr_scale", 1.0))
-    if isinstance(model, CIMForPreTraining) and scale != 1.0:
-        split_predictor_groups(optimizer, model, scale)
-        for group in optimizer.param_groups[len(groups) :]:
-            group["lr_scale"] = scale  # `set_group_lrs` rescales every step from the schedule's lr
+    if isinstance(model, CIMForPreTraining) and model.config.decoder_predictor_lr_scale != 1.0:
+        split_predictor_groups(optimizer, model, model.config.decoder_predictor_lr_scale)
     return optimizer
 
 

@@ -71,7 +71,8 @@ PREDICTOR_PARAMETERS = ("decoder.predictor.weight", "decoder.predictor.bias")
 
 def split_predictor_groups(optimizer: torch.optim.Optimizer, model: nn.Module, scale: float) -> None:
     """Moves the decoder predictor's parameters out of each optimizer group into a copy of that group with `scale` x
-    its learning rate and its weight decay / `scale` (so the decay per step, lr x wd, is unchanged)."""
+    its learning rate (and its `lr_scale`) and its weight decay / `scale` (so the decay per step, lr x wd, is
+    unchanged)."""
     predictor = {id(p) for name, p in model.named_parameters() if name.endswith(PREDICTOR_PARAMETERS)}
     for group in list(optimizer.param_groups):
         moved = [p for p in group["params"] if id(p) in predictor]
@@ -79,7 +80,9 @@ def split_predictor_groups(optimizer: torch.optim.Optimizer, model: nn.Module, s
             continue
         group["params"] = [p for p in group["params"] if id(p) not in predictor]
         settings = {key: value for key, value in group.items() if key != "params"}
-        settings.update(lr=group["lr"] * scale, weight_decay=group["weight_decay"] / scale)
+        # `lr_scale` too, for loops that set each group's lr from a schedule as lr x lr_scale
+        lr_scale = group.get("lr_scale", 1.0) * scale
+        settings.update(lr=group["lr"] * scale, weight_decay=group["weight_decay"] / scale, lr_scale=lr_scale)
         optimizer.add_param_group({**settings, "params": moved})
 
 
